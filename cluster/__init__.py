@@ -1,0 +1,1 @@
+"""Cluster operations: job submission over the Ray Jobs API, authentication, cluster configs."""

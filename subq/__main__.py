@@ -1,0 +1,3 @@
+from subq.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""Prompt templates, selectable by id; the one place prompts are written.
+
+Verbatim texts live in `subq/templates/*.txt`:
+- `paper_qg`, `paper_qa`, `paper_feedback`: GSM8K-AI-SubQ (Tarasov & Shridhar 2024), from the release's
+  data_generation_and_evaluation/chatgpt_{qg,qa,feedback}.py, Apache-2.0. Sent to gpt-3.5-turbo at
+  temperature 0.7 as one user message: instruction, a blank line, `Problem: {problem}\\n\\n` (QG) or
+  `Problem: {problem}\\n\\n{Q-lines}\\n\\n` (QA, feedback). Their few-shot problems are GSM8K test 0-2.
+- `doc_decompose`, `doc_solve`: Divide-or-Conquer? (Wu et al. 2024, arXiv 2402.15000v3, section 3),
+  followed by `Question: {question}` and `Premise: {P} Question: {Q} SubQuestion: {S}`.
+
+Families group the roles a pipeline needs: `paper` = qg/qa/feedback (generation, paper answerer),
+`doc` = decompose/solve (Divide-or-Conquer's decomposer and solver).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from subq.errors import ConfigError
+from subq.parsers import format_subquestions
+
+# Appended to the QA instruction for open-weight answerers in the paper's evaluation.
+OPEN_MODEL_SUFFIX = "Do not come up with any additional problems and process only the last problem you are given."
+
+SOURCES = {
+    "paper_qg": "Tarasov & Shridhar 2024, GSM8K-AI-SubQ release, chatgpt_qg.py (Apache-2.0)",
+    "paper_qa": "Tarasov & Shridhar 2024, GSM8K-AI-SubQ release, chatgpt_qa.py (Apache-2.0)",
+    "paper_feedback": "Tarasov & Shridhar 2024, GSM8K-AI-SubQ release, chatgpt_feedback.py (Apache-2.0)",
+    "doc_decompose": "Wu et al. 2024, Divide-or-Conquer?, arXiv 2402.15000v3 sec. 3 (I_decomp)",
+    "doc_solve": "Wu et al. 2024, Divide-or-Conquer?, arXiv 2402.15000v3 sec. 3 (I_ans)",
+}
+ROLES = {"paper_qg": "qg", "paper_qa": "qa", "paper_feedback": "feedback", "doc_decompose": "qg", "doc_solve": "qa"}
+FAMILIES = {
+    "paper": {"qg": "paper_qg", "qa": "paper_qa", "feedback": "paper_feedback"},
+    "doc": {"qg": "doc_decompose", "qa": "doc_solve", "feedback": "paper_feedback"},
+}
+
+
+@lru_cache(maxsize=None)
+def instruction(template_id: str) -> str:
+    """The verbatim instruction text of a template."""
+    if template_id not in SOURCES:
+        raise ConfigError(f"unknown prompt template {template_id!r}; known: {', '.join(SOURCES)}", field="template_id")
+    return (resources.files("subq") / "templates" / f"{template_id}.txt").read_text(encoding="utf-8")
+
+
+def template_for(family: str, role: str) -> str:
+    """Template id for a role ('qg', 'qa', 'feedback') in a family ('paper', 'doc')."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown template family {family!r}; known: {', '.join(FAMILIES)}", field="template")
+    return FAMILIES[family][role]
+
+
+def _split_premise(problem: str) -> tuple[str, str]:
+    """GSM8K problems end with their question sentence: (premise, question)."""
+    parts = re.split(r"(?<=[.!])\s+(?=[^.!?]*\?\s*$)", problem.strip(), maxsplit=1)
+    return (parts[0], parts[1]) if len(parts) == 2 else ("", problem.strip())
+
+
+def render(template_id: str, problem: str, questions: list[str] | None = None, open_model: bool = False) -> str:
+    """The full prompt text for one problem (and its sub-questions for QA / feedback / solve)."""
+    text = instruction(template_id)
+    if template_id == "paper_qg":
+        return f"{text}\n\nProblem: {problem}\n\n"
+    if template_id in ("paper_qa", "paper_feedback"):
+        if questions is None:
+            raise ValueError(f"{template_id} needs the sub-questions")
+        if open_model and template_id == "paper_qa":
+            text = f"{text}\n{OPEN_MODEL_SUFFIX}"
+        return f"{text}\n\nProblem: {problem}\n\n{format_subquestions(questions)}\n\n"
+    if template_id == "doc_decompose":
+        return f"{text}\n\nQuestion: {problem}"
+    if template_id == "doc_solve":
+        premise, question = _split_premise(problem)
+        subs = " ".join(questions or [])
+        return f"{text}\n\nPremise: {premise} Question: {question} SubQuestion: {subs}"
+    raise ConfigError(f"unknown prompt template {template_id!r}", field="template_id")
+
+
+def messages(template_id: str, problem: str, questions: list[str] | None = None, open_model: bool = False) -> list[dict]:
+    """OpenAI chat messages for one call: a single user message, as in the release."""
+    return [{"role": "user", "content": render(template_id, problem, questions, open_model)}]

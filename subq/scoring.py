@@ -1,0 +1,126 @@
+"""Scoring replies against GSM8K gold answers, and the paper's rewards.
+
+Modes:
+- `paper`: exactly the GSM8K-AI-SubQ release. Prediction = first number after the first
+  "final answer:" (case-insensitive); gold = first number of the gold string (the release does NOT
+  drop thousands separators here: gold "#### 2,125" scores as 2, which the released
+  `answer_correctness` values reflect). A reply without "final answer:" is a miss, and counted.
+- `strict`: lm-eval's strict match, generalised to the answer markers our prompts ask for: the number
+  right after the last `####`, `Final answer:` or `The answer is:` (commas and `$` dropped).
+  A reply without a marker is a miss.
+- `flexible`: lm-eval's flexible extract: the last number anywhere in the reply.
+For strict and flexible, gold = the number after `####` (or the first number), commas dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal
+
+Mode = Literal["paper", "strict", "flexible"]
+MODES: tuple[Mode, ...] = ("paper", "strict", "flexible")
+
+PAPER_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")  # the release's number pattern
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+STRICT_MARKER = re.compile(r"(?:####|final answer:|the answer is:?)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)?", re.IGNORECASE)
+FINAL_MARKER = re.compile(r"final answer:", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Score:
+    correct: bool
+    predicted: float | None
+    gold: float | None
+    missing_final_answer: bool  # the reply had no answer marker the mode requires
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _to_float(s: str) -> float | None:
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def paper_number(text: str) -> float | None:
+    """First number in `text` by the release's pattern (no comma handling)."""
+    m = PAPER_NUMBER.search(text)
+    return float(m.group()) if m else None
+
+
+def gold_number(gold: str | float | int, mode: Mode = "paper") -> float | None:
+    """The gold answer as a number, by `mode`'s rule. Numbers pass through."""
+    if isinstance(gold, (int, float)):
+        return float(gold)
+    if mode == "paper":
+        return paper_number(gold)
+    tail = gold.rsplit("####", 1)[-1]
+    m = NUMBER.search(tail)
+    return _to_float(m.group()) if m else None
+
+
+def extract_answer(reply: str, mode: Mode) -> tuple[float | None, bool]:
+    """(predicted number or None, missing_marker) for one reply."""
+    if mode == "paper":
+        m = FINAL_MARKER.search(reply)
+        if not m:
+            return None, True
+        return paper_number(reply[m.end():].lower()), False
+    if mode == "strict":
+        matches = list(STRICT_MARKER.finditer(reply))
+        if not matches:
+            return None, True
+        last = matches[-1].group(1)
+        return (_to_float(last) if last else None), False
+    if mode == "flexible":
+        found = NUMBER.findall(reply)
+        return (_to_float(found[-1].rstrip(".")) if found else None), False
+    raise ValueError(f"unknown scoring mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def score(reply: str | None, gold: str | float | int, mode: Mode = "paper") -> Score:
+    """Score one reply against one gold answer."""
+    g = gold_number(gold, mode)
+    if reply is None:
+        return Score(False, None, g, True)
+    pred, missing = extract_answer(reply, mode)
+    if mode == "paper":
+        correct = pred is not None and g is not None and pred == g
+    else:
+        correct = pred is not None and g is not None and math.isclose(pred, g, rel_tol=0, abs_tol=1e-6)
+    return Score(correct, pred, g, missing)
+
+
+def answer_correctness(reply: str | None, gold: str | float | int) -> float:
+    """The paper's reward: 1.0 if the paper rule scores the reply correct, else 0.0."""
+    return 1.0 if score(reply, gold, "paper").correct else 0.0
+
+
+def usefulness(feedback_replies: list[str], n_questions: int) -> list[float]:
+    """The paper's usefulness[i]: the fraction of feedback replies whose i-th non-empty line contains
+    "yes" (case-insensitive); a reply with fewer lines counts as "no" for the missing ones."""
+    if not feedback_replies:
+        return []
+    votes = [[False] * n_questions for _ in feedback_replies]
+    for r, reply in enumerate(feedback_replies):
+        lines = [line for line in (reply or "").split("\n") if line.strip()]
+        for i, line in enumerate(lines[:n_questions]):
+            votes[r][i] = "yes" in line.lower()
+    return [sum(v[i] for v in votes) / len(votes) for i in range(n_questions)]
+
+
+def summarize(scores: Iterable[Score]) -> dict:
+    """n, correct, accuracy and missing_final_answer over scores."""
+    scores = list(scores)
+    n = len(scores)
+    correct = sum(s.correct for s in scores)
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "missing_final_answer": sum(s.missing_final_answer for s in scores),
+    }

@@ -1,0 +1,60 @@
+"""The decomposer's text format: ONE definition, used by training (targets, loss masks, rewards)
+and by serving (prompts, parsing generations), so a model is served as it was trained.
+
+`paper` (Tarasov & Shridhar 2024): prompt `problem + "\\n"`, target `" <QUE> q1 </QUE> <QUE> q2 </QUE>"`.
+`qlines` (ours): prompt `"Problem: {problem}\\nSub-questions:\\n"`, target `"Q1: q1\\nQ2: q2\\n"`.
+Both end with the tokenizer's EOS token, appended by the training code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from subq.errors import ConfigError
+
+QUE_OPEN, QUE_CLOSE = "<QUE>", "</QUE>"
+
+
+@dataclass(frozen=True)
+class DecomposerFormat:
+    name: str
+
+    def prompt(self, problem: str) -> str:
+        if self.name == "paper":
+            return problem + "\n"
+        return f"Problem: {problem}\nSub-questions:\n"
+
+    def target_with_spans(self, questions: list[str]) -> tuple[str, list[tuple[int, int]]]:
+        """The target text and, per sub-question, its (start, end) character span in it.
+        The last token of span i is where the dense reward usefulness[i] is placed."""
+        text, spans = "", []
+        for i, q in enumerate(questions, start=1):
+            piece = f" {QUE_OPEN} {q} {QUE_CLOSE}" if self.name == "paper" else f"Q{i}: {q}\n"
+            spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        return text, spans
+
+    def target(self, questions: list[str]) -> str:
+        return self.target_with_spans(questions)[0]
+
+    def parse(self, generation: str) -> list[str]:
+        """Sub-questions from a generated continuation (the text after the prompt)."""
+        if self.name == "paper":
+            found = re.findall(rf"{re.escape(QUE_OPEN)}(.*?){re.escape(QUE_CLOSE)}", generation, re.S)
+            return [q.strip() for q in found if q.strip()]
+        return [m.group(1).strip() for m in re.finditer(r"^Q\d+:\s?(.*)$", generation, re.M) if m.group(1).strip()]
+
+    @property
+    def stop(self) -> str | None:
+        """A string after which generation may stop early (None: stop at EOS only)."""
+        return None
+
+
+FORMATS = {"paper": DecomposerFormat("paper"), "qlines": DecomposerFormat("qlines")}
+
+
+def get_format(name: str) -> DecomposerFormat:
+    if name not in FORMATS:
+        raise ConfigError(f"unknown decomposer text format {name!r}; known: {', '.join(FORMATS)}", field="text_format")
+    return FORMATS[name]
