@@ -1,0 +1,50 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from subq import prompts
+from subq.errors import ConfigError
+from subq.textformat import get_format
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "paper-prompts.md"
+
+
+@pytest.mark.skipif(not SHARED_PROMPTS.exists(), reason="shared/docs not beside the checkout")
+def test_templates_are_verbatim():
+    blocks = re.findall(r"```text\n(.*?)\n```", SHARED_PROMPTS.read_text(), re.S)
+    ids = ["paper_qg", "paper_qa", "paper_feedback", "doc_decompose", "doc_solve"]
+    for tid, block in zip(ids, blocks):
+        assert prompts.instruction(tid) == block, tid
+
+
+def test_render_appends_problem_as_released():
+    qg = prompts.render("paper_qg", "How many?")
+    assert qg.endswith("\n\nProblem: How many?\n\n") and qg.startswith("You are given mathematical problems")
+    qa = prompts.render("paper_qa", "How many?", ["a?", "b?"])
+    assert qa.endswith("Problem: How many?\n\nQ1: a?\nQ2: b?\n\n")
+    assert prompts.OPEN_MODEL_SUFFIX in prompts.render("paper_qa", "x", ["a?"], open_model=True)
+    solve = prompts.render("doc_solve", "Tom has 3 apples. He eats 1. How many are left?", ["How many eaten?"])
+    assert solve.endswith("Premise: Tom has 3 apples. He eats 1. Question: How many are left? SubQuestion: How many eaten?")
+    assert prompts.messages("paper_qg", "x") == [{"role": "user", "content": prompts.render("paper_qg", "x")}]
+    assert prompts.template_for("paper", "feedback") == "paper_feedback"
+    with pytest.raises(ConfigError, match="unknown prompt template"):
+        prompts.render("mine", "x")
+
+
+@pytest.mark.parametrize("name", ["paper", "qlines"])
+def test_decomposer_format_round_trip(name):
+    fmt = get_format(name)
+    qs = ["How many eggs?", "How much money?"]
+    text, spans = fmt.target_with_spans(qs)
+    assert fmt.parse(text) == qs
+    assert [text[a:b] for a, b in spans] and "".join(text[a:b] for a, b in spans) == text
+    assert all(q in text[a:b] for q, (a, b) in zip(qs, spans))
+
+
+def test_paper_decomposer_format_matches_paper():
+    fmt = get_format("paper")
+    assert fmt.prompt("Problem text") == "Problem text\n"
+    assert fmt.target(["a?", "b?"]) == " <QUE> a? </QUE> <QUE> b? </QUE>"
+    with pytest.raises(ConfigError):
+        get_format("xml")
