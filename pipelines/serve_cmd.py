@@ -1,0 +1,183 @@
+"""`subq serve` and `subq eval`: the serving and evaluation commands.
+
+    subq serve --decomposer-path ckpt/bc --solver-base-url http://127.0.0.1:8100/v1 --port 8000
+    subq serve --config pipelines/serve_config.yaml        # the same file `serve deploy` takes
+    subq eval --data gsm8k:test --limit 100 --decomposer none --decomposer teacher --decomposer bc=ckpt/bc \\
+        --solver-base-url http://127.0.0.1:8100/v1 --out reports/eval1
+    ray job submit --working-dir . -- python -m pipelines.serve_cmd serve --config pipelines/serve_config.yaml
+    ray job submit --working-dir . -- python -m pipelines.evaluate --data gsm8k:test --limit 100 \\
+        --decomposer teacher --solver-base-url http://HOST:8100/v1 --out reports/eval1
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+
+from subq.errors import ConfigError
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict):
+            out[k] = _merge({}, v)
+        else:
+            out[k] = v
+    return out
+
+
+def serve_values_from_yaml(path: Optional[str]) -> dict:
+    """ServeConfig fields from a YAML file: either a ServeConfig mapping or a Serve deploy config
+    (`applications[0].args`, with `http_options.host/port`)."""
+    if not path:
+        return {}
+    from subq.config import read_yaml
+
+    raw = read_yaml(path)
+    if "applications" in raw:
+        apps = raw.get("applications") or []
+        if not apps or not isinstance(apps[0], dict):
+            raise ConfigError("a Serve deploy config needs one application", field="applications", source=path)
+        values = dict(apps[0].get("args") or {})
+        http = raw.get("http_options") or {}
+        for k in ("host", "port"):
+            if k in http and k not in values:
+                values[k] = http[k]
+        if "route_prefix" in apps[0] and "route_prefix" not in values:
+            values["route_prefix"] = apps[0]["route_prefix"]
+        if "name" in apps[0] and "app_name" not in values:
+            values["app_name"] = apps[0]["name"]
+        return values
+    return raw
+
+
+def _validate(cls, values: dict, source: Optional[str]):
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        raise ConfigError(err["msg"], field=loc, source=source) from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        config: Optional[str] = typer.Option(None, "--config", help="YAML: ServeConfig fields, or a `serve deploy` config (pipelines/serve_config.yaml)."),
+        host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
+        port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default 8000)."),
+        decomposer_path: Optional[str] = typer.Option(None, "--decomposer-path", help="Distilled decomposer checkpoint (BC/FBC/ILQL, HF format)."),
+        decomposer_name: Optional[str] = typer.Option(None, "--decomposer-name", help="Model id of the decomposer on /v1/models."),
+        beta: Optional[float] = typer.Option(None, "--beta", help="ILQL guidance weight (0 = plain BC decoding)."),
+        do_sample: Optional[bool] = typer.Option(None, "--sample/--greedy", help="Sampled or greedy decomposition."),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Max tokens per decomposition."),
+        max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="@serve.batch size of the decomposer."),
+        solver_model: Optional[str] = typer.Option(None, "--solver-model", help="Solver model name (price-table key)."),
+        solver_base_url: Optional[str] = typer.Option(None, "--solver-base-url", help="OpenAI-compatible base URL of the solver."),
+        solver_backend: Optional[str] = typer.Option(None, "--solver-backend", help="openai | local."),
+        solver_local_path: Optional[str] = typer.Option(None, "--solver-local-path", help="HF checkpoint for --solver-backend local."),
+        solver_prompt: Optional[str] = typer.Option(None, "--solver-prompt", help="paper (QA prompt) | doc (Divide-or-Conquer solver prompt)."),
+        api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Env var holding the solver key (default OPENAI_API_KEY)."),
+        price_input: Optional[float] = typer.Option(None, "--solver-price-input", help="Solver $ per 1K prompt tokens (overrides the price table)."),
+        price_output: Optional[float] = typer.Option(None, "--solver-price-output", help="Solver $ per 1K completion tokens."),
+        num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for a local Ray instance (ignored when RAY_ADDRESS is set)."),
+        check: bool = typer.Option(False, "--check", help="Validate the config, print it as JSON and exit without starting Serve."),
+    ) -> None:
+        """Serve the decomposer -> solver app on Ray Serve (Ctrl-C stops it). Endpoints: /v1/decompose, /v1/solve,
+        /v1/evaluations, /v1/chat/completions, /v1/models, /healthz."""
+        from pipelines.serve import ServeConfig
+
+        values = _merge(serve_values_from_yaml(config), {
+            "host": host, "port": port, "max_batch_size": max_batch_size,
+            "decomposer": {"path": decomposer_path, "name": decomposer_name, "beta": beta, "do_sample": do_sample,
+                           "max_new_tokens": max_new_tokens},
+            "solver": {"name": solver_model, "base_url": solver_base_url, "backend": solver_backend,
+                       "local_path": solver_local_path, "prompt": solver_prompt, "api_key_env": api_key_env,
+                       "price_input_per_1k": price_input, "price_output_per_1k": price_output},
+        })
+        cfg = _validate(ServeConfig, values, config)
+        cfg.solver.price()
+        if check:
+            print(json.dumps(cfg.model_dump()))
+            return
+        import os
+        import time
+
+        from pipelines.serve import start_serve, stop_serve
+
+        init = {"include_dashboard": False}
+        if not os.environ.get("RAY_ADDRESS") and num_cpus:
+            init["num_cpus"] = num_cpus
+        base = start_serve(cfg, ray_init=init)
+        print(json.dumps({"status": "serving", "base_url": base, "openai_base_url": base + "/v1"}), flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_serve()
+
+    @app.command("eval")
+    def eval_cmd(
+        out: Optional[str] = typer.Option(None, "--out", help="Report directory (local path or URI). Required."),
+        data: Optional[str] = typer.Option(None, "--data", help="Split name (gsm8k:test) or .jsonl/.json/.parquet path/URI."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="First N problems only."),
+        decomposer: Optional[list[str]] = typer.Option(None, "--decomposer", help="Repeatable: none | teacher | NAME=CHECKPOINT_DIR."),
+        config: Optional[str] = typer.Option(None, "--config", help="YAML with EvalConfig fields (flags override it)."),
+        beta: Optional[float] = typer.Option(None, "--beta", help="ILQL guidance weight for distilled decomposers."),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Max tokens per decomposition."),
+        solver_model: Optional[str] = typer.Option(None, "--solver-model", help="Solver model name (price-table key)."),
+        solver_base_url: Optional[str] = typer.Option(None, "--solver-base-url", help="OpenAI-compatible base URL of the solver."),
+        solver_backend: Optional[str] = typer.Option(None, "--solver-backend", help="openai | local."),
+        solver_local_path: Optional[str] = typer.Option(None, "--solver-local-path", help="HF checkpoint for --solver-backend local."),
+        solver_prompt: Optional[str] = typer.Option(None, "--solver-prompt", help="paper | doc."),
+        solver_max_tokens: Optional[int] = typer.Option(None, "--solver-max-tokens", help="Max completion tokens per solver call."),
+        api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Env var holding the solver key."),
+        price_input: Optional[float] = typer.Option(None, "--solver-price-input", help="Solver $ per 1K prompt tokens (overrides the price table)."),
+        price_output: Optional[float] = typer.Option(None, "--solver-price-output", help="Solver $ per 1K completion tokens."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Problems per Ray Data batch."),
+        concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Solver calls in flight per actor."),
+    ) -> None:
+        """Evaluate decomposer x solver pairs over a split (Ray Data) and write a report directory: results.json,
+        report.md, accuracy_vs_cost.png, subquestions_hist.png and one paper_raw jsonl per pair."""
+        from pipelines.evaluate import EvalConfig, run_eval
+        from subq.config import read_yaml
+
+        values = _merge(read_yaml(config) if config else {}, {
+            "out": out, "data": data, "limit": limit, "decomposers": list(decomposer) if decomposer else None,
+            "batch_size": batch_size, "concurrency": concurrency,
+            "decomposer": {"beta": beta, "max_new_tokens": max_new_tokens},
+            "solver": {"name": solver_model, "base_url": solver_base_url, "backend": solver_backend,
+                       "local_path": solver_local_path, "prompt": solver_prompt, "max_tokens": solver_max_tokens,
+                       "api_key_env": api_key_env, "price_input_per_1k": price_input, "price_output_per_1k": price_output},
+        })
+        if not values.get("out"):
+            raise ConfigError("a report directory is required", field="--out")
+        cfg = _validate(EvalConfig, values, config)
+        result = run_eval(cfg, progress=lambda s: typer.echo(s, err=True))
+        print(json.dumps({"out": result["out"], "files": sorted(result["files"]),
+                          "runs": [{"decomposer": r["decomposer"], "solver": r["solver"],
+                                    "accuracy": {m: v["accuracy"] for m, v in r["summary"]["accuracy"].items()},
+                                    "cost_usd": r["summary"]["usage"]["total"]["cost_usd"],
+                                    "errors": r["summary"]["errors"]} for r in result["runs"]]}))
+
+
+def main() -> None:
+    """`python -m pipelines.serve_cmd serve|eval ...` (for `ray job submit`)."""
+    from subq.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
