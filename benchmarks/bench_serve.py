@@ -1,0 +1,111 @@
+"""Decomposer serving benchmark: throughput and p50/p99 latency of `POST /v1/decompose` over real HTTP at 1, 8 and
+32 concurrent clients, with `@serve.batch` (max_batch_size=32) vs max_batch_size=1, on the tiny model.
+
+    /work/venv/bin/python benchmarks/bench_serve.py                  # tiny random GPT-2 made on the fly
+    /work/venv/bin/python benchmarks/bench_serve.py --model ckpt/bc --requests 128 --max-new-tokens 32
+    ray job submit --working-dir . -- python benchmarks/bench_serve.py --requests 256
+
+One decomposer replica (autoscaling pinned to 1) so the comparison isolates batching. Greedy decoding, fixed
+max_new_tokens; problems are the first GSM8K test problems, cycled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+async def drive(base: str, problems: list[str], n_requests: int, concurrency: int, max_new_tokens: int) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    queue = list(range(n_requests))
+    batch_sizes = []
+
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        async def worker():
+            nonlocal errors
+            while queue:
+                i = queue.pop()
+                t0 = time.perf_counter()
+                r = await client.post("/v1/decompose", json={"problem": problems[i % len(problems)],
+                                                             "max_new_tokens": max_new_tokens})
+                lat.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"rps": n_requests / wall, "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99),
+            "mean_ms": 1000 * statistics.mean(lat), "errors": errors, "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="Decomposer checkpoint (default: a tiny random GPT-2 made now).")
+    ap.add_argument("--requests", type=int, default=64, help="Requests per cell (at least the concurrency).")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--batch-sizes", default="32,1", help="max_batch_size settings to compare.")
+    ap.add_argument("--port", type=int, default=18555)
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from pipelines.serve import ServeConfig, build_app
+    from subq.problems import load_problems
+
+    tmp = tempfile.mkdtemp(prefix="subq-bench-")
+    model = args.model
+    if model is None:
+        from training.init_model import create_tiny_model
+
+        model = f"{tmp}/tiny"
+        create_tiny_model(model)
+    problems = [p.problem for p in load_problems("gsm8k:test", 64)]
+    conc = [int(c) for c in args.concurrency.split(",")]
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    rows = []
+    try:
+        for mbs in [int(b) for b in args.batch_sizes.split(",")]:
+            cfg = ServeConfig(port=args.port, decomposer={"path": model, "max_new_tokens": args.max_new_tokens},
+                              max_batch_size=mbs, batch_wait_timeout_s=0.01 if mbs > 1 else 0.0,
+                              decomposer_max_ongoing_requests=max(32, mbs), decomposer_min_replicas=1,
+                              decomposer_max_replicas=1, max_queued_requests=1024, ingress_max_ongoing_requests=256)
+            serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
+            base = f"http://127.0.0.1:{args.port}"
+            asyncio.run(drive(base, problems, 8, 4, args.max_new_tokens))  # warm-up
+            for c in conc:
+                r = asyncio.run(drive(base, problems, max(args.requests, c), c, args.max_new_tokens))
+                rows.append({"max_batch_size": mbs, "clients": c, **r})
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"\nDecomposer /v1/decompose, tiny GPT-2, max_new_tokens={args.max_new_tokens}, greedy, 1 replica, "
+          f"{args.requests} requests per cell\n")
+    print("| max_batch_size | clients | req/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['max_batch_size']} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
+    by = {(r["max_batch_size"], r["clients"]): r["rps"] for r in rows}
+    bs = [int(b) for b in args.batch_sizes.split(",")]
+    if len(bs) == 2:
+        print("\nthroughput ratio batched / unbatched: " + ", ".join(
+            f"{c} clients {by[(bs[0], c)] / by[(bs[1], c)]:.2f}x" for c in conc))
+
+
+if __name__ == "__main__":
+    main()
