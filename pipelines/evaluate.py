@@ -504,6 +504,7 @@ def plot_report(runs: list[dict]) -> dict[str, bytes]:
     top = max([max(c) for c in counts_all if c] + [1])
     bins = [b - 0.5 for b in range(0, top + 2)]
     ax.hist(counts_all, bins=bins, label=[f"{r['decomposer']} / {r['solver']}" for r in runs])
+    ax.set_xticks(range(0, top + 1))
     ax.set_xlabel("number of sub-questions")
     ax.set_ylabel("problems")
     ax.set_title("sub-questions per problem")
@@ -581,8 +582,8 @@ class _DecomposeStage:
             async with sem:
                 try:
                     return _with_decomposition(it, await self.solver.decompose(it.problem))
-                except UpstreamError as e:
-                    return fail_item(it, "decompose", str(e))
+                except Exception as e:  # noqa: BLE001 - recorded per item, never lost
+                    return fail_item(it, "decompose", str(e) or type(e).__name__)
 
         return await asyncio.gather(*(one(it) for it in items))
 
@@ -615,8 +616,8 @@ class _SolveStage:
             async with sem:
                 try:
                     ans = await self.solver.answer(it.problem, it.sub_questions)
-                except UpstreamError as e:
-                    return fail_item(it, "solve", str(e))
+                except Exception as e:  # noqa: BLE001 - recorded per item, never lost
+                    return fail_item(it, "solve", str(e) or type(e).__name__)
             return finish_item(it, None, ans)
 
         return await asyncio.gather(*(one(it) for it in items))
