@@ -83,3 +83,37 @@ def render(template_id: str, problem: str, questions: list[str] | None = None, o
 def messages(template_id: str, problem: str, questions: list[str] | None = None, open_model: bool = False) -> list[dict]:
     """OpenAI chat messages for one call: a single user message, as in the release."""
     return [{"role": "user", "content": render(template_id, problem, questions, open_model)}]
+
+
+def parse_prompt(text: str) -> tuple[str, str, list[str] | None] | None:
+    """The inverse of `render`: (template_id, problem, questions) for a prompt one of our templates wrote,
+    or None when the text is not one of them. Used by the local teacher server to know which kind of call
+    (QG / QA / feedback / DoC decompose / DoC solve) and which problem it received. For `doc_solve` the
+    problem is premise + " " + question (the renderer's split loses the whitespace between them)."""
+    from subq.parsers import parse_subquestions
+
+    for tid in SOURCES:
+        head = instruction(tid)
+        if not text.startswith(head):
+            continue
+        rest = text[len(head):]
+        if tid == "paper_qa" and rest.startswith("\n" + OPEN_MODEL_SUFFIX):
+            rest = rest[len(OPEN_MODEL_SUFFIX) + 1:]
+        if tid == "paper_qg" and rest.startswith("\n\nProblem: "):
+            return tid, rest[len("\n\nProblem: "):].rstrip("\n"), None
+        if tid in ("paper_qa", "paper_feedback") and rest.startswith("\n\nProblem: "):
+            body = rest[len("\n\nProblem: "):].rstrip("\n")
+            problem, sep, qlines = body.rpartition("\n\n")
+            if not sep or not qlines.startswith("Q1:"):  # no sub-questions (e.g. single-stage QA)
+                return tid, body.rstrip("\n"), []
+            return tid, problem, parse_subquestions(qlines).questions
+        if tid == "doc_decompose" and rest.startswith("\n\nQuestion: "):
+            return tid, rest[len("\n\nQuestion: "):], None
+        if tid == "doc_solve" and rest.startswith("\n\nPremise: "):
+            m = re.match(r"^\n\nPremise: (.*?) Question: (.*?) SubQuestion: ?(.*)$", rest, re.DOTALL)
+            if m:
+                premise, question, subs = m.groups()
+                problem = f"{premise} {question}".strip() if premise else question
+                subqs = [s.strip() + "?" for s in subs.split("?") if s.strip()]
+                return tid, problem, subqs
+    return None

@@ -1,0 +1,222 @@
+"""One cluster-wide rate limiter for a provider's limits: requests/minute and tokens/minute.
+
+`TokenBucket` is plain Python (testable without Ray): a pacing scheduler (GCRA, the "virtual scheduling"
+form of a token bucket). Each call *reserves* capacity and gets back how long to wait before sending, so
+callers on many nodes never race for the same token; reservations are spaced `60/rpm` seconds apart (plus a
+small burst), and tokens are charged up front (prompt estimate + max_tokens, as providers do) and settled
+with the real `usage` afterwards. A 429 with `Retry-After` (or `x-ratelimit-remaining-* = 0` with
+`x-ratelimit-reset-*`) pushes *every* caller's next slot past the reset time: one actor hitting the limit
+backs the whole cluster off. It also keeps the job's spend and an optional budget, so a budget cap is
+enforced cluster-wide before a call is sent.
+
+`RateLimiter` is the Ray actor around it. Use ONE per limit key (provider + model), found by name:
+
+    limiter = get_or_create_limiter("subq-limiter:api.openai.com:gpt-3.5-turbo", rpm=3500, tpm=90000)
+    wait_s = await limiter.reserve.remote(tokens=900)          # then sleep wait_s and send
+    await limiter.settle.remote(reserved=900, used=640, cost_usd=0.0011)
+    await limiter.report_429.remote(retry_after_s=2.0, headers={...})
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_duration(text: str | float | int | None) -> Optional[float]:
+    """Seconds from a Retry-After / x-ratelimit-reset-* value: '2', '1.5', '6m0s', '120ms', '1h2m3s'."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    text = str(text).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(v) * scale[u] for v, u in parts)
+
+
+def headers_backoff(headers: dict | None) -> Optional[float]:
+    """How long the provider's headers say to wait (None: no hint). Reads `retry-after-ms`, `retry-after`,
+    and `x-ratelimit-reset-{requests,tokens}` when the matching `x-ratelimit-remaining-*` is 0."""
+    if not headers:
+        return None
+    h = {str(k).lower(): v for k, v in headers.items()}
+    if "retry-after-ms" in h:
+        v = parse_duration(h["retry-after-ms"])
+        if v is not None:
+            return v / 1000.0
+    if "retry-after" in h:
+        v = parse_duration(h["retry-after"])
+        if v is not None:
+            return v
+    waits = []
+    for kind in ("requests", "tokens"):
+        rem = h.get(f"x-ratelimit-remaining-{kind}")
+        try:
+            exhausted = rem is not None and float(rem) <= 0
+        except ValueError:
+            exhausted = False
+        if exhausted:
+            v = parse_duration(h.get(f"x-ratelimit-reset-{kind}"))
+            if v is not None:
+                waits.append(v)
+    return max(waits) if waits else None
+
+
+@dataclass
+class TokenBucket:
+    """Pacing for rpm (requests/min) and tpm (tokens/min); None = unlimited. `burst_s` seconds of capacity
+    may be used at once (small, so a provider's own bucket never sees more than it allows)."""
+
+    rpm: Optional[float] = None
+    tpm: Optional[float] = None
+    burst_s: float = 0.0
+    budget_usd: Optional[float] = None
+    clock: Callable[[], float] = time.monotonic
+    # state
+    _next_req: float = field(default=0.0, init=False)  # earliest time the next request may start (GCRA TAT)
+    _next_tok: float = field(default=0.0, init=False)
+    _blocked_until: float = field(default=0.0, init=False)
+    reserved: int = field(default=0, init=False)
+    tokens_reserved: int = field(default=0, init=False)
+    tokens_used: int = field(default=0, init=False)
+    spent_usd: float = field(default=0.0, init=False)
+    n_429: int = field(default=0, init=False)
+    backoff_s_total: float = field(default=0.0, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def configure(self, rpm: Optional[float] = None, tpm: Optional[float] = None,
+                  budget_usd: Optional[float] = None) -> None:
+        with self._lock:
+            self.rpm, self.tpm, self.budget_usd = rpm, tpm, budget_usd
+
+    def budget_left(self) -> Optional[float]:
+        return None if self.budget_usd is None else self.budget_usd - self.spent_usd
+
+    def reserve(self, tokens: int = 0) -> float:
+        """Reserve one request and `tokens` tokens; return seconds to wait before sending (>= 0)."""
+        with self._lock:
+            now = self.clock()
+            start = max(now, self._blocked_until)
+            if self.rpm:
+                interval = 60.0 / self.rpm
+                # GCRA: a request may start once the theoretical arrival time minus the burst allowance has passed
+                start = max(start, self._next_req - self.burst_s)
+                self._next_req = max(self._next_req, start) + interval
+            if self.tpm and tokens:
+                tok_interval = 60.0 * tokens / self.tpm
+                start = max(start, self._next_tok - self.burst_s)
+                self._next_tok = max(self._next_tok, start) + tok_interval
+            self.reserved += 1
+            self.tokens_reserved += int(tokens)
+            return max(0.0, start - now)
+
+    def settle(self, reserved: int, used: int, cost_usd: float = 0.0) -> None:
+        """After a reply: return unused reserved tokens to the bucket and account the spend."""
+        with self._lock:
+            self.tokens_used += int(used)
+            self.spent_usd += float(cost_usd)
+            if self.tpm and reserved > used:
+                self._next_tok -= 60.0 * (reserved - used) / self.tpm
+                self._next_tok = max(self._next_tok, self.clock() - self.burst_s)
+
+    def report_429(self, retry_after_s: Optional[float] = None, headers: Optional[dict] = None) -> float:
+        """A provider said 'too many requests': block everyone until its reset. Returns the block length (s)."""
+        with self._lock:
+            wait = headers_backoff(headers)
+            if wait is None:
+                wait = retry_after_s
+            if wait is None:
+                wait = 60.0 / self.rpm if self.rpm else 1.0
+            now = self.clock()
+            until = now + max(0.0, wait)
+            if until > self._blocked_until:
+                self.backoff_s_total += until - max(now, self._blocked_until)
+                self._blocked_until = until
+            self.n_429 += 1
+            return wait
+
+    def observe_headers(self, headers: Optional[dict]) -> None:
+        """Headers of a successful reply: if the provider reports nothing left, wait for its reset."""
+        wait = headers_backoff({k: v for k, v in (headers or {}).items()
+                                if str(k).lower().startswith("x-ratelimit")})
+        if wait:
+            with self._lock:
+                self._blocked_until = max(self._blocked_until, self.clock() + wait)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"rpm": self.rpm, "tpm": self.tpm, "reserved": self.reserved,
+                    "tokens_reserved": self.tokens_reserved, "tokens_used": self.tokens_used,
+                    "spent_usd": round(self.spent_usd, 8), "budget_usd": self.budget_usd,
+                    "n_429": self.n_429, "backoff_s_total": round(self.backoff_s_total, 3),
+                    "blocked_for_s": round(max(0.0, self._blocked_until - self.clock()), 3)}
+
+
+class RateLimiter:
+    """Ray actor (async methods) holding the one TokenBucket for a limit key. Create it with
+    `get_or_create_limiter`; every teacher actor on every node calls the same instance."""
+
+    def __init__(self, rpm: Optional[float] = None, tpm: Optional[float] = None, burst_s: float = 0.0,
+                 budget_usd: Optional[float] = None):
+        self.bucket = TokenBucket(rpm=rpm, tpm=tpm, burst_s=burst_s, budget_usd=budget_usd)
+
+    async def configure(self, rpm: Optional[float] = None, tpm: Optional[float] = None,
+                        budget_usd: Optional[float] = None) -> None:
+        self.bucket.configure(rpm, tpm, budget_usd)
+
+    async def reserve(self, tokens: int = 0) -> float:
+        """Seconds the caller must wait before sending a call that may use `tokens` tokens."""
+        return self.bucket.reserve(tokens)
+
+    async def acquire(self, tokens: int = 0, est_cost_usd: float = 0.0) -> dict:
+        """Like reserve, plus the budget check: {'wait_s': float, 'stop': None | reason}."""
+        left = self.bucket.budget_left()
+        if left is not None and left - est_cost_usd < 0:
+            return {"wait_s": 0.0, "stop": f"budget of ${self.bucket.budget_usd:.4f} reached"}
+        return {"wait_s": self.bucket.reserve(tokens), "stop": None}
+
+    async def settle(self, reserved: int = 0, used: int = 0, cost_usd: float = 0.0) -> None:
+        self.bucket.settle(reserved, used, cost_usd)
+
+    async def report_429(self, retry_after_s: Optional[float] = None, headers: Optional[dict] = None) -> float:
+        return self.bucket.report_429(retry_after_s, headers)
+
+    async def observe_headers(self, headers: Optional[dict] = None) -> None:
+        self.bucket.observe_headers(headers)
+
+    async def stats(self) -> dict:
+        return self.bucket.stats()
+
+
+def limiter_name(base_url: Optional[str], model: str) -> str:
+    """The limit key: one limiter per (endpoint, model), as providers limit per organisation and model."""
+    host = re.sub(r"^https?://", "", base_url or "api.openai.com").rstrip("/")
+    return f"subq-limiter:{host}:{model}"
+
+
+def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[float] = None, *,
+                          budget_usd: Optional[float] = None, burst_s: float = 0.0, detached: bool = False,
+                          namespace: str = "subq"):
+    """The one named RateLimiter actor for `name` (created if absent). Job-scoped by default (it dies with
+    the driver); `detached=True` keeps it across jobs so concurrent jobs share a provider's limit. Limits
+    passed here replace the existing actor's, so the latest job's flags apply."""
+    import ray
+
+    opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000)
+    if detached:
+        opts["lifetime"] = "detached"
+    actor = ray.remote(RateLimiter).options(**opts).remote(rpm, tpm, burst_s, budget_usd)
+    ray.get(actor.configure.remote(rpm, tpm, budget_usd))
+    return actor

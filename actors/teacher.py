@@ -1,0 +1,436 @@
+"""The teacher: one OpenAI-compatible chat client with limits, retries, a durable cache and accounting.
+
+`TeacherClient` is a plain async class (usable in Ray Serve deployments, Ray Data actors, or a script):
+
+    client = TeacherClient("gpt-3.5-turbo", base_url="http://127.0.0.1:8300/v1", api_key_env="OPENAI_API_KEY",
+                           limiter=get_or_create_limiter(...), cache_dir="out/cache")
+    res = await client.chat(messages, temperature=0.7, max_tokens=512, sample_index=0, template_id="paper_qg")
+    res.text, res.prompt_tokens, res.completion_tokens, res.cost_usd, res.attempts, res.cached
+
+- Calls go through the real `openai.AsyncOpenAI` SDK (its own retries off: tenacity owns them).
+- Before each attempt it reserves capacity from the cluster limiter (actors.limiter): one RPC, then a sleep.
+  A 429 is reported to the limiter, which backs every caller off until the provider's reset.
+- Retries: jittered exponential backoff (tenacity) for 429, 5xx, timeouts, connection errors and replies that
+  fail `validate` (re-sampled). 400/401/403/404/422 fail at once (`TeacherAuthError`, `TeacherRequestError`)
+  with a message naming the upstream and the status. After the attempts run out: `TeacherUnavailableError`.
+- The API key is read from the environment variable NAMED by `api_key_env`; it never appears in logs,
+  exceptions, results or cache files (upstream messages are redacted before they are raised).
+- Durable cache: content-addressed (model, messages, temperature, max_tokens, sample index, template id) files
+  `<cache_dir>/<key[:2]>/<key>.json`, written atomically after a good reply, so a resumed job pays only for the
+  calls that were in flight. The key is also sent as header `x-subq-cache-key` (and the sample index as
+  `x-subq-sample-index`), which the local teacher server counts and uses for replay; providers ignore them.
+
+`TeacherActor` is the Ray Data actor-pool UDF built on it (`map_batches(TeacherActor, concurrency=(1, 4), ...)`):
+every row of a batch is processed concurrently on the actor's event loop; subclasses override `process`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from subq import storage
+from subq.costs import Price, PriceTable, estimate_tokens
+from subq.errors import DataError, SubqError
+
+# ------------------------------------------------------------------ errors
+
+
+class TeacherError(SubqError):
+    """A teacher call failed. `upstream` is the base URL, `status` the HTTP status (None: no reply)."""
+
+    def __init__(self, message: str, *, upstream: str, status: Optional[int] = None, hint: Optional[str] = None):
+        super().__init__(message, source=upstream, hint=hint)
+        self.upstream = upstream
+        self.status = status
+
+
+class TeacherAuthError(TeacherError):
+    """401/403: the key is missing, wrong or lacks access. Not retried; stops a job at once."""
+
+
+class TeacherRequestError(TeacherError):
+    """400/404/422: the request itself is wrong (model name, parameters). Not retried."""
+
+
+class TeacherUnavailableError(TeacherError):
+    """Retries exhausted on 429/5xx/timeouts/connection errors (serving maps it to HTTP 502)."""
+
+
+class TeacherMalformedError(TeacherUnavailableError):
+    """Every re-sampled reply failed validation."""
+
+
+class TeacherBudgetExceeded(TeacherError):
+    """The job's spending cap (held by the cluster limiter) was reached before this call was sent."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, status: Optional[int] = None):
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
+_KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{3,}")
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    attempts: int  # HTTP attempts made for this call (0 when served from the cache)
+    cached: bool  # True: read from the durable cache, nothing paid now
+    key: str = ""  # content-addressed cache key
+    model: str = ""
+    provenance: Optional[str] = None  # the reply's system_fingerprint (the teacher server labels replay/synthetic)
+    invalid_reason: Optional[str] = None  # set when validation failed on every sample and accept_invalid was True
+    n_429: int = 0
+    raw_headers: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_key(model: str, messages: list[dict], temperature: float, max_tokens: int, sample_index: int,
+              template_id: Optional[str]) -> str:
+    """Content address of one call: sha256 over everything that determines what is paid for."""
+    blob = json.dumps({"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
+                       "sample_index": sample_index, "template_id": template_id}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class RequestCache:
+    """Durable content-addressed cache of good replies: one small JSON file per call (atomic writes; local
+    paths or any pyarrow filesystem URI)."""
+
+    def __init__(self, location: str):
+        self.location = str(location)
+
+    def path(self, key: str) -> str:
+        return storage.join(self.location, key[:2], f"{key}.json")
+
+    def get(self, key: str) -> Optional[dict]:
+        try:
+            return json.loads(storage.read_bytes(self.path(key)))
+        except DataError:
+            return None
+        except ValueError:  # a torn file cannot happen with atomic writes; treat as a miss
+            return None
+
+    def put(self, key: str, entry: dict) -> None:
+        storage.write_bytes_atomic(self.path(key), json.dumps(entry).encode("utf-8"))
+
+    def keys(self) -> set[str]:
+        fs, root = storage.resolve(self.location)
+        import pyarrow.fs as pafs
+
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return set()
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        return {i.base_name[:-5] for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")}
+
+
+# ------------------------------------------------------------------ the client
+
+
+class TeacherClient:
+    """Async OpenAI-compatible chat client: limiter, retries, cache, tokens and cost. See the module docstring."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: Optional[str] = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        api_key: Optional[str] = None,
+        limiter: Any = None,
+        rpm: Optional[float] = None,
+        tpm: Optional[float] = None,
+        max_retries: int = 6,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        timeout_s: float = 60.0,
+        price: Price | PriceTable | None = None,
+        cache_dir: Optional[str] = None,
+        max_concurrency: int = 64,
+        max_resamples: int = 2,
+    ):
+        self.model = model
+        self.base_url = base_url or "https://api.openai.com/v1"
+        self.api_key_env = api_key_env
+        self._key = api_key if api_key is not None else os.environ.get(api_key_env)
+        self.max_retries = max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.timeout_s = timeout_s
+        self.max_resamples = max_resamples
+        if isinstance(price, Price):
+            self.price = price
+        else:
+            self.price = (price or PriceTable()).price(model)  # ConfigError naming 'model' when unpriced
+        self.cache = RequestCache(cache_dir) if cache_dir else None
+        self.limiter = limiter
+        if limiter is None and (rpm or tpm):
+            self.limiter = self._make_limiter(rpm, tpm)
+        self._sem: Optional[asyncio.Semaphore] = None
+        self._max_concurrency = max_concurrency
+        self._client = None
+        self.stats = {"calls": 0, "attempts": 0, "cache_hits": 0, "n_429": 0, "n_5xx": 0, "timeouts": 0,
+                      "connection_errors": 0, "malformed": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "cost_usd": 0.0}
+
+    def _make_limiter(self, rpm, tpm):
+        try:
+            import ray
+
+            if ray.is_initialized():
+                from actors.limiter import get_or_create_limiter, limiter_name
+
+                return get_or_create_limiter(limiter_name(self.base_url, self.model), rpm, tpm)
+        except ImportError:
+            pass
+        from actors.limiter import TokenBucket
+
+        return TokenBucket(rpm=rpm, tpm=tpm)
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"TeacherClient(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+    def _redact(self, text: str) -> str:
+        if self._key:
+            text = text.replace(self._key, "***")
+        return _KEYLIKE.sub("sk-***", text)
+
+    def _openai(self):
+        if self._client is None:
+            import openai
+
+            if not self._key:
+                raise TeacherAuthError(f"no API key: set the environment variable {self.api_key_env}",
+                                       upstream=self.base_url, status=None,
+                                       hint="for a local server any non-empty value works")
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
+                                              timeout=self.timeout_s)
+        return self._client
+
+    # -- limiter, works with a Ray actor handle, a local TokenBucket or None
+    async def _acquire(self, tokens: int, est_cost: float) -> None:
+        lim = self.limiter
+        if lim is None:
+            return
+        if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
+            res = await lim.acquire.remote(tokens, est_cost)
+            if res["stop"]:
+                raise TeacherBudgetExceeded(res["stop"], upstream=self.base_url)
+            wait = res["wait_s"]
+        else:
+            wait = lim.reserve(tokens)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _limiter_call(self, method: str, *args) -> Any:
+        lim = self.limiter
+        if lim is None:
+            return None
+        fn = getattr(lim, method)
+        if hasattr(fn, "remote"):
+            return await fn.remote(*args)
+        return fn(*args)
+
+    # -- one call
+    async def chat(self, messages: list[dict], *, temperature: float = 0.7, max_tokens: int = 512,
+                   sample_index: int = 0, template_id: Optional[str] = None,
+                   validate: Optional[Callable[[str], Optional[str]]] = None,
+                   accept_invalid: bool = False) -> ChatResult:
+        """One chat completion. `validate(text)` returns None for a usable reply or a reason; unusable replies
+        are re-sampled up to `max_resamples` times, then raise TeacherMalformedError (or, with
+        `accept_invalid`, the last reply is returned with `invalid_reason` set)."""
+        key = cache_key(self.model, messages, temperature, max_tokens, sample_index, template_id)
+        self.stats["calls"] += 1
+        if self.cache is not None:
+            hit = await asyncio.to_thread(self.cache.get, key)
+            if hit is not None:
+                self.stats["cache_hits"] += 1
+                return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], hit["cost_usd"],
+                                  attempts=0, cached=True, key=key, model=self.model,
+                                  provenance=hit.get("provenance"), invalid_reason=hit.get("invalid_reason"))
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self._max_concurrency)
+        async with self._sem:
+            res = await self._call_with_retries(messages, temperature, max_tokens, sample_index, key, validate,
+                                                accept_invalid)
+        if self.cache is not None:
+            entry = {k: v for k, v in res.to_dict().items() if k not in ("raw_headers", "cached", "attempts")}
+            entry.update(template_id=template_id, sample_index=sample_index, created=time.time())
+            await asyncio.to_thread(self.cache.put, key, entry)
+        return res
+
+    async def _call_with_retries(self, messages, temperature, max_tokens, sample_index, key, validate,
+                                 accept_invalid) -> ChatResult:
+        from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, \
+            wait_random_exponential
+
+        state = {"attempts": 0, "n_429": 0, "resamples": 0, "last_invalid": None}
+        est_tokens = sum(estimate_tokens(m.get("content") or "") for m in messages) + max_tokens
+        est_cost = self.price.cost(est_tokens - max_tokens, max_tokens)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=wait_random_exponential(multiplier=self.backoff_initial_s, max=self.backoff_max_s),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=False,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    res = await self._attempt(messages, temperature, max_tokens, sample_index, key, est_tokens,
+                                              est_cost, state)
+                    reason = validate(res.text) if validate else None
+                    if reason is None:
+                        return res
+                    self.stats["malformed"] += 1
+                    state["last_invalid"] = (res, reason)
+                    if state["resamples"] >= self.max_resamples:
+                        if accept_invalid:
+                            res.invalid_reason = reason
+                            return res
+                        raise TeacherMalformedError(f"{state['resamples'] + 1} replies failed validation: {reason}",
+                                                    upstream=self.base_url, status=200)
+                    state["resamples"] += 1
+                    raise _Retryable(f"unusable reply ({reason})", 200)
+        except RetryError as e:
+            last = e.last_attempt.exception()
+            if state["last_invalid"] is not None and accept_invalid and isinstance(last, _Retryable) and last.status == 200:
+                res, reason = state["last_invalid"]
+                res.invalid_reason = reason
+                return res
+            reason = last.reason if isinstance(last, _Retryable) else repr(last)
+            raise TeacherUnavailableError(
+                self._redact(f"gave up after {state['attempts']} attempts; last error: {reason}"),
+                upstream=self.base_url, status=getattr(last, "status", None),
+                hint="check that the endpoint is up, or raise --max-retries") from None
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, messages, temperature, max_tokens, sample_index, key, est_tokens, est_cost,
+                       state) -> ChatResult:
+        import openai
+
+        client = self._openai()
+        await self._acquire(est_tokens, est_cost)
+        state["attempts"] += 1
+        self.stats["attempts"] += 1
+        try:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
+                extra_headers={"x-subq-cache-key": key, "x-subq-sample-index": str(sample_index)})
+            headers = dict(raw.headers)
+            try:
+                completion = raw.parse()
+                text = completion.choices[0].message.content
+                usage = completion.usage
+            except Exception as e:  # body not JSON / not a chat completion
+                raise _Retryable(f"malformed response body: {type(e).__name__}", 200) from None
+        except openai.RateLimitError as e:
+            state["n_429"] += 1
+            self.stats["n_429"] += 1
+            hdrs = dict(e.response.headers)
+            from actors.limiter import headers_backoff
+
+            wait = headers_backoff(hdrs)
+            if self.limiter is not None:
+                await self._limiter_call("report_429", wait, {k: v for k, v in hdrs.items()
+                                                              if k.lower().startswith(("retry-after", "x-ratelimit"))})
+            elif wait:
+                await asyncio.sleep(min(wait, self.backoff_max_s))
+            await self._limiter_call("settle", est_tokens, 0, 0.0)
+            raise _Retryable("HTTP 429 rate limited", 429) from None
+        except openai.APITimeoutError:
+            self.stats["timeouts"] += 1
+            raise _Retryable(f"timed out after {self.timeout_s}s") from None
+        except openai.APIConnectionError as e:
+            self.stats["connection_errors"] += 1
+            raise _Retryable(self._redact(f"connection error: {e}")) from None
+        except openai.APIStatusError as e:
+            status = e.status_code
+            msg = self._redact(_upstream_message(e))
+            if status >= 500 or status in (408, 409):
+                self.stats["n_5xx"] += 1
+                raise _Retryable(f"HTTP {status}: {msg}", status) from None
+            if status in (401, 403):
+                raise TeacherAuthError(f"HTTP {status} (authentication/permission): {msg}", upstream=self.base_url,
+                                       status=status, hint=f"check the key in ${self.api_key_env}") from None
+            raise TeacherRequestError(f"HTTP {status}: {msg}", upstream=self.base_url, status=status,
+                                      hint="check --model and the request parameters") from None
+        if text is None:
+            raise _Retryable("empty reply (no message content)", 200)
+        pt = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else estimate_tokens(str(messages))
+        ct = int(getattr(usage, "completion_tokens", 0) or 0) if usage else estimate_tokens(text)
+        cost = self.price.cost(pt, ct)
+        self.stats["prompt_tokens"] += pt
+        self.stats["completion_tokens"] += ct
+        self.stats["cost_usd"] += cost
+        await self._limiter_call("settle", est_tokens, pt + ct, cost)
+        return ChatResult(text, pt, ct, cost, attempts=state["attempts"], cached=False, key=key, model=self.model,
+                          provenance=getattr(completion, "system_fingerprint", None), n_429=state["n_429"],
+                          raw_headers={k: v for k, v in headers.items() if k.lower().startswith(("x-ratelimit", "x-subq"))})
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _upstream_message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+    return str(getattr(e, "message", "") or e)[:300]
+
+
+# ------------------------------------------------------------------ Ray Data actor
+
+
+class TeacherActor:
+    """Ray Data actor-pool UDF holding one TeacherClient. Each batch's rows run concurrently on the actor's
+    event loop (the client's semaphore caps calls in flight). The default `process` sends `row["messages"]`
+    and returns the reply; generation subclasses it (pipelines.generate.GenerateActor)."""
+
+    def __init__(self, client_kwargs: dict, limiter_name: Optional[str] = None, limiter_namespace: str = "subq"):
+        limiter = None
+        if limiter_name:
+            import ray
+
+            limiter = ray.get_actor(limiter_name, namespace=limiter_namespace)
+        self.client = TeacherClient(**client_kwargs, limiter=limiter)
+
+    async def process(self, row: dict) -> dict:
+        res = await self.client.chat(list(row["messages"]), temperature=float(row.get("temperature", 0.7)),
+                                     max_tokens=int(row.get("max_tokens", 512)))
+        return {**row, "reply": res.text, "prompt_tokens": res.prompt_tokens,
+                "completion_tokens": res.completion_tokens, "cost_usd": res.cost_usd}
+
+    async def __call__(self, batch: dict) -> dict:
+        n = len(next(iter(batch.values()))) if batch else 0
+        rows = [{k: _py(v[i]) for k, v in batch.items()} for i in range(n)]
+        outs = await asyncio.gather(*(self.process(r) for r in rows))
+        keys = list(outs[0]) if outs else []
+        return {k: [o.get(k) for o in outs] for k in keys}
+
+
+def _py(v):
+    """numpy scalars/arrays from a Ray Data batch -> plain Python."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
