@@ -171,6 +171,8 @@ class RateLimiter:
     def __init__(self, rpm: Optional[float] = None, tpm: Optional[float] = None, burst_s: float = 0.0,
                  budget_usd: Optional[float] = None):
         self.bucket = TokenBucket(rpm=rpm, tpm=tpm, burst_s=burst_s, budget_usd=budget_usd)
+        self.stopped: Optional[str] = None  # set by stop(): every later acquire is refused with this reason
+        self.held_usd = 0.0  # estimated cost of calls in flight, held against the budget
 
     async def configure(self, rpm: Optional[float] = None, tpm: Optional[float] = None,
                         budget_usd: Optional[float] = None) -> None:
@@ -181,13 +183,28 @@ class RateLimiter:
         return self.bucket.reserve(tokens)
 
     async def acquire(self, tokens: int = 0, est_cost_usd: float = 0.0) -> dict:
-        """Like reserve, plus the budget check: {'wait_s': float, 'stop': None | reason}."""
+        """Like reserve, plus the stop flag and the budget check:
+        {'wait_s': float, 'stop': None | reason, 'kind': None | 'budget' | 'stopped'}. The estimated cost is
+        held against the budget until `settle` replaces it with the real cost."""
+        if self.stopped:
+            return {"wait_s": 0.0, "stop": self.stopped, "kind": "stopped"}
         left = self.bucket.budget_left()
-        if left is not None and left - est_cost_usd < 0:
-            return {"wait_s": 0.0, "stop": f"budget of ${self.bucket.budget_usd:.4f} reached"}
-        return {"wait_s": self.bucket.reserve(tokens), "stop": None}
+        if left is not None:
+            if left - self.held_usd - est_cost_usd < 0:
+                return {"wait_s": 0.0, "stop": f"budget of ${self.bucket.budget_usd:.4f} reached", "kind": "budget"}
+            self.held_usd += est_cost_usd
+        return {"wait_s": self.bucket.reserve(tokens), "stop": None, "kind": None}
 
-    async def settle(self, reserved: int = 0, used: int = 0, cost_usd: float = 0.0) -> None:
+    async def stop(self, reason: str) -> None:
+        """Refuse every later call (a fatal error such as a bad key: stop the whole job at once)."""
+        self.stopped = reason
+
+    async def release(self, est_cost_usd: float = 0.0) -> None:
+        """Drop a budget hold without spending (the call failed before a reply)."""
+        self.held_usd = max(0.0, self.held_usd - est_cost_usd)
+
+    async def settle(self, reserved: int = 0, used: int = 0, cost_usd: float = 0.0, est_cost_usd: float = 0.0) -> None:
+        self.held_usd = max(0.0, self.held_usd - est_cost_usd)
         self.bucket.settle(reserved, used, cost_usd)
 
     async def report_429(self, retry_after_s: Optional[float] = None, headers: Optional[dict] = None) -> float:
@@ -197,7 +214,7 @@ class RateLimiter:
         self.bucket.observe_headers(headers)
 
     async def stats(self) -> dict:
-        return self.bucket.stats()
+        return {**self.bucket.stats(), "stopped": self.stopped, "held_usd": round(self.held_usd, 8)}
 
 
 def limiter_name(base_url: Optional[str], model: str) -> str:

@@ -67,8 +67,12 @@ class TeacherMalformedError(TeacherUnavailableError):
     """Every re-sampled reply failed validation."""
 
 
-class TeacherBudgetExceeded(TeacherError):
-    """The job's spending cap (held by the cluster limiter) was reached before this call was sent."""
+class TeacherStopped(TeacherError):
+    """The cluster limiter refused the call: the job is stopping (another actor hit a fatal error)."""
+
+
+class TeacherBudgetExceeded(TeacherStopped):
+    """The job's spending cap (held by the budget actor) was reached before this call was sent."""
 
 
 class _Retryable(Exception):
@@ -155,6 +159,7 @@ class TeacherClient:
         api_key_env: str = "OPENAI_API_KEY",
         api_key: Optional[str] = None,
         limiter: Any = None,
+        budget: Any = None,
         rpm: Optional[float] = None,
         tpm: Optional[float] = None,
         max_retries: int = 6,
@@ -181,6 +186,7 @@ class TeacherClient:
             self.price = (price or PriceTable()).price(model)  # ConfigError naming 'model' when unpriced
         self.cache = RequestCache(cache_dir) if cache_dir else None
         self.limiter = limiter
+        self.budget = budget  # optional RateLimiter actor holding the job's budget and stop flag
         if limiter is None and (rpm or tpm):
             self.limiter = self._make_limiter(rpm, tpm)
         self._sem: Optional[asyncio.Semaphore] = None
@@ -226,13 +232,19 @@ class TeacherClient:
 
     # -- limiter, works with a Ray actor handle, a local TokenBucket or None
     async def _acquire(self, tokens: int, est_cost: float) -> None:
+        if self.budget is not None:
+            res = await self.budget.acquire.remote(0, est_cost)
+            if res["stop"]:
+                cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
+                raise cls(res["stop"], upstream=self.base_url)
         lim = self.limiter
         if lim is None:
             return
         if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
-            res = await lim.acquire.remote(tokens, est_cost)
+            res = await lim.acquire.remote(tokens, 0.0)
             if res["stop"]:
-                raise TeacherBudgetExceeded(res["stop"], upstream=self.base_url)
+                cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
+                raise cls(res["stop"], upstream=self.base_url)
             wait = res["wait_s"]
         else:
             wait = lim.reserve(tokens)
@@ -330,6 +342,20 @@ class TeacherClient:
         state["attempts"] += 1
         self.stats["attempts"] += 1
         try:
+            res = await self._send(client, messages, temperature, max_tokens, sample_index, key, est_tokens, state)
+        except BaseException:
+            if self.budget is not None:
+                await self.budget.release.remote(est_cost)
+            raise
+        if self.budget is not None:
+            await self.budget.settle.remote(0, 0, res.cost_usd, est_cost)
+        return res
+
+    async def _send(self, client, messages, temperature, max_tokens, sample_index, key, est_tokens,
+                    state) -> ChatResult:
+        import openai
+
+        try:
             raw = await client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
                 extra_headers={"x-subq-cache-key": key, "x-subq-sample-index": str(sample_index)})
@@ -407,13 +433,18 @@ class TeacherActor:
     event loop (the client's semaphore caps calls in flight). The default `process` sends `row["messages"]`
     and returns the reply; generation subclasses it (pipelines.generate.GenerateActor)."""
 
-    def __init__(self, client_kwargs: dict, limiter_name: Optional[str] = None, limiter_namespace: str = "subq"):
-        limiter = None
-        if limiter_name:
-            import ray
+    def __init__(self, client_kwargs: dict, limiter_name: Optional[str] = None, limiter_namespace: str = "subq",
+                 api_key_ref: Optional[list] = None):
+        """`api_key_ref`: [ObjectRef] of the key, put by the driver, for workers whose environment lacks the
+        variable (the key travels in the object store, never in task specs, runtime_env or logs)."""
+        import ray
 
-            limiter = ray.get_actor(limiter_name, namespace=limiter_namespace)
-        self.client = TeacherClient(**client_kwargs, limiter=limiter)
+        limiter = ray.get_actor(limiter_name, namespace=limiter_namespace) if limiter_name else None
+        kwargs = dict(client_kwargs)
+        env = kwargs.get("api_key_env", "OPENAI_API_KEY")
+        if api_key_ref and not os.environ.get(env):
+            kwargs["api_key"] = ray.get(api_key_ref[0])
+        self.client = TeacherClient(**kwargs, limiter=limiter)
 
     async def process(self, row: dict) -> dict:
         res = await self.client.chat(list(row["messages"]), temperature=float(row.get("temperature", 0.7)),

@@ -29,6 +29,7 @@ def _root() -> None:
 # One line per layer; each module defines register(app).
 COMMAND_MODULES: list[str] = [
     "pipelines.serve_cmd",
+    "pipelines.generate_cmd",
 ]
 
 

@@ -1,0 +1,499 @@
+"""Generate GSM8K-AI-SubQ at scale: Ray Data shards problems across rate-limited teacher actors.
+
+    subq generate --input gsm8k:train --output out/gsm8k-ai-subq --model gpt-3.5-turbo \\
+        --n-sets 3 --n-feedback 3 --rpm 3500 --tpm 90000 --actors 2,8 --max-cost-usd 20
+    subq generate --config generate.yaml --dry-run            # token and cost estimate, no calls
+    subq generate --config generate.yaml --retry-failed       # retry only the recorded failures
+    # offline, against the local teacher server (replay of the released ChatGPT replies):
+    subq teacher-server --port 8300 --rpm 600 &
+    OPENAI_API_KEY=unused subq generate --input gsm8k:test --limit 40 --output out/demo \\
+        --base-url http://127.0.0.1:8300/v1 --rpm 600 --actors 2,2
+    # on a cluster (the key travels in the job's environment, never in its metadata):
+    ray job submit --working-dir . -- python -m pipelines.generate --config generate.yaml \\
+        --output s3://bucket/gsm8k-ai-subq
+
+Per problem (one row): `n_sets` QG calls, then for each set one QA call and `n_feedback` feedback calls
+(paper: 3 x (1 + 1 + 3) = 15 calls), then rewards by the foundation scorer (`SubQuestionSet.from_texts`).
+All calls go through `actors.teacher.TeacherClient` (openai SDK, retries, durable cache) and ONE cluster-wide
+`actors.limiter.RateLimiter` per (endpoint, model); a separate job-scoped RateLimiter holds `--max-cost-usd`.
+
+Output directory (local path or any pyarrow filesystem URI):
+
+    OUTPUT/
+      config.yaml                  the resolved config (no key: only the NAME of its environment variable)
+      parts/part-<hash>.parquet    rows in subq.schema.ROW_SCHEMA, one file per finished batch, named by the
+                                   hash of the batch's problem ids (a retried batch overwrites, never duplicates)
+      failures/part-<hash>.parquet problems that exhausted their retries: problem_id, problem, source,
+                                   source_index, stage, error_type, reason, attempts, time
+      cache/<k[:2]>/<k>.json       durable request cache, one file per good teacher reply (content-addressed)
+      paper_raw.jsonl              export: the release's qg_*_data_raw.jsonl format (one object a line)
+      paper_dataset.json           export: the release's qg_*_dataset.jsonl training format (ONE JSON list)
+      failures.jsonl               export: the failures still open (problems without a row), one a line
+      summary.json                 the final summary (also printed as the last stdout line)
+
+Resume and exactly once: re-running the same command skips problems that have a row and (unless
+`--retry-failed`) those with a recorded failure; calls already answered come from `cache/`, so only calls
+that were in flight when a job died are sent again. Exports de-duplicate by problem id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import sys
+import time
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from actors.teacher import (TeacherActor, TeacherAuthError, TeacherBudgetExceeded, TeacherError,
+                            TeacherRequestError, TeacherStopped)
+from subq import storage
+from subq.config import load_config
+from subq.errors import ConfigError, DataError, SubqError
+
+
+class GenerateConfig(BaseModel):
+    """Everything a generation run needs; YAML keys and CLI flags have the same names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field("gsm8k:train", description="Problems: a dataset name (gsm8k:train, gsm8k:test, "
+                       "gsm8k-ai-subq:test) or a .jsonl/.json/.parquet path or URI with question/answer fields.")
+    output: str = Field(..., description="Output directory or URI (layout in the module docstring).")
+    model: str = Field("gpt-3.5-turbo", description="Teacher model name (paper: gpt-3.5-turbo).")
+    base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint; None = api.openai.com.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the key.")
+    template: Literal["paper", "doc"] = Field("paper", description="Prompt template family (subq.prompts): "
+                                             "paper = the release's QG/QA/feedback prompts; doc = Divide-or-Conquer.")
+    n_sets: int = Field(3, ge=1, description="Sub-question sets per problem (paper: 3).")
+    n_feedback: int = Field(3, ge=0, description="Feedback calls per set (paper: 3).")
+    temperature: float = Field(0.7, ge=0, le=2, description="Teacher sampling temperature (paper: 0.7).")
+    max_tokens: int = Field(512, ge=1, description="max_tokens per teacher call.")
+    rpm: Optional[float] = Field(None, gt=0, description="Cluster-wide requests/minute cap (None: no cap).")
+    tpm: Optional[float] = Field(None, gt=0, description="Cluster-wide tokens/minute cap (None: no cap).")
+    max_concurrency: int = Field(32, ge=1, description="Teacher calls in flight per actor.")
+    actors: tuple[int, int] = Field((1, 2), description="Teacher actor pool size MIN,MAX (Ray Data autoscaling).")
+    batch_size: int = Field(8, ge=1, description="Problems per Ray Data batch (one Parquet part per batch).")
+    actor_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per teacher actor (they mostly wait).")
+    limit: Optional[int] = Field(None, ge=1, description="Only the first N problems of the input.")
+    max_cost_usd: Optional[float] = Field(None, gt=0, description="Stop cleanly once this run has spent this much.")
+    dry_run: bool = Field(False, description="Print the token and cost estimate; make no calls, write nothing.")
+    retry_failed: bool = Field(False, description="Process only problems in the failures table (not yet a row).")
+    max_retries: int = Field(6, ge=0, description="Retries per call for 429/5xx/timeouts/connection errors.")
+    max_resamples: int = Field(2, ge=0, description="Re-samples of a reply that does not parse.")
+    backoff_initial_s: float = Field(0.5, gt=0, description="Initial jittered exponential backoff (seconds).")
+    backoff_max_s: float = Field(30.0, gt=0, description="Backoff cap (seconds).")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout (seconds).")
+    price_table: Optional[str] = Field(None, description="YAML price table (model: {input_per_1k, output_per_1k}).")
+    price_input_per_1k: Optional[float] = Field(None, ge=0, description="Override the model's input price (USD/1K).")
+    price_output_per_1k: Optional[float] = Field(None, ge=0, description="Override the model's output price (USD/1K).")
+    progress_interval_s: float = Field(5.0, gt=0, description="Seconds between progress lines (stderr).")
+    ray_address: Optional[str] = Field(None, description="Ray cluster to join (None: RAY_ADDRESS or a local one).")
+    ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray started by this job.")
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, v):
+        if isinstance(v, str):
+            try:
+                parts = [int(x) for x in v.replace(" ", "").split(",") if x]
+            except ValueError:
+                raise ValueError("expected MIN,MAX (e.g. 2,8) or N") from None
+            v = parts
+        if isinstance(v, int):
+            v = (v, v)
+        v = tuple(v)
+        if len(v) == 1:
+            v = (v[0], v[0])
+        if len(v) != 2 or v[0] < 1 or v[1] < v[0]:
+            raise ValueError("expected MIN,MAX with 1 <= MIN <= MAX")
+        return v
+
+    def prices(self):
+        from subq.costs import Price, PriceTable
+
+        table = PriceTable.load(self.price_table)
+        if self.price_input_per_1k is not None or self.price_output_per_1k is not None:
+            try:
+                base = table.price(self.model)
+            except ConfigError:
+                base = Price(0.0, 0.0)
+            table.prices[self.model] = Price(
+                base.input_per_1k if self.price_input_per_1k is None else self.price_input_per_1k,
+                base.output_per_1k if self.price_output_per_1k is None else self.price_output_per_1k)
+        table.price(self.model)  # ConfigError naming 'model' when unpriced
+        return table
+
+
+# ------------------------------------------------------------------ per-problem work (inside actors)
+
+
+def _validators(family: str):
+    from subq.parsers import FINAL_ANSWER, DOC_ANSWER, parse_doc_subquestions, parse_feedback, parse_subquestions
+
+    def qg(text):
+        qs = (parse_doc_subquestions(text) if family == "doc" else parse_subquestions(text)).questions
+        return None if qs else "no sub-questions in the QG reply"
+
+    def qa(text):
+        marker = DOC_ANSWER if family == "doc" else FINAL_ANSWER
+        return None if marker.search(text or "") else "no final-answer marker in the QA reply"
+
+    def feedback(n):
+        return lambda text: parse_feedback(text, n).reason
+
+    return qg, qa, feedback
+
+
+class GenerateActor(TeacherActor):
+    """Ray Data UDF: a batch of problems -> their rows (written as one Parquet part) and per-problem summaries."""
+
+    def __init__(self, client_kwargs: dict, limiter_name: Optional[str], budget_name: Optional[str], job: dict,
+                 api_key_ref: Optional[list] = None):
+        super().__init__(client_kwargs, limiter_name, api_key_ref=api_key_ref)
+        if budget_name:
+            import ray
+
+            self.client.budget = ray.get_actor(budget_name, namespace="subq")
+        self.job = job
+        self.stopper = self.client.budget or self.client.limiter
+
+    async def process(self, item: dict) -> dict:
+        from subq.parsers import format_subquestions, parse_doc_subquestions, parse_subquestions
+        from subq.prompts import messages, template_for
+        from subq.schema import SubQRow, SubQuestionSet
+        from subq.scoring import gold_number
+
+        job, c = self.job, self.client
+        fam = job["template"]
+        qg_tid, qa_tid, fb_tid = (template_for(fam, r) for r in ("qg", "qa", "feedback"))
+        v_qg, v_qa, v_fb = _validators(fam)
+        acct = {"calls": 0, "cached": 0, "attempts": 0, "n_429": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                "cost_usd": 0.0, "new_cost_usd": 0.0, "new_prompt_tokens": 0, "new_completion_tokens": 0}
+        stage = {"name": "qg"}
+
+        async def call(msgs, tid, sample, validate, accept_invalid):
+            r = await c.chat(msgs, temperature=job["temperature"], max_tokens=job["max_tokens"], sample_index=sample,
+                             template_id=tid, validate=validate, accept_invalid=accept_invalid)
+            acct["calls"] += 1
+            acct["cached"] += int(r.cached)
+            acct["attempts"] += r.attempts
+            acct["n_429"] += r.n_429
+            acct["prompt_tokens"] += r.prompt_tokens
+            acct["completion_tokens"] += r.completion_tokens
+            acct["cost_usd"] += r.cost_usd
+            if not r.cached:
+                acct["new_cost_usd"] += r.cost_usd
+                acct["new_prompt_tokens"] += r.prompt_tokens
+                acct["new_completion_tokens"] += r.completion_tokens
+            return r
+
+        problem, gold = item["problem"], item["gold_answer"]
+
+        async def one_set(i: int) -> SubQuestionSet:
+            q = await call(messages(qg_tid, problem), qg_tid, i, v_qg, False)
+            parsed = parse_doc_subquestions(q.text) if fam == "doc" else parse_subquestions(q.text)
+            qs, qtext = parsed.questions, (format_subquestions(parsed.questions) if fam == "doc" else q.text)
+            stage["name"] = "qa"
+            a = await call(messages(qa_tid, problem, qs), qa_tid, i, v_qa, True)
+            stage["name"] = "feedback"
+            fbs = await asyncio.gather(*(call(messages(fb_tid, problem, qs), fb_tid, i * job["n_feedback"] + j,
+                                              v_fb(len(qs)), True) for j in range(job["n_feedback"])))
+            return SubQuestionSet.from_texts(qtext, a.text, gold, [f.text for f in fbs])
+
+        base = {k: item[k] for k in ("problem_id", "source", "source_index")}
+        try:
+            sets = await asyncio.gather(*(one_set(i) for i in range(job["n_sets"])))
+        except TeacherBudgetExceeded as e:
+            return {**base, "status": "budget", "error": str(e), "row": None, **acct}
+        except TeacherStopped as e:
+            return {**base, "status": "stopped", "error": str(e), "row": None, **acct}
+        except (TeacherAuthError, TeacherRequestError) as e:
+            if self.stopper is not None:  # a bad key or request fails every call: stop the whole job now
+                await self.stopper.stop.remote(f"stopped after a fatal error: {e}")
+            return {**base, "status": "fatal", "error": str(e), "error_type": type(e).__name__, "row": None, **acct}
+        except TeacherError as e:
+            return {**base, "status": "failed", "error": str(e), "error_type": type(e).__name__,
+                    "stage": stage["name"], "row": None, **acct}
+        row = SubQRow(
+            problem_id=item["problem_id"], problem=problem, gold_answer=gold, true_answer=gold_number(gold, "paper"),
+            sets=list(sets), source=item["source"], source_index=item["source_index"], teacher_model=job["model"],
+            template_id=fam, prompt_tokens=acct["prompt_tokens"], completion_tokens=acct["completion_tokens"],
+            cost_usd=acct["cost_usd"], attempts=acct["attempts"], error=None)
+        return {**base, "status": "ok", "error": None, "row": row, **acct}
+
+    async def __call__(self, batch: dict) -> dict:
+        from subq.schema import write_parquet
+        from actors.teacher import _py
+
+        n = len(batch["problem_id"])
+        items = [{k: _py(v[i]) for k, v in batch.items()} for i in range(n)]
+        outs = await asyncio.gather(*(self.process(it) for it in items))
+        rows = [o["row"] for o in outs if o["status"] == "ok"]
+        fails = [dict(problem_id=o["problem_id"], problem=it["problem"], source=o["source"],
+                      source_index=o["source_index"], stage=o.get("stage"), error_type=o.get("error_type"),
+                      reason=o["error"], attempts=o["attempts"], time=time.time())
+                 for o, it in zip(outs, items) if o["status"] == "failed"]
+        out = self.job["output"]
+        if rows:
+            name = _part_name([r.problem_id for r in rows])
+            await asyncio.to_thread(write_parquet, rows, storage.join(out, "parts", name))
+        if fails:
+            import pyarrow as pa
+
+            name = _part_name([f["problem_id"] for f in fails])
+            await asyncio.to_thread(_write_table, pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA),
+                                    storage.join(out, "failures", name))
+        keys = ["problem_id", "status", "error", "calls", "cached", "attempts", "n_429", "prompt_tokens",
+                "completion_tokens", "cost_usd", "new_cost_usd", "new_prompt_tokens", "new_completion_tokens"]
+        return {k: [o.get(k) for o in outs] for k in keys}
+
+
+def _part_name(ids: list[str]) -> str:
+    return "part-" + hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16] + ".parquet"
+
+
+def _failure_schema():
+    import pyarrow as pa
+
+    return pa.schema([("problem_id", pa.string()), ("problem", pa.string()), ("source", pa.string()),
+                      ("source_index", pa.int64()), ("stage", pa.string()), ("error_type", pa.string()),
+                      ("reason", pa.string()), ("attempts", pa.int64()), ("time", pa.float64())])
+
+
+FAILURE_SCHEMA = _failure_schema()
+
+
+def _write_table(table, location: str) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(location, buf.getvalue())
+
+
+# ------------------------------------------------------------------ driver side
+
+
+def read_done(output: str) -> tuple[dict, dict]:
+    """(rows by problem id, open failures by problem id) already in OUTPUT; a row wins over a failure."""
+    import pyarrow.parquet as pq
+
+    from subq.schema import read_parquet
+
+    rows, fails = {}, {}
+    parts = storage.join(output, "parts")
+    if storage.list_files(parts, ".parquet"):
+        for r in read_parquet(parts):
+            rows.setdefault(r.problem_id, r)
+    fdir = storage.join(output, "failures")
+    if storage.list_files(fdir, ".parquet"):
+        fs, path = storage.resolve(fdir)
+        for f in pq.read_table(path, filesystem=fs, schema=FAILURE_SCHEMA).to_pylist():
+            if f["problem_id"] not in rows and (f["problem_id"] not in fails or f["time"] > fails[f["problem_id"]]["time"]):
+                fails[f["problem_id"]] = f
+    return rows, fails
+
+
+def estimate(cfg: GenerateConfig, problems, prices) -> dict:
+    """Dry-run estimate: calls, prompt tokens (rendered prompts), completion tokens (typical and upper bound)."""
+    from subq.costs import estimate_tokens
+    from subq.prompts import render, template_for
+
+    fam = cfg.template
+    qg, qa, fb = (template_for(fam, r) for r in ("qg", "qa", "feedback"))
+    calls = prompt = typical = 0
+    for p in problems:
+        steps = max(2, p.gold_answer.count("\n"))  # GSM8K solutions: about one sub-question per step
+        qs = ["How many items are there in this step of the problem?"] * steps
+        per_set = estimate_tokens(render(qg, p.problem)) + estimate_tokens(render(qa, p.problem, qs)) \
+            + cfg.n_feedback * estimate_tokens(render(fb, p.problem, qs))
+        prompt += cfg.n_sets * per_set
+        typical += cfg.n_sets * (steps * 14 + steps * 20 + 6 + cfg.n_feedback * steps * 4)
+        calls += cfg.n_sets * (2 + cfg.n_feedback)
+    upper = calls * cfg.max_tokens
+    price = prices.price(cfg.model)
+    return {"dry_run": True, "problems": len(problems), "calls": calls, "prompt_tokens": prompt,
+            "completion_tokens_typical": typical, "completion_tokens_max": upper,
+            "cost_usd_typical": round(price.cost(prompt, typical), 6), "cost_usd_max": round(price.cost(prompt, upper), 6),
+            "model": cfg.model, "price_per_1k": {"input": price.input_per_1k, "output": price.output_per_1k},
+            "minutes_at_rpm": round(calls / cfg.rpm, 2) if cfg.rpm else None}
+
+
+class Progress:
+    """The live progress line: rows, req/s, tokens/s, $ spent, 429s, ETA."""
+
+    def __init__(self, total: int, interval_s: float, stream=sys.stderr):
+        self.total, self.interval_s, self.stream = total, interval_s, stream
+        self.t0 = self.last = time.time()
+        self.c = {"rows": 0, "failed": 0, "budget": 0, "stopped": 0, "fatal": 0, "calls": 0, "cached": 0,
+                  "attempts": 0, "n_429": 0, "new_prompt_tokens": 0, "new_completion_tokens": 0, "new_cost_usd": 0.0}
+
+    def add(self, batch: dict) -> None:
+        for i, status in enumerate(batch["status"]):
+            self.c["rows" if status == "ok" else status] += 1
+            for k in ("calls", "cached", "attempts", "n_429", "new_prompt_tokens", "new_completion_tokens", "new_cost_usd"):
+                self.c[k] += batch[k][i] or 0
+        if time.time() - self.last >= self.interval_s:
+            self.print()
+
+    def line(self) -> str:
+        el = max(1e-6, time.time() - self.t0)
+        done = sum(self.c[k] for k in ("rows", "failed", "budget", "stopped", "fatal"))
+        rate = done / el
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        tok = self.c["new_prompt_tokens"] + self.c["new_completion_tokens"]
+        return (f"rows {self.c['rows']}/{self.total} failed {self.c['failed']} | {self.c['attempts'] / el:.1f} req/s | "
+                f"{tok / el:.0f} tok/s | ${self.c['new_cost_usd']:.4f} | 429s {self.c['n_429']} | "
+                f"cached {self.c['cached']} | ETA {eta:.0f}s")
+
+    def print(self) -> None:
+        self.last = time.time()
+        print(self.line(), file=self.stream, flush=True)
+
+
+def export(output: str) -> dict:
+    """Write paper_raw.jsonl, paper_dataset.json and failures.jsonl from the parts; return counts and paths."""
+    from subq.schema import sort_rows, write_paper
+
+    rows, fails = read_done(output)
+    ordered = sort_rows(list(rows.values()))
+    paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),
+             "paper_dataset": storage.join(output, "paper_dataset.json"),
+             "failures": storage.join(output, "failures.jsonl"), "parts": storage.join(output, "parts")}
+    if ordered:
+        write_paper(ordered, paths["paper_raw"], "paper_raw")
+        write_paper(ordered, paths["paper_dataset"], "paper_dataset")
+    storage.write_bytes_atomic(paths["failures"], "".join(json.dumps(f) + "\n" for f in fails.values()).encode())
+    return {"rows": len(ordered), "failures": len(fails), "paths": paths}
+
+
+def run_generate(config: GenerateConfig | dict) -> dict:
+    """Run (or resume) a generation job; returns the summary dict (also written to OUTPUT/summary.json)."""
+    cfg = config if isinstance(config, GenerateConfig) else load_config(GenerateConfig, None, config)
+    from subq.problems import load_problems
+
+    prices = cfg.prices()
+    problems = load_problems(cfg.input, cfg.limit)  # DataError before anything is written
+    if len({p.problem_id for p in problems}) != len(problems):
+        seen, uniq = set(), []
+        for p in problems:
+            if p.problem_id not in seen:
+                seen.add(p.problem_id)
+                uniq.append(p)
+        problems = uniq
+    rows, fails = read_done(cfg.output)
+    if cfg.retry_failed:
+        pending = [p for p in problems if p.problem_id in fails and p.problem_id not in rows]
+    else:
+        pending = [p for p in problems if p.problem_id not in rows and p.problem_id not in fails]
+    if cfg.dry_run:
+        return {**estimate(cfg, pending, prices), "already_done": len(problems) - len(pending)}
+
+    import os
+
+    if not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
+                          hint="export the key (any non-empty value for a local server)")
+    storage.makedirs(cfg.output)
+    storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"),
+                               __import__("yaml").safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    t0 = time.time()
+    progress = Progress(len(pending), cfg.progress_interval_s)
+    fatal = None
+    limiter_stats = None
+    if pending:
+        fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
+    progress.print()
+    exp = export(cfg.output)
+    el = time.time() - t0
+    c = progress.c
+    stopped = "fatal" if fatal else "budget" if c["budget"] else None
+    summary = {
+        "output": cfg.output, "input": cfg.input, "model": cfg.model, "problems": len(problems),
+        "pending_at_start": len(pending), "rows_total": exp["rows"], "failures_open": exp["failures"],
+        "not_done": len(problems) - exp["rows"] - exp["failures"],
+        "this_run": {"rows": c["rows"], "failed": c["failed"], "skipped_budget": c["budget"],
+                     "calls": c["calls"], "cache_hits": c["cached"], "requests_sent": c["attempts"],
+                     "n_429": c["n_429"], "prompt_tokens": c["new_prompt_tokens"],
+                     "completion_tokens": c["new_completion_tokens"], "cost_usd": round(c["new_cost_usd"], 6),
+                     "elapsed_s": round(el, 2), "req_per_s": round(c["attempts"] / el, 3) if el else None},
+        "stopped": stopped, "limiter": limiter_stats, "paths": exp["paths"],
+    }
+    storage.write_bytes_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode())
+    if fatal:
+        raise fatal
+    return summary
+
+
+def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
+    import os
+
+    import ray
+
+    from actors.limiter import RateLimiter, get_or_create_limiter, limiter_name
+
+    started = False
+    if not ray.is_initialized():
+        kw = {"include_dashboard": False, "log_to_driver": False}
+        if cfg.ray_address is None and cfg.ray_num_cpus:
+            kw["num_cpus"] = cfg.ray_num_cpus
+        ray.init(address=cfg.ray_address, namespace="subq", **kw)
+        started = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        lname = None
+        limiter = None
+        if cfg.rpm or cfg.tpm:
+            lname = limiter_name(cfg.base_url, cfg.model)
+            limiter = get_or_create_limiter(lname, cfg.rpm, cfg.tpm)
+        run_id = hashlib.sha256(f"{cfg.output}|{time.time()}".encode()).hexdigest()[:12]
+        bname = f"subq-budget:{run_id}"
+        budget = ray.remote(RateLimiter).options(name=bname, namespace="subq", num_cpus=0,
+                                                 max_concurrency=1000).remote(None, None, 0.0, cfg.max_cost_usd)
+        client_kwargs = dict(model=cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
+                             max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s,
+                             backoff_max_s=cfg.backoff_max_s, timeout_s=cfg.timeout_s, price=prices.price(cfg.model),
+                             cache_dir=storage.join(cfg.output, "cache"), max_concurrency=cfg.max_concurrency,
+                             max_resamples=cfg.max_resamples)
+        job = dict(template=cfg.template, n_sets=cfg.n_sets, n_feedback=cfg.n_feedback, temperature=cfg.temperature,
+                   max_tokens=cfg.max_tokens, model=cfg.model, output=cfg.output)
+        items = [dict(problem_id=p.problem_id, problem=p.problem, gold_answer=p.gold_answer, source=p.source,
+                      source_index=p.index) for p in pending]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
+        ds = ds.map_batches(GenerateActor, batch_size=cfg.batch_size, concurrency=cfg.actors,
+                            num_cpus=cfg.actor_num_cpus, fn_constructor_kwargs=dict(
+                                client_kwargs=client_kwargs, limiter_name=lname, budget_name=bname, job=job,
+                                api_key_ref=[ray.put(os.environ[cfg.api_key_env])]))
+        fatal = None
+        for batch in ds.iter_batches(batch_size=None, batch_format="default"):
+            b = {k: [x.item() if hasattr(x, "item") else x for x in v] for k, v in batch.items()}
+            progress.add(b)
+            for status, err in zip(b["status"], b["error"]):
+                if status == "fatal" and fatal is None:
+                    fatal = SubqError(err)
+        lstats = ray.get(limiter.stats.remote()) if limiter is not None else None
+        bstats = ray.get(budget.stats.remote())
+        ray.kill(budget)
+        return fatal, {"rate": lstats, "budget": {"spent_usd": bstats["spent_usd"], "budget_usd": bstats["budget_usd"]}}
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m pipelines.generate ...`: the same flags as `subq generate`."""
+    from subq.cli import main as cli_main
+
+    cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()
