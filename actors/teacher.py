@@ -189,6 +189,7 @@ class TeacherClient:
         self.budget = budget  # optional RateLimiter actor holding the job's budget and stop flag
         if limiter is None and (rpm or tpm):
             self.limiter = self._make_limiter(rpm, tpm)
+        self.fatal: Optional[str] = None  # set after a fatal error: later calls are refused (TeacherStopped)
         self._sem: Optional[asyncio.Semaphore] = None
         self._max_concurrency = max_concurrency
         self._client = None
@@ -232,6 +233,8 @@ class TeacherClient:
 
     # -- limiter, works with a Ray actor handle, a local TokenBucket or None
     async def _acquire(self, tokens: int, est_cost: float) -> None:
+        if self.fatal:
+            raise TeacherStopped(self.fatal, upstream=self.base_url)
         if self.budget is not None:
             res = await self.budget.acquire.remote(0, est_cost)
             if res["stop"]:

@@ -159,7 +159,7 @@ class GenerateActor(TeacherActor):
 
             self.client.budget = ray.get_actor(budget_name, namespace="subq")
         self.job = job
-        self.stopper = self.client.budget or self.client.limiter
+        self.stopper = self.client.budget  # job-scoped; the shared rate limiter is never stopped by one job
 
     async def process(self, item: dict) -> dict:
         from subq.parsers import format_subquestions, parse_doc_subquestions, parse_subquestions
@@ -212,8 +212,11 @@ class GenerateActor(TeacherActor):
         except TeacherStopped as e:
             return {**base, "status": "stopped", "error": str(e), "row": None, **acct}
         except (TeacherAuthError, TeacherRequestError) as e:
-            if self.stopper is not None:  # a bad key or request fails every call: stop the whole job now
-                await self.stopper.stop.remote(f"stopped after a fatal error: {e}")
+            # a bad key or request fails every call: stop this actor's other calls and (via the budget/limiter
+            # actor when there is one) every other actor's, now
+            self.client.fatal = f"stopped after a fatal error: {e}"
+            if self.stopper is not None:
+                await self.stopper.stop.remote(self.client.fatal)
             return {**base, "status": "fatal", "error": str(e), "error_type": type(e).__name__, "row": None, **acct}
         except TeacherError as e:
             return {**base, "status": "failed", "error": str(e), "error_type": type(e).__name__,
@@ -455,9 +458,11 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
             lname = limiter_name(cfg.base_url, cfg.model)
             limiter = get_or_create_limiter(lname, cfg.rpm, cfg.tpm)
         run_id = hashlib.sha256(f"{cfg.output}|{time.time()}".encode()).hexdigest()[:12]
-        bname = f"subq-budget:{run_id}"
-        budget = ray.remote(RateLimiter).options(name=bname, namespace="subq", num_cpus=0,
-                                                 max_concurrency=1000).remote(None, None, 0.0, cfg.max_cost_usd)
+        bname, budget = None, None
+        if cfg.max_cost_usd is not None:
+            bname = f"subq-budget:{run_id}"
+            budget = ray.remote(RateLimiter).options(name=bname, namespace="subq", num_cpus=0,
+                                                     max_concurrency=1000).remote(None, None, 0.0, cfg.max_cost_usd)
         client_kwargs = dict(model=cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
                              max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s,
                              backoff_max_s=cfg.backoff_max_s, timeout_s=cfg.timeout_s, price=prices.price(cfg.model),
@@ -468,7 +473,8 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         items = [dict(problem_id=p.problem_id, problem=p.problem, gold_answer=p.gold_answer, source=p.source,
                       source_index=p.index) for p in pending]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
-        ds = ds.map_batches(GenerateActor, batch_size=cfg.batch_size, concurrency=cfg.actors,
+        pool = ray.data.ActorPoolStrategy(min_size=cfg.actors[0], max_size=cfg.actors[1])
+        ds = ds.map_batches(GenerateActor, batch_size=cfg.batch_size, compute=pool,
                             num_cpus=cfg.actor_num_cpus, fn_constructor_kwargs=dict(
                                 client_kwargs=client_kwargs, limiter_name=lname, budget_name=bname, job=job,
                                 api_key_ref=[ray.put(os.environ[cfg.api_key_env])]))
@@ -480,9 +486,12 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
                 if status == "fatal" and fatal is None:
                     fatal = SubqError(err)
         lstats = ray.get(limiter.stats.remote()) if limiter is not None else None
-        bstats = ray.get(budget.stats.remote())
-        ray.kill(budget)
-        return fatal, {"rate": lstats, "budget": {"spent_usd": bstats["spent_usd"], "budget_usd": bstats["budget_usd"]}}
+        bstats = None
+        if budget is not None:
+            b = ray.get(budget.stats.remote())
+            bstats = {"spent_usd": b["spent_usd"], "budget_usd": b["budget_usd"]}
+            ray.kill(budget)
+        return fatal, {"rate": lstats, "budget": bstats}
     finally:
         if started:
             ray.shutdown()
