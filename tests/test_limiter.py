@@ -1,0 +1,106 @@
+"""The cluster rate limiter: pacing maths on a fake clock (no Ray), header parsing, and the named Ray actor
+shared by two callers."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.limiter import TokenBucket, headers_backoff, parse_duration
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.mark.parametrize("text,secs", [("2", 2.0), ("1.5", 1.5), ("120ms", 0.12), ("6m0s", 360.0),
+                                       ("1h2m3s", 3723.0), ("20ms", 0.02), ("bogus", None), (None, None)])
+def test_parse_duration(text, secs):
+    assert parse_duration(text) == (pytest.approx(secs) if secs is not None else None)
+
+
+def test_headers_backoff_prefers_ms_then_retry_after_then_exhausted_reset():
+    assert headers_backoff({"Retry-After-Ms": "250", "retry-after": "3"}) == pytest.approx(0.25)
+    assert headers_backoff({"retry-after": "3"}) == 3.0
+    h = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s",
+         "x-ratelimit-remaining-tokens": "900", "x-ratelimit-reset-tokens": "9s"}
+    assert headers_backoff(h) == pytest.approx(1.5)  # only the exhausted limit counts
+    assert headers_backoff({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s"}) is None
+    assert headers_backoff(None) is None
+
+
+def test_rpm_pacing_spaces_reservations_evenly():
+    clock = FakeClock()
+    b = TokenBucket(rpm=60, clock=clock)
+    waits = [b.reserve() for _ in range(5)]
+    assert waits == pytest.approx([0, 1, 2, 3, 4])
+    clock.t += 10  # idle time does not bank more than the burst
+    assert b.reserve() == 0 and b.reserve() == pytest.approx(1.0)
+
+
+def test_burst_allows_that_many_seconds_at_once():
+    clock = FakeClock()
+    b = TokenBucket(rpm=600, burst_s=1.0, clock=clock)  # 10 req/s, a 1 s burst
+    waits = [b.reserve() for _ in range(20)]
+    assert sum(w < 1e-9 for w in waits) == 11  # the current slot plus one second's worth
+    assert max(waits) == pytest.approx(0.9)
+
+
+def test_tpm_pacing_and_settle_refund():
+    clock = FakeClock()
+    b = TokenBucket(tpm=6000, clock=clock)  # 100 tokens/s
+    assert b.reserve(500) == 0
+    assert b.reserve(500) == pytest.approx(5.0)
+    b.settle(reserved=500, used=100)  # 400 tokens returned: the next slot moves 4 s earlier
+    assert b.reserve(100) == pytest.approx(6.0)
+    assert b.stats()["tokens_used"] == 100
+
+
+def test_429_backs_everyone_off_until_reset():
+    clock = FakeClock()
+    b = TokenBucket(rpm=6000, clock=clock)
+    assert b.reserve() == 0
+    assert b.report_429(headers={"retry-after-ms": "2000"}) == pytest.approx(2.0)
+    assert b.reserve() == pytest.approx(2.0)  # a caller that never saw the 429 waits too
+    assert b.reserve() == pytest.approx(2.01)
+    clock.t += 5
+    assert b.reserve() == 0
+    st = b.stats()
+    assert st["n_429"] == 1 and st["backoff_s_total"] == pytest.approx(2.0)
+
+
+def test_unlimited_bucket_never_waits():
+    b = TokenBucket()
+    assert all(b.reserve(10_000) == 0 for _ in range(100))
+
+
+@pytest.mark.slow
+def test_named_actor_is_shared_and_paces_all_callers():
+    import ray
+
+    from actors.limiter import get_or_create_limiter
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    try:
+        a = get_or_create_limiter("subq-limiter:test:model", rpm=60)
+        b = get_or_create_limiter("subq-limiter:test:model", rpm=60)
+        assert a._actor_id == b._actor_id
+        waits = ray.get([a.reserve.remote(), b.reserve.remote(), a.reserve.remote()])
+        assert sorted(waits) == pytest.approx([0, 1, 2], abs=0.05)
+        ray.get(b.report_429.remote(3.0))
+        res = ray.get(a.acquire.remote(0, 0.0))
+        assert res["stop"] is None and res["wait_s"] >= 2.9
+        st = ray.get(a.stats.remote())
+        assert st["n_429"] == 1 and st["reserved"] == 4
+        budget = get_or_create_limiter("subq-budget:test", budget_usd=0.01)
+        assert ray.get(budget.acquire.remote(0, 0.004))["stop"] is None
+        ray.get(budget.settle.remote(0, 0, 0.009, 0.004))
+        res = ray.get(budget.acquire.remote(0, 0.004))
+        assert res["kind"] == "budget" and "budget" in res["stop"]
+        ray.get(budget.stop.remote("bad key"))
+        assert ray.get(budget.acquire.remote(0, 0.0))["kind"] == "stopped"
+    finally:
+        ray.shutdown()
