@@ -14,6 +14,8 @@
 
 Per problem (one row): `n_sets` QG calls, then for each set one QA call and `n_feedback` feedback calls
 (paper: 3 x (1 + 1 + 3) = 15 calls), then rewards by the foundation scorer (`SubQuestionSet.from_texts`).
+A row's `gold_answer` is the release's form "#### N" (the text after GSM8K's `####`), as the paper's generator
+used it, so exports match the released files and the paper's reward rule sees the final answer.
 All calls go through `actors.teacher.TeacherClient` (openai SDK, retries, durable cache) and ONE cluster-wide
 `actors.limiter.RateLimiter` per (endpoint, model); a separate job-scoped RateLimiter holds `--max-cost-usd`.
 
@@ -42,6 +44,8 @@ import asyncio
 import hashlib
 import json
 import math
+import os
+import socket
 import sys
 import time
 from typing import Literal, Optional
@@ -52,7 +56,7 @@ from actors.teacher import (TeacherActor, TeacherAuthError, TeacherBudgetExceede
                             TeacherRequestError, TeacherStopped)
 from subq import storage
 from subq.config import load_config
-from subq.errors import ConfigError, DataError, SubqError
+from subq.errors import ConfigError, SubqError
 
 
 class GenerateConfig(BaseModel):
@@ -131,6 +135,12 @@ class GenerateConfig(BaseModel):
 # ------------------------------------------------------------------ per-problem work (inside actors)
 
 
+def release_gold(gold_answer: str) -> str:
+    """The gold as the release's generator saw it: "#### N" (the text after the last ####). The paper's rewards
+    take the FIRST number of the gold string, so a GSM8K worked solution must not be passed as is."""
+    return "#### " + gold_answer.rsplit("####", 1)[-1].strip() if "####" in gold_answer else gold_answer
+
+
 def _validators(family: str):
     from subq.parsers import FINAL_ANSWER, DOC_ANSWER, parse_doc_subquestions, parse_feedback, parse_subquestions
 
@@ -159,6 +169,7 @@ class GenerateActor(TeacherActor):
 
             self.client.budget = ray.get_actor(budget_name, namespace="subq")
         self.job = job
+        self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
         self.stopper = self.client.budget  # job-scoped; the shared rate limiter is never stopped by one job
 
     async def process(self, item: dict) -> dict:
@@ -191,7 +202,7 @@ class GenerateActor(TeacherActor):
                 acct["new_completion_tokens"] += r.completion_tokens
             return r
 
-        problem, gold = item["problem"], item["gold_answer"]
+        problem, gold = item["problem"], release_gold(item["gold_answer"])
 
         async def one_set(i: int) -> SubQuestionSet:
             q = await call(messages(qg_tid, problem), qg_tid, i, v_qg, False)
@@ -250,7 +261,9 @@ class GenerateActor(TeacherActor):
             name = _part_name([f["problem_id"] for f in fails])
             await asyncio.to_thread(_write_table, pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA),
                                     storage.join(out, "failures", name))
-        keys = ["problem_id", "status", "error", "calls", "cached", "attempts", "n_429", "prompt_tokens",
+        for o in outs:
+            o["actor"] = self.actor_id
+        keys = ["problem_id", "status", "error", "actor", "calls", "cached", "attempts", "n_429", "prompt_tokens",
                 "completion_tokens", "cost_usd", "new_cost_usd", "new_prompt_tokens", "new_completion_tokens"]
         return {k: [o.get(k) for o in outs] for k in keys}
 
@@ -334,10 +347,12 @@ class Progress:
     def __init__(self, total: int, interval_s: float, stream=sys.stderr):
         self.total, self.interval_s, self.stream = total, interval_s, stream
         self.t0 = self.last = time.time()
+        self.actors: set[str] = set()
         self.c = {"rows": 0, "failed": 0, "budget": 0, "stopped": 0, "fatal": 0, "calls": 0, "cached": 0,
                   "attempts": 0, "n_429": 0, "new_prompt_tokens": 0, "new_completion_tokens": 0, "new_cost_usd": 0.0}
 
     def add(self, batch: dict) -> None:
+        self.actors.update(batch["actor"])
         for i, status in enumerate(batch["status"]):
             self.c["rows" if status == "ok" else status] += 1
             for k in ("calls", "cached", "attempts", "n_429", "new_prompt_tokens", "new_completion_tokens", "new_cost_usd"):
@@ -397,9 +412,6 @@ def run_generate(config: GenerateConfig | dict) -> dict:
         pending = [p for p in problems if p.problem_id not in rows and p.problem_id not in fails]
     if cfg.dry_run:
         return {**estimate(cfg, pending, prices), "already_done": len(problems) - len(pending)}
-
-    import os
-
     if not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
                           hint="export the key (any non-empty value for a local server)")
@@ -425,7 +437,7 @@ def run_generate(config: GenerateConfig | dict) -> dict:
                      "calls": c["calls"], "cache_hits": c["cached"], "requests_sent": c["attempts"],
                      "n_429": c["n_429"], "prompt_tokens": c["new_prompt_tokens"],
                      "completion_tokens": c["new_completion_tokens"], "cost_usd": round(c["new_cost_usd"], 6),
-                     "elapsed_s": round(el, 2), "req_per_s": round(c["attempts"] / el, 3) if el else None},
+                     "actors_used": len(progress.actors), "elapsed_s": round(el, 2), "req_per_s": round(c["attempts"] / el, 3) if el else None},
         "stopped": stopped, "limiter": limiter_stats, "paths": exp["paths"],
     }
     storage.write_bytes_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode())
@@ -435,8 +447,6 @@ def run_generate(config: GenerateConfig | dict) -> dict:
 
 
 def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
-    import os
-
     import ray
 
     from actors.limiter import RateLimiter, get_or_create_limiter, limiter_name
