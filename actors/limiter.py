@@ -225,15 +225,18 @@ def limiter_name(base_url: Optional[str], model: str) -> str:
 
 def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[float] = None, *,
                           budget_usd: Optional[float] = None, burst_s: float = 0.0, detached: bool = False,
-                          namespace: str = "subq"):
+                          namespace: str = "subq", wait: bool = True):
     """The one named RateLimiter actor for `name` (created if absent). Job-scoped by default (it dies with
     the driver); `detached=True` keeps it across jobs so concurrent jobs share a provider's limit. Limits
-    passed here replace the existing actor's, so the latest job's flags apply."""
+    passed here replace the existing actor's, so the latest job's flags apply. `wait=False` does not block on
+    that update (for callers inside an event loop, e.g. a Serve replica)."""
     import ray
 
     opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000)
     if detached:
         opts["lifetime"] = "detached"
     actor = ray.remote(RateLimiter).options(**opts).remote(rpm, tpm, burst_s, budget_usd)
-    ray.get(actor.configure.remote(rpm, tpm, budget_usd))
+    ref = actor.configure.remote(rpm, tpm, budget_usd)
+    if wait:
+        ray.get(ref)
     return actor

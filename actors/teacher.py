@@ -204,7 +204,7 @@ class TeacherClient:
             if ray.is_initialized():
                 from actors.limiter import get_or_create_limiter, limiter_name
 
-                return get_or_create_limiter(limiter_name(self.base_url, self.model), rpm, tpm)
+                return get_or_create_limiter(limiter_name(self.base_url, self.model), rpm, tpm, wait=False)
         except ImportError:
             pass
         from actors.limiter import TokenBucket

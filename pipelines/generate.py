@@ -71,7 +71,9 @@ class GenerateConfig(BaseModel):
     base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint; None = api.openai.com.")
     api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the key.")
     template: Literal["paper", "doc"] = Field("paper", description="Prompt template family (subq.prompts): "
-                                             "paper = the release's QG/QA/feedback prompts; doc = Divide-or-Conquer.")
+                                             "paper = the release's QG/QA/feedback prompts; doc = Divide-or-Conquer "
+                                             "decompose/solve + the paper's feedback (answer_correctness by the strict "
+                                             "rule, which reads 'The answer is: X').")
     n_sets: int = Field(3, ge=1, description="Sub-question sets per problem (paper: 3).")
     n_feedback: int = Field(3, ge=0, description="Feedback calls per set (paper: 3).")
     temperature: float = Field(0.7, ge=0, le=2, description="Teacher sampling temperature (paper: 0.7).")
@@ -213,7 +215,12 @@ class GenerateActor(TeacherActor):
             stage["name"] = "feedback"
             fbs = await asyncio.gather(*(call(messages(fb_tid, problem, qs), fb_tid, i * job["n_feedback"] + j,
                                               v_fb(len(qs)), True) for j in range(job["n_feedback"])))
-            return SubQuestionSet.from_texts(qtext, a.text, gold, [f.text for f in fbs])
+            sset = SubQuestionSet.from_texts(qtext, a.text, gold, [f.text for f in fbs])
+            if fam == "doc":  # DoC answers end "The answer is: X", which the paper rule cannot read; strict can
+                from subq.scoring import score
+
+                sset.answer_correctness = 1.0 if score(a.text, gold, "strict").correct else 0.0
+            return sset
 
         base = {k: item[k] for k in ("problem_id", "source", "source_index")}
         try:
