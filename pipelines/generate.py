@@ -461,7 +461,7 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
     started = False
     if not ray.is_initialized():
         kw = {"include_dashboard": False, "log_to_driver": False}
-        if cfg.ray_address is None and cfg.ray_num_cpus:
+        if cfg.ray_address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray_num_cpus:
             kw["num_cpus"] = cfg.ray_num_cpus
         ray.init(address=cfg.ray_address, namespace="subq", **kw)
         started = True
