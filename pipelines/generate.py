@@ -382,10 +382,37 @@ class Progress:
         print(self.line(), file=self.stream, flush=True)
 
 
+def compact_parts(output: str) -> int:
+    """Safety net for exactly-once: if any problem id appears in more than one part (it cannot in normal
+    operation: a retried batch overwrites its own part), rewrite the parts as one part holding one row per id.
+    Returns the number of duplicate rows removed."""
+    import pyarrow.parquet as pq
+
+    from subq.schema import rows_to_table, sort_rows
+
+    parts_dir = storage.join(output, "parts")
+    files = storage.list_files(parts_dir, ".parquet")
+    if len(files) < 2:
+        return 0
+    fs, _ = storage.resolve(parts_dir)
+    ids = pq.read_table(storage.resolve(parts_dir)[1], filesystem=fs, columns=["problem_id"]).column(0).to_pylist()
+    if len(ids) == len(set(ids)):
+        return 0
+    rows, _ = read_done(output)
+    ordered = sort_rows(list(rows.values()))
+    name = "part-compacted-" + _part_name([r.problem_id for r in ordered])[5:]
+    _write_table(rows_to_table(ordered), storage.join(parts_dir, name))
+    for f in files:
+        if not f.endswith(name):
+            fs.delete_file(f)
+    return len(ids) - len(ordered)
+
+
 def export(output: str) -> dict:
     """Write paper_raw.jsonl, paper_dataset.json and failures.jsonl from the parts; return counts and paths."""
     from subq.schema import sort_rows, write_paper
 
+    compact_parts(output)
     rows, fails = read_done(output)
     ordered = sort_rows(list(rows.values()))
     paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),

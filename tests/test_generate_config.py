@@ -52,3 +52,18 @@ def test_dry_run_estimates_without_calls_or_output(tmp_path):
     assert est["dry_run"] and est["problems"] == 4 and est["calls"] == 4 * 15
     assert est["prompt_tokens"] > 4 * 15 * 100 and 0 < est["cost_usd_typical"] < est["cost_usd_max"]
     assert est["minutes_at_rpm"] == pytest.approx(1.0) and not out.exists()
+
+
+def test_export_compacts_duplicate_rows_and_writes_both_paper_formats(tmp_path):
+    from pipelines.generate import export
+    from subq.schema import read_parquet, read_rows, write_parquet
+
+    rows = read_rows(str(__import__("pathlib").Path(__file__).resolve().parents[1]
+                         / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl"))[:5]
+    out = tmp_path / "out"
+    write_parquet(rows[:3], str(out / "parts" / "part-a.parquet"))
+    write_parquet(rows[2:], str(out / "parts" / "part-b.parquet"))  # rows[2] twice
+    res = export(str(out))
+    assert res["rows"] == 5 and len(list((out / "parts").glob("*.parquet"))) == 1
+    assert [r.problem_id for r in read_parquet(str(out / "parts"))] == [r.problem_id for r in rows]
+    assert len(read_rows(str(out / "paper_raw.jsonl"))) == 5 and len(read_rows(str(out / "paper_dataset.json"))) == 5
