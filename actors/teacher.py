@@ -368,6 +368,7 @@ class TeacherClient:
                 text = completion.choices[0].message.content
                 usage = completion.usage
             except Exception as e:  # body not JSON / not a chat completion
+                self.stats["malformed"] += 1
                 raise _Retryable(f"malformed response body: {type(e).__name__}", 200) from None
         except openai.RateLimitError as e:
             state["n_429"] += 1
@@ -400,6 +401,9 @@ class TeacherClient:
                                        status=status, hint=f"check the key in ${self.api_key_env}") from None
             raise TeacherRequestError(f"HTTP {status}: {msg}", upstream=self.base_url, status=status,
                                       hint="check --model and the request parameters") from None
+        except openai.APIError as e:  # e.g. a reply body the SDK cannot validate: treat like a bad sample
+            self.stats["malformed"] += 1
+            raise _Retryable(self._redact(f"unusable response: {type(e).__name__}"), 200) from None
         if text is None:
             raise _Retryable("empty reply (no message content)", 200)
         pt = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else estimate_tokens(str(messages))

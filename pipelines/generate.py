@@ -239,6 +239,9 @@ class GenerateActor(TeacherActor):
         except TeacherError as e:
             return {**base, "status": "failed", "error": str(e), "error_type": type(e).__name__,
                     "stage": stage["name"], "row": None, **acct}
+        except Exception as e:  # never lose a problem to an unexpected error: record it as a failure
+            return {**base, "status": "failed", "error": c._redact(f"{type(e).__name__}: {e}")[:500],
+                    "error_type": type(e).__name__, "stage": stage["name"], "row": None, **acct}
         row = SubQRow(
             problem_id=item["problem_id"], problem=problem, gold_answer=gold, true_answer=gold_number(gold, "paper"),
             sets=list(sets), source=item["source"], source_index=item["source_index"], teacher_model=job["model"],

@@ -23,7 +23,8 @@ Every reply says which: JSON field `subq_provenance` ("replay" | "synthetic") an
 Like a real provider: RPM/TPM token buckets answer 429 with `Retry-After`, `retry-after-ms` and
 `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers; an optional API key (401 otherwise);
 an optional model list (404 otherwise); latency ~ N(latency, jitter); injected faults: 5xx (`--fail-rate`),
-hangs answered 504 after `--timeout-hang-s` (`--timeout-rate`) and malformed 200 replies (`--malformed-rate`).
+hangs answered 504 after `--timeout-hang-s` (`--timeout-rate`) and malformed 200 replies (`--malformed-rate`:
+half in no expected format, half a truncated JSON body).
 
 Counting: `/v1/stats` gives total requests, per-status counts, malformed/timeouts, in-flight (now and max) and
 `completed_by_key`: for each request key (header `x-subq-cache-key`, which subq's teacher client sends = its
@@ -336,6 +337,12 @@ def create_app(cfg: TeacherServerConfig):
             sample = request.headers.get("x-subq-sample-index")
             sample_index = int(sample) if sample and sample.isdigit() else None
             malformed = u < cfg.fail_rate + cfg.timeout_rate + cfg.malformed_rate
+            if malformed and rng.random() < 0.5:  # half of them: a body that is not even valid JSON
+                with lock:
+                    count(200)
+                    stats["malformed"] += 1
+                return Response('{"id": "chatcmpl-broken", "choices": [{"message": ', media_type="application/json",
+                                headers=headers)
             if malformed:
                 text, prov = "I'm sorry, but I can't help with that request right now.", "malformed"
             else:
