@@ -3,8 +3,8 @@
 `TokenBucket` is plain Python (testable without Ray): a pacing scheduler (GCRA, the "virtual scheduling"
 form of a token bucket). Each call *reserves* capacity and gets back how long to wait before sending, so
 callers on many nodes never race for the same token; reservations are spaced `60/rpm` seconds apart (plus a
-small burst), and tokens are charged up front (prompt estimate + max_tokens, as providers do) and settled
-with the real `usage` afterwards. A 429 with `Retry-After` (or `x-ratelimit-remaining-* = 0` with
+small burst), and tokens are charged up front (prompt estimate + max_tokens, as providers do; the real
+`usage` is recorded afterwards, and refunded only with `refund_unused`). A 429 with `Retry-After` (or `x-ratelimit-remaining-* = 0` with
 `x-ratelimit-reset-*`) pushes *every* caller's next slot past the reset time: one actor hitting the limit
 backs the whole cluster off. It also keeps the job's spend and an optional budget, so a budget cap is
 enforced cluster-wide before a call is sent.
@@ -83,6 +83,9 @@ class TokenBucket:
     tpm: Optional[float] = None
     burst_s: float = 0.0
     budget_usd: Optional[float] = None
+    # give back reserved-but-unused tokens after a reply. Off by default: providers (and the teacher server)
+    # charge max_tokens against TPM when a request arrives, so refunding would outrun their bucket.
+    refund_unused: bool = False
     clock: Callable[[], float] = time.monotonic
     # state
     _next_req: float = field(default=0.0, init=False)  # earliest time the next request may start (GCRA TAT)
@@ -127,7 +130,7 @@ class TokenBucket:
         with self._lock:
             self.tokens_used += int(used)
             self.spent_usd += float(cost_usd)
-            if self.tpm and reserved > used:
+            if self.refund_unused and self.tpm and reserved > used:
                 self._next_tok -= 60.0 * (reserved - used) / self.tpm
                 self._next_tok = max(self._next_tok, self.clock() - self.burst_s)
 

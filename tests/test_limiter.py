@@ -51,12 +51,20 @@ def test_burst_allows_that_many_seconds_at_once():
 
 def test_tpm_pacing_and_settle_refund():
     clock = FakeClock()
-    b = TokenBucket(tpm=6000, clock=clock)  # 100 tokens/s
+    b = TokenBucket(tpm=6000, clock=clock, refund_unused=True)  # 100 tokens/s
     assert b.reserve(500) == 0
     assert b.reserve(500) == pytest.approx(5.0)
     b.settle(reserved=500, used=100)  # 400 tokens returned: the next slot moves 4 s earlier
     assert b.reserve(100) == pytest.approx(6.0)
     assert b.stats()["tokens_used"] == 100
+
+
+def test_tpm_without_refund_keeps_the_max_tokens_charge():
+    clock = FakeClock()
+    b = TokenBucket(tpm=6000, clock=clock)
+    b.reserve(500)
+    b.settle(reserved=500, used=100)
+    assert b.reserve(100) == pytest.approx(5.0) and b.stats()["tokens_used"] == 100
 
 
 def test_429_backs_everyone_off_until_reset():

@@ -176,3 +176,26 @@ def test_client_waits_for_the_limit_instead_of_hitting_429():
 
         asyncio.run(go())
         assert ts.stats()["by_status"] == {"200": 25}
+
+
+def test_tpm_limit_429_and_client_token_pacing_avoids_it():
+    import openai
+
+    from actors.teacher import TeacherClient
+    from pipelines.teacher_server import TeacherServer
+
+    probs = load_problems("gsm8k:test", 5)
+    with TeacherServer(tpm=60000) as ts:  # 1,000 tokens/s; each call charges its prompt + max_tokens (512)
+        oc = openai.OpenAI(base_url=ts.base_url, api_key="unused", max_retries=0)
+        _chat(oc, messages("paper_qg", probs[0].problem))
+        with pytest.raises(openai.RateLimitError) as ei:
+            _chat(oc, messages("paper_qg", probs[1].problem))
+        assert ei.value.response.headers["x-ratelimit-limit-tokens"] == "60000"
+        ts.reset_stats()
+        c = TeacherClient("gpt-3.5-turbo", ts.base_url, api_key="unused", tpm=60000)
+
+        async def go():
+            return await asyncio.gather(*(c.chat(messages("paper_qg", p.problem)) for p in probs))
+
+        asyncio.run(go())
+        assert ts.stats()["by_status"].get("429", 0) <= 1 and ts.stats()["by_status"]["200"] == 5
