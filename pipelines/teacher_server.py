@@ -173,6 +173,10 @@ class Replier:
 
                     if [_norm(q) for q in parse_subquestions(qtext).questions] == [_norm(q) for q in questions or []]:
                         return ans, "replay"
+            if r is not None and r["answers"]:  # the recorded teacher's own final answer, not the gold
+                m = re.search(r"final answer:\s*(.*)", r["answers"][idx % len(r["answers"])], re.IGNORECASE)
+                if m and m.group(1).strip():
+                    final = m.group(1).strip().splitlines()[0]
             n = max(1, len(questions or []))
             lines = [f"A{i}: {steps[min(i - 1, len(steps) - 1)] if steps else 'We use the numbers given.'}"
                      for i in range(1, n + 1)]
