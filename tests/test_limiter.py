@@ -85,30 +85,61 @@ def test_unlimited_bucket_never_waits():
     assert all(b.reserve(10_000) == 0 for _ in range(100))
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
-def test_named_actor_is_shared_and_paces_all_callers():
+def test_teacher_actors_in_ray_data_share_one_limiter(ray_cluster):
+    """TeacherActor as a Ray Data actor-pool UDF: 2 actors, one named limiter, no 429 from a limited server."""
+    import ray
+
+    from actors.limiter import get_or_create_limiter
+    from actors.teacher import TeacherActor
+    from pipelines.teacher_server import TeacherServer
+    from subq.problems import load_problems
+    from subq.prompts import messages
+
+    with TeacherServer(rpm=1200) as ts:
+        lim = get_or_create_limiter("subq-limiter:test-data:gpt-3.5-turbo", rpm=1200)
+        items = [{"messages": messages("paper_qg", p.problem), "max_tokens": 64} for p in load_problems("gsm8k:test", 24)]
+        kwargs = {"model": "gpt-3.5-turbo", "base_url": ts.base_url, "api_key": "unused"}
+        out = ray.data.from_items(items, override_num_blocks=4).map_batches(
+            TeacherActor, batch_size=6, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.25,
+            fn_constructor_kwargs={"client_kwargs": kwargs, "limiter_name": "subq-limiter:test-data:gpt-3.5-turbo"},
+        ).take_all()
+        assert len(out) == 24 and all(r["reply"].startswith("Q1:") and r["prompt_tokens"] > 0 for r in out)
+        assert ts.stats()["by_status"] == {"200": 24}
+        assert ray.get(lim.stats.remote())["reserved"] == 24
+
+
+@pytest.mark.slow
+def test_named_actor_is_shared_and_paces_all_callers(ray_cluster):
     import ray
 
     from actors.limiter import get_or_create_limiter
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
-    try:
-        a = get_or_create_limiter("subq-limiter:test:model", rpm=60)
-        b = get_or_create_limiter("subq-limiter:test:model", rpm=60)
-        assert a._actor_id == b._actor_id
-        waits = ray.get([a.reserve.remote(), b.reserve.remote(), a.reserve.remote()])
-        assert sorted(waits) == pytest.approx([0, 1, 2], abs=0.05)
-        ray.get(b.report_429.remote(3.0))
-        res = ray.get(a.acquire.remote(0, 0.0))
-        assert res["stop"] is None and res["wait_s"] >= 2.9
-        st = ray.get(a.stats.remote())
-        assert st["n_429"] == 1 and st["reserved"] == 4
-        budget = get_or_create_limiter("subq-budget:test", budget_usd=0.01)
-        assert ray.get(budget.acquire.remote(0, 0.004))["stop"] is None
-        ray.get(budget.settle.remote(0, 0, 0.009, 0.004))
-        res = ray.get(budget.acquire.remote(0, 0.004))
-        assert res["kind"] == "budget" and "budget" in res["stop"]
-        ray.get(budget.stop.remote("bad key"))
-        assert ray.get(budget.acquire.remote(0, 0.0))["kind"] == "stopped"
-    finally:
-        ray.shutdown()
+    a = get_or_create_limiter("subq-limiter:test:model", rpm=60)
+    b = get_or_create_limiter("subq-limiter:test:model", rpm=60)
+    assert a._actor_id == b._actor_id
+    waits = ray.get([a.reserve.remote(), b.reserve.remote(), a.reserve.remote()])
+    assert sorted(waits) == pytest.approx([0, 1, 2], abs=0.05)
+    ray.get(b.report_429.remote(3.0))
+    res = ray.get(a.acquire.remote(0, 0.0))
+    assert res["stop"] is None and res["wait_s"] >= 2.9
+    st = ray.get(a.stats.remote())
+    assert st["n_429"] == 1 and st["reserved"] == 4
+    budget = get_or_create_limiter("subq-budget:test", budget_usd=0.01)
+    assert ray.get(budget.acquire.remote(0, 0.004))["stop"] is None
+    ray.get(budget.settle.remote(0, 0, 0.009, 0.004))
+    res = ray.get(budget.acquire.remote(0, 0.004))
+    assert res["kind"] == "budget" and "budget" in res["stop"]
+    ray.get(budget.stop.remote("bad key"))
+    assert ray.get(budget.acquire.remote(0, 0.0))["kind"] == "stopped"
