@@ -20,7 +20,8 @@
   calls that were in flight. The key is also sent as header `x-subq-cache-key` (and the sample index as
   `x-subq-sample-index`), which the local teacher server counts and uses for replay; providers ignore them.
 
-`TeacherActor` is the Ray Data actor-pool UDF built on it (`map_batches(TeacherActor, concurrency=(1, 4), ...)`):
+`TeacherActor` is the Ray Data actor-pool UDF built on it
+(`map_batches(TeacherActor, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4), ...)`):
 every row of a batch is processed concurrently on the actor's event loop; subclasses override `process`.
 """
 

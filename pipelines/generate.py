@@ -374,11 +374,11 @@ class Progress:
         el = max(1e-6, time.time() - self.t0)
         done = sum(self.c[k] for k in ("rows", "failed", "budget", "stopped", "fatal"))
         rate = done / el
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
         tok = self.c["new_prompt_tokens"] + self.c["new_completion_tokens"]
         return (f"rows {self.c['rows']}/{self.total} failed {self.c['failed']} | {self.c['attempts'] / el:.1f} req/s | "
                 f"{tok / el:.0f} tok/s | ${self.c['new_cost_usd']:.4f} | 429s {self.c['n_429']} | "
-                f"cached {self.c['cached']} | ETA {eta:.0f}s")
+                f"cached {self.c['cached']} | ETA {eta}")
 
     def print(self) -> None:
         self.last = time.time()
@@ -459,13 +459,17 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     progress = Progress(len(pending), cfg.progress_interval_s)
     fatal = None
     limiter_stats = None
+    interrupted = False
     if pending:
-        fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
+        try:
+            fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
+        except KeyboardInterrupt:  # Ctrl-C: keep what is finished, export it, then stop; re-run to resume
+            interrupted = True
     progress.print()
     exp = export(cfg.output)
     el = time.time() - t0
     c = progress.c
-    stopped = "fatal" if fatal else "budget" if c["budget"] else None
+    stopped = "fatal" if fatal else "interrupted" if interrupted else "budget" if c["budget"] else None
     summary = {
         "output": cfg.output, "input": cfg.input, "model": cfg.model, "problems": len(problems),
         "pending_at_start": len(pending), "rows_total": exp["rows"], "failures_open": exp["failures"],
@@ -480,6 +484,9 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     storage.write_bytes_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode())
     if fatal:
         raise fatal
+    if interrupted:
+        print(json.dumps(summary), flush=True)
+        raise KeyboardInterrupt
     return summary
 
 

@@ -94,7 +94,7 @@ def test_sigkill_mid_run_then_resume_pays_only_for_in_flight_calls(tmp_path, sub
         proc = subprocess.Popen([subq_bin, *args, "--base-url", ts.base_url], env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
-        while time.time() < deadline and len(cache_keys(out)) < 40 if (out / "cache").exists() else time.time() < deadline:
+        while time.time() < deadline and len(cache_keys(out) if (out / "cache").exists() else ()) < 40:
             time.sleep(0.2)
         assert proc.poll() is None, "the job finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
