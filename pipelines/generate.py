@@ -35,7 +35,9 @@ Output directory (local path or any pyarrow filesystem URI):
 
 Resume and exactly once: re-running the same command skips problems that have a row and (unless
 `--retry-failed`) those with a recorded failure; calls already answered come from `cache/`, so only calls
-that were in flight when a job died are sent again. Exports de-duplicate by problem id.
+that were in flight when a job died are sent again. Exports de-duplicate by problem id. Ctrl-C exports the
+finished rows, writes summary.json (`"stopped": "interrupted"`) and exits 130; `--max-cost-usd` stops the same
+way with `"stopped": "budget"` (exit 0); a bad key or request stops with one `error:` line (exit 2).
 """
 
 from __future__ import annotations
