@@ -30,6 +30,7 @@ def _root() -> None:
 COMMAND_MODULES: list[str] = [
     "pipelines.serve_cmd",
     "pipelines.generate_cmd",
+    "cluster.cluster_cmd",
 ]
 
 

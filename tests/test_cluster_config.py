@@ -1,0 +1,83 @@
+"""ray_cluster.yaml (and its local variant) validate against the cluster-launcher schema shipped in `ray`;
+auth token lookup order; runtime_env packaging keeps data/checkpoints and the key out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from cluster import auth
+from cluster.submit import EXCLUDES, build_runtime_env, load_secret, _secret_package
+from subq.errors import SubqError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+
+
+@pytest.mark.parametrize("path", ["ray_cluster.yaml", "cluster/ray_cluster.local.yaml"])
+def test_cluster_yaml_validates_against_rays_schema(path):
+    cfg = yaml.safe_load((ROOT / path).read_text())
+    jsonschema.validate(cfg, json.loads(SCHEMA.read_text()))
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    assert any(t.get("max_workers", 0) > t.get("min_workers", 0) for t in types.values())  # autoscaling type
+
+
+def test_cloud_yaml_has_cpu_autoscaling_and_gpu_types_and_token_on():
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    assert types["cpu_generation"]["max_workers"] > types["cpu_generation"]["min_workers"]
+    assert types["gpu_train_serve"]["resources"]["GPU"] >= 1
+    assert any("pip install" in c and "-e ." in c for c in cfg["setup_commands"])
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+
+
+def test_a_broken_cluster_yaml_is_rejected_by_the_schema():
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    cfg["available_node_types"]["cpu_generation"]["max_workers"] = "many"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(cfg, json.loads(SCHEMA.read_text()))
+
+
+def test_token_lookup_order_and_never_shown(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth.find_token({}) is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("tok-file\n")
+    assert auth.find_token({}).value == "tok-file"
+    other = tmp_path / "t"
+    other.write_text("tok-path")
+    assert auth.find_token({"RAY_AUTH_TOKEN_PATH": str(other)}).value == "tok-path"
+    t = auth.find_token({"RAY_AUTH_TOKEN": "tok-env", "RAY_AUTH_TOKEN_PATH": str(other)})
+    assert t.value == "tok-env" and "tok-env" not in repr(t)
+    assert auth.auth_headers(t) == {"Authorization": "Bearer tok-env"}
+    with pytest.raises(SubqError, match="RAY_AUTH_TOKEN_PATH"):
+        auth.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    msg = str(auth.explain(401, "http://h:8265", None))
+    assert "RAY_AUTH_TOKEN" in msg and "auth_token" in msg and "ray get-auth-token" in msg
+    assert "rejected" in str(auth.explain(403, "http://h:8265", t)) and "tok-env" not in str(auth.explain(403, "x", t))
+
+
+def test_runtime_env_excludes_data_and_carries_key_only_as_a_package(tmp_path, monkeypatch):
+    pkg = _secret_package("MY_KEY", "sk-secret-123")
+    env = build_runtime_env(str(ROOT), secret_module=pkg)
+    assert env["working_dir"] == str(ROOT) and "env_vars" not in env
+    assert {"/data", "**/checkpoints", ".git"} <= set(env["excludes"]) and env["excludes"] == EXCLUDES
+    assert "sk-secret-123" not in json.dumps(env)
+    assert oct(Path(pkg, "key").stat().st_mode & 0o777) == "0o600"
+    monkeypatch.syspath_prepend(str(Path(pkg).parent))
+    monkeypatch.delenv("MY_KEY", raising=False)
+    assert load_secret() == "MY_KEY"
+    import os
+    assert os.environ.pop("MY_KEY") == "sk-secret-123"
+    import sys
+    sys.modules.pop("subq_job_secret", None)
+    with pytest.raises(SubqError, match="--working-dir"):
+        build_runtime_env(str(tmp_path))
