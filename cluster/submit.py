@@ -99,6 +99,10 @@ def submit(target: str, args: list[str], *, address: Optional[str] = None, key_e
     secret = _secret_package(key_env, value) if value else None
     try:
         runtime_env = build_runtime_env(working_dir, excludes, secret)
+        mod_file = Path(runtime_env["working_dir"], *TARGETS[target].split(".")).with_suffix(".py")
+        if not mod_file.is_file():
+            raise SubqError(f"{TARGETS[target]} is not in {runtime_env['working_dir']} (no {mod_file.name})",
+                            field="TARGET", hint="update the checkout that is packaged (--working-dir)")
         entrypoint = " ".join(["python", "-m", "cluster.submit", TARGETS[target], *map(shlex.quote, args)])
         kw = {}
         if entrypoint_num_cpus is not None:

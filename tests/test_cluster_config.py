@@ -81,3 +81,17 @@ def test_runtime_env_excludes_data_and_carries_key_only_as_a_package(tmp_path, m
     sys.modules.pop("subq_job_secret", None)
     with pytest.raises(SubqError, match="--working-dir"):
         build_runtime_env(str(tmp_path))
+
+
+def test_submit_checks_target_and_key_not_in_args(monkeypatch, tmp_path):
+    from cluster import submit as sub
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(SubqError, match="unknown target"):
+        sub.submit("fly", [], address="http://127.0.0.1:9")
+    monkeypatch.setenv("MY_KEY", "sk-abc")
+    with pytest.raises(SubqError, match="appears in the job arguments") as e:
+        sub.submit("generate", ["--api-key", "sk-abc"], address="http://127.0.0.1:9", key_env="MY_KEY")
+    assert "sk-abc" not in str(e.value)
+    with pytest.raises(SubqError, match="cannot reach a Ray dashboard"):
+        sub.submit("generate", [], address="http://127.0.0.1:9", key_env="MY_KEY")
