@@ -72,7 +72,7 @@ def head():
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)
+        psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
         for pid in _own_ray_pids(temp_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
