@@ -381,7 +381,8 @@ def make_teacher_client(TeacherClient, s: SolverSettings, key: Optional[str]):
     params = inspect.signature(TeacherClient).parameters
     wanted = {"model": s.name, "base_url": s.base_url, "api_key": key, "max_retries": s.max_retries,
               "timeout_s": s.timeout_s, "timeout": s.timeout_s, "rpm": s.rpm, "tpm": s.tpm,
-              "price": s.price(), "api_key_env": s.api_key_env}
+              "price": s.price(), "api_key_env": s.api_key_env, "backoff_max_s": 5.0,
+              "accept_invalid": None}
     return TeacherClient(**{k: v for k, v in wanted.items() if k in params})
 
 

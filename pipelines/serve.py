@@ -251,7 +251,7 @@ async def _validation_error(_: Request, e: RequestValidationError):
 
 @api.middleware("http")
 async def _limit_body(request: Request, call_next):
-    limit = api.state.max_request_bytes
+    limit = int(os.environ.get("SUBQ_MAX_REQUEST_BYTES", "1000000"))  # set by Ingress.__init__ in this replica
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         return JSONResponse(_error_body(413, f"request body is {length} bytes; the limit is {limit} (max_request_bytes)", "body"),
@@ -361,7 +361,7 @@ class Ingress:
         self.decomposer = decomposer  # DeploymentHandle or None (no distilled decomposer configured)
         self.solver = solver
         self.evals: dict[str, Evaluation] = {}
-        api.state.max_request_bytes = self.cfg.max_request_bytes
+        os.environ["SUBQ_MAX_REQUEST_BYTES"] = str(self.cfg.max_request_bytes)
 
     # -- composition
     async def _call(self, handle, method: str, *args) -> dict:
@@ -467,6 +467,7 @@ class Ingress:
             if req.records is not None:
                 if not req.records:
                     raise ApiError(422, "records is empty", field="records")
+                field = "records"
                 with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
                     f.write("".join(json.dumps(r) + "\n" for r in req.records))
                 try:

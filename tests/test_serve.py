@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import time
@@ -19,16 +20,26 @@ pytestmark = pytest.mark.slow
 MODEL_NAME = "gpt-3.5-turbo"
 
 
+def _have_decomposer() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("training.init_model", "training.decomposer"))
+
+
+HAVE_DECOMPOSER = _have_decomposer()
+needs_decomposer = pytest.mark.skipif(not HAVE_DECOMPOSER, reason="training.init_model/decomposer not in the tree yet")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_eval(client: httpx.Client, eid: str, timeout: float = 240) -> dict:
+def wait_eval(client: httpx.Client, eid: str, timeout: float = 240, prefix: str = "") -> dict:
     deadline = time.time() + timeout
     while True:
-        v = client.get(f"/v1/evaluations/{eid}").json()
+        v = client.get(f"{prefix}/v1/evaluations/{eid}").json()
         if v["status"] != "running" or time.time() > deadline:
             return v
         time.sleep(0.5)
@@ -41,15 +52,19 @@ def stack(tmp_path_factory):
 
     from pipelines.serve import ServeConfig, build_app, start_serve, stop_serve
     from pipelines.teacher_server import TeacherServer
-    from training.init_model import create_tiny_model
 
     tmp = tmp_path_factory.mktemp("serve")
-    model_dir = str(tmp / "tiny")
-    create_tiny_model(model_dir, n_layer=2, n_embd=64)
+    model_dir = None
+    if HAVE_DECOMPOSER:
+        from training.init_model import create_tiny_model
+
+        model_dir = str(tmp / "tiny")
+        create_tiny_model(model_dir, n_layer=2, n_embd=64)
+    os.environ["SUBQ_TEST_SOLVER_KEY"] = "local-test-key"  # the local teacher server accepts any key
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
     with TeacherServer() as teacher, TeacherServer(latency_s=1.5) as slow:
         port = free_port()
-        solver = {"name": MODEL_NAME, "base_url": teacher.base_url, "max_retries": 1, "timeout_s": 30}
+        solver = {"name": MODEL_NAME, "base_url": teacher.base_url, "api_key_env": "SUBQ_TEST_SOLVER_KEY", "max_retries": 1, "timeout_s": 30}
         cfg = ServeConfig(port=port, decomposer={"path": model_dir, "max_new_tokens": 32}, solver=solver,
                           decomposer_num_cpus=0.5, max_request_bytes=64 * 1024, max_problem_chars=2000)
         base = start_serve(cfg, ray_init={})
@@ -80,6 +95,7 @@ def client(stack):
         yield c
 
 
+@needs_decomposer
 def test_healthz_and_models(client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["decomposer"] == "subq-decomposer" and h["solver"] == MODEL_NAME
@@ -87,6 +103,7 @@ def test_healthz_and_models(client):
     assert ids == ["subq-decomposer"]
 
 
+@needs_decomposer
 def test_decompose_returns_generation_and_usage(client):
     r = client.post("/v1/decompose", json={"problem": "Tom has 3 apples and buys 2 more. How many apples?"})
     assert r.status_code == 200, r.text
@@ -95,6 +112,7 @@ def test_decompose_returns_generation_and_usage(client):
     assert body["usage"]["prompt_tokens"] > 0 and 0 < body["usage"]["completion_tokens"] <= 32
 
 
+@needs_decomposer
 def test_solve_two_stage_with_distilled_decomposer(client):
     from subq.problems import load_problems
 
@@ -123,6 +141,7 @@ def test_solve_with_teacher_decomposition_gives_subquestions_answers_final(clien
     assert single["mode"] == "single_stage" and single["sub_questions"] == [] and single["usage"]["decompose"] is None
 
 
+@needs_decomposer
 def test_openai_sdk_chats_with_served_decomposer(stack):
     import openai
 
@@ -137,7 +156,8 @@ def test_openai_sdk_chats_with_served_decomposer(stack):
         oc.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("decomposer,dataset", [("distilled", "gsm8k:test"), ("teacher", "gsm8k-ai-subq:test")])
+@pytest.mark.parametrize("decomposer,dataset", [pytest.param("distilled", "gsm8k:test", marks=needs_decomposer),
+                                                ("teacher", "gsm8k-ai-subq:test")])
 def test_evaluation_20_problems_matches_subq_score(client, tmp_path, subq_bin, decomposer, dataset):
     r = client.post("/v1/evaluations", json={"dataset": dataset, "decomposer": decomposer, "limit": 20,
                                              "out": str(tmp_path / "report")})
@@ -224,7 +244,7 @@ def test_solver_upstream_down_is_502_naming_upstream_and_replica_survives(stack,
     assert client.get("/dead/healthz").status_code == 200
     assert client.post("/dead/v1/solve", json={"problem": "What is 2 + 3?", "decomposer": "none"}).status_code == 502
     # an evaluation against the dead upstream completes with every item recorded as a solve error
-    v = wait_eval(client, client.post("/dead/v1/evaluations", json={"decomposer": "none", "limit": 3}).json()["id"])
+    v = wait_eval(client, client.post("/dead/v1/evaluations", json={"decomposer": "none", "limit": 3}).json()["id"], prefix="/dead")
     assert v["status"] == "completed" and v["summary"]["errors_by_stage"]["solve"] == 3 and v["accuracy"] == 0.0
 
 
