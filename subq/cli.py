@@ -31,6 +31,7 @@ COMMAND_MODULES: list[str] = [
     "pipelines.serve_cmd",
     "pipelines.generate_cmd",
     "cluster.cluster_cmd",
+    "training.train_cmd",
 ]
 
 

@@ -1,0 +1,153 @@
+"""Load a trained decomposer (BC / Filtered BC / ILQL) and write sub-questions with it: the functions the serving
+and evaluation layers call.
+
+    from training.decomposer import load_decomposer, generate_subquestions
+    d = load_decomposer("runs/bc/final")                 # HF model + tokenizer (+ ILQL heads if saved beside it)
+    gens = generate_subquestions(d, ["Natalia sold clips ..."], max_new_tokens=128)
+    gens[0].questions                                     # parsed with subq.textformat (the format it was trained in)
+
+A checkpoint directory is what `subq train` writes as `final/`: `save_pretrained` model + tokenizer, the training
+config (`training_config.yaml`, which names the text format) and, for ILQL, `ilql_heads.safetensors`. A plain HF
+causal LM directory (e.g. `subq init-model`) also loads, with the "paper" text format.
+
+Decoding is batched with left padding and a KV cache. With ILQL heads and beta != 0 each step picks from
+log pi(a|s) + beta * (minQ(s,a) - V(s)) (training.ilql.guided_logits); otherwise from the LM alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from subq.errors import ConfigError
+from subq.textformat import DecomposerFormat, get_format
+
+CONFIG_FILE = "training_config.yaml"
+
+
+@dataclass
+class Generation:
+    questions: list[str]  # sub-questions parsed from `text` with the checkpoint's text format
+    text: str  # the generated continuation (after the prompt), special tokens removed
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens, EOS included when produced
+
+
+@dataclass
+class Decomposer:
+    model: Any  # transformers causal LM (eval mode)
+    tokenizer: Any
+    text_format: DecomposerFormat
+    device: str = "cpu"
+    heads: Any = None  # training.ilql.ILQLHeads or None
+    target_heads: Any = None  # training.ilql.TargetQHeads or None
+    path: str = ""
+    config: dict = field(default_factory=dict)  # the saved training config (empty for a plain HF model)
+
+    @property
+    def has_heads(self) -> bool:
+        return self.heads is not None
+
+
+def read_training_config(path: str | Path) -> dict:
+    import yaml
+
+    f = Path(path) / CONFIG_FILE
+    if not f.exists():
+        return {}
+    return yaml.safe_load(f.read_text()) or {}
+
+
+def load_decomposer(path: str, device: str = "cpu") -> Decomposer:
+    """Load model + tokenizer with `from_pretrained`, the ILQL heads if `ilql_heads.safetensors` is beside them,
+    and the text format from the saved training config (default "paper")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.ilql import HEADS_FILE, load_heads
+
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise ConfigError("not a model directory (no config.json); give a `subq train` final/ directory or an HF "
+                          "causal LM saved with save_pretrained", field="decomposer.path", source=str(path))
+    cfg = read_training_config(p)
+    fmt = get_format(cfg.get("text_format") or "paper")
+    tok = AutoTokenizer.from_pretrained(str(p))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(p)).to(device).eval()
+    heads = target = None
+    if (p / HEADS_FILE).exists():
+        heads, target = load_heads(p, device=device)
+    return Decomposer(model, tok, fmt, device, heads, target, str(p), cfg)
+
+
+def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_new_tokens: int = 128,
+                          do_sample: bool = False, temperature: float = 1.0, beta: float | None = None,
+                          seed: int | None = None) -> list[Generation]:
+    """Sub-questions for each problem (one batched decode). beta: ILQL guidance weight (None: the config's
+    ilql beta, or 1; 0: plain LM decoding); ignored without heads."""
+    import torch
+
+    from training.ilql import guided_logits
+
+    if not problems:
+        return []
+    if max_new_tokens <= 0:
+        raise ConfigError("must be > 0", field="max_new_tokens")
+    if do_sample and temperature <= 0:
+        raise ConfigError("must be > 0 when sampling", field="temperature")
+    d = decomposer
+    if beta is None:
+        beta = float((d.config.get("ilql") or {}).get("beta", 1.0))
+    guided = d.has_heads and beta != 0
+    tok, model = d.tokenizer, d.model
+    eos = tok.eos_token_id
+    max_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
+    prompts = [d.text_format.prompt(p) for p in problems]
+    enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+              max_length=max(1, max_ctx - max_new_tokens))
+    ids = enc["input_ids"].to(d.device)
+    attn = enc["attention_mask"].to(d.device)
+    prompt_tokens = attn.sum(1).tolist()
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    B = ids.shape[0]
+    out = [[] for _ in range(B)]
+    finished = torch.zeros(B, dtype=torch.bool, device=d.device)
+    past = None
+    cur_ids, cur_attn = ids, attn
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            pos = (cur_attn.cumsum(-1) - 1).clamp(min=0)
+            step_pos = pos if past is None else pos[:, -1:]
+            res = model(input_ids=cur_ids if past is None else cur_ids[:, -1:], attention_mask=cur_attn,
+                        position_ids=step_pos, past_key_values=past, use_cache=True, output_hidden_states=guided)
+            past = res.past_key_values
+            logits = res.logits[:, -1, :].float()
+            if guided:
+                h = res.hidden_states[-1][:, -1, :]
+                tq1, tq2 = d.target_heads(h)
+                v = d.heads.v_head(h.float()).squeeze(-1)
+                scores = guided_logits(logits, tq1, tq2, v, beta)
+            else:
+                scores = torch.log_softmax(logits, dim=-1)
+            if do_sample:
+                probs = torch.softmax(scores / temperature, dim=-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(d.device)
+            else:
+                nxt = scores.argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
+            for i in range(B):
+                if not finished[i]:
+                    out[i].append(int(nxt[i]))
+            finished |= nxt == eos
+            cur_ids = torch.cat([cur_ids, nxt[:, None]], dim=1)
+            cur_attn = torch.cat([cur_attn, torch.ones_like(nxt[:, None])], dim=1)
+            if bool(finished.all()):
+                break
+    gens = []
+    for i in range(B):
+        text = tok.decode(out[i], skip_special_tokens=True)
+        gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), len(out[i])))
+    return gens

@@ -1,0 +1,209 @@
+"""ILQL (Snell et al. 2022) for decomposers, in one file (CORL style): config, heads, losses, target sync,
+guided decoding. The loop that drives it is `training.train` (Ray Train + DeepSpeed); this file has no Ray.
+
+Token-level MDP over one sequence `x_0 .. x_{T-1}` (prompt, then the target sub-question tokens + EOS):
+state s_t = the LM's last hidden state h_t after reading x_0..x_t, action a_t = x_{t+1}. Only actions whose
+token is a target token count (`action_mask`: never the problem, never padding). Reward r_t sits on the token
+it was earned on (sparse: answer_correctness on the final EOS; dense: usefulness[i] on the last token of
+sub-question i plus correctness on EOS; placed by training.data via subq.textformat.target_with_spans).
+The episode ends after the last target token (EOS): V(s_T) = 0.
+
+Losses (paper names; defects of the released code fixed, see shared/docs/papers.md):
+  td_loss        = sum_j mean_m (Q_j(s,a) - [r + gamma * (1 - done) * V(s').detach()])^2      (sign +, V(s') detached)
+  expectile_loss = mean_m |tau - 1[u < 0]| * u^2,  u = min_j Qtarget_j(s,a).detach() - V(s)
+  cql_loss       = sum_j mean_m CE(Q_j(s, .), a)        (mask applied per token, BEFORE the mean)
+  lm_loss        = mean_m w * CE(logits(s, .), a),  w = 1, or AWAC exp((minQt - V)/awac_temperature) clipped
+  loss = td_weight*td + v_weight*expectile + cql_weight*cql + lm_weight*lm
+where mean_m is the mean over action positions only.
+
+Target Q heads are fp32 Polyak copies held OUTSIDE the DeepSpeed engine (replicated on every rank) and synced
+from the online heads gathered with `deepspeed.zero.GatheredParameters`; so they update under ZeRO-3 and
+bf16 (a bf16 target with polyak 0.005 would round most updates away).
+
+Guided decoding (`guided_logits`): argmax/sample of log pi(a|s) + beta * (min_j Qtarget_j(s,a) - V(s)).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HEADS_FILE = "ilql_heads.safetensors"
+
+
+@dataclass
+class ILQLConfig:
+    gamma: float = 0.999  # discount (paper: 0.999)
+    tau: float = 0.9  # expectile of the V loss (paper: 0.9)
+    cql_weight: float = 0.01  # weight of the CQL cross-entropy on Q logits (paper: 0.01)
+    polyak: float = 0.005  # target-head Polyak rate per sync (paper: 0.005)
+    td_weight: float = 1.0  # weight of the TD loss of the twin Q heads
+    v_weight: float = 1.0  # weight of the expectile V loss
+    lm_weight: float = 1.0  # weight of the LM (BC) loss kept during ILQL (0 = heads only)
+    awac_temperature: float | None = None  # None: plain BC LM loss; else AWAC weights exp(adv / temperature)
+    awac_max_weight: float = 20.0  # clip of the AWAC weights
+    target_sync_every: int = 1  # optimizer steps between Polyak syncs
+    beta: float = 1.0  # guidance weight used by validation decoding (paper: 1)
+
+
+def _mlp(hidden: int, out: int) -> nn.Sequential:
+    """The paper's head: Linear h->2h, ReLU, Linear 2h->out."""
+    return nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, out))
+
+
+class ILQLHeads(nn.Module):
+    """V head and twin Q heads over the LM's last hidden state (trained by the engine's optimizer)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.v_head = _mlp(hidden_size, 1)
+        self.q1 = _mlp(hidden_size, vocab_size)
+        self.q2 = _mlp(hidden_size, vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [B,T,H] -> (q1 [B,T,V], q2 [B,T,V], v [B,T])."""
+        return self.q1(hidden), self.q2(hidden), self.v_head(hidden).squeeze(-1)
+
+
+class TargetQHeads(nn.Module):
+    """Polyak copies of q1/q2, fp32, no gradients, kept outside the engine."""
+
+    def __init__(self, heads: ILQLHeads):
+        super().__init__()
+        self.q1 = copy.deepcopy(heads.q1).float()
+        self.q2 = copy.deepcopy(heads.q2).float()
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = hidden.float()
+        return self.q1(h), self.q2(h)
+
+
+def _gathered(params):
+    """Context that materialises ZeRO-3 partitioned params (a no-op for ordinary tensors)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def polyak_update(target: TargetQHeads, heads: ILQLHeads, alpha: float) -> None:
+    """target <- (1 - alpha) * target + alpha * online, in fp32; works under ZeRO-3 (gathers the online heads)."""
+    for t_mod, o_mod in ((target.q1, heads.q1), (target.q2, heads.q2)):
+        o_params = list(o_mod.parameters())
+        with _gathered(o_params):
+            for t, o in zip(t_mod.parameters(), o_params):
+                t.lerp_(o.detach().to(device=t.device, dtype=torch.float32), alpha)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def shift_actions(input_ids: torch.Tensor, target_mask: torch.Tensor, rewards: torch.Tensor):
+    """Per-token tensors -> per-action tensors (length T-1): actions a_t = x_{t+1}, mask, reward, done."""
+    actions = input_ids[:, 1:]
+    mask = target_mask[:, 1:].float()
+    r = rewards[:, 1:].float()
+    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    done = mask * (1.0 - next_mask)  # the last target action of each sequence ends the episode
+    return actions, mask, r, done
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def expectile_loss(u: torch.Tensor, tau: float, mask: torch.Tensor) -> torch.Tensor:
+    """mean_m |tau - 1[u<0]| * u^2 (u = target Q - V)."""
+    return _masked_mean((tau - (u < 0).float()).abs() * u.pow(2), mask)
+
+
+def td_target(r: torch.Tensor, v_next: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
+    """r + gamma * (1 - done) * V(s').detach()  (the released code had r - gamma V and no detach)."""
+    return r + gamma * (1.0 - done) * v_next.detach()
+
+
+def ilql_losses(logits, q1, q2, tq1, tq2, v, input_ids, target_mask, rewards, cfg: ILQLConfig) -> tuple[torch.Tensor, dict]:
+    """All ILQL losses for one batch. logits/q1/q2/tq1/tq2: [B,T,V]; v: [B,T]; the rest [B,T].
+    Returns (total loss, dict of floats for logging)."""
+    actions, m, r, done = shift_actions(input_ids, target_mask, rewards)
+    a = actions.unsqueeze(-1)
+    q1_all, q2_all = q1[:, :-1].float(), q2[:, :-1].float()
+    q1_sa, q2_sa = q1_all.gather(-1, a).squeeze(-1), q2_all.gather(-1, a).squeeze(-1)
+    tq_sa = torch.minimum(tq1[:, :-1].float().gather(-1, a), tq2[:, :-1].float().gather(-1, a)).squeeze(-1).detach()
+    v = v.float()
+    v_s, v_next = v[:, :-1], v[:, 1:]
+
+    y = td_target(r, v_next, done, cfg.gamma)
+    td = _masked_mean((q1_sa - y).pow(2), m) + _masked_mean((q2_sa - y).pow(2), m)
+    expectile = expectile_loss(tq_sa - v_s, cfg.tau, m)
+    flat = actions.reshape(-1)
+    cql = sum(_masked_mean(F.cross_entropy(q.reshape(-1, q.shape[-1]), flat, reduction="none").view_as(m), m)
+              for q in (q1_all, q2_all))
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), flat, reduction="none").view_as(m)
+    if cfg.awac_temperature:
+        w = torch.exp((tq_sa - v_s).detach() / cfg.awac_temperature).clamp(max=cfg.awac_max_weight)
+        ce = ce * w
+    lm = _masked_mean(ce, m)
+    loss = cfg.td_weight * td + cfg.v_weight * expectile + cfg.cql_weight * cql + cfg.lm_weight * lm
+    stats = {"loss": loss.item(), "td_loss": td.item(), "expectile_loss": expectile.item(), "cql_loss": cql.item(),
+             "lm_loss": lm.item(), "q_mean": _masked_mean(q1_sa, m).item(), "v_mean": _masked_mean(v_s, m).item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------- guided decoding
+
+
+def guided_logits(logits: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, v: torch.Tensor, beta: float) -> torch.Tensor:
+    """Next-token scores log pi(a|s) + beta * (min(q1, q2)(s,a) - V(s)). logits/q1/q2: [B,V]; v: [B]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp + beta * (torch.minimum(q1.float(), q2.float()) - v.float().unsqueeze(-1))
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save_heads(path: str | Path, heads: ILQLHeads, target: TargetQHeads, state: dict | None = None) -> None:
+    """Write ilql_heads.safetensors: online heads (`heads.*`) and target heads (`target.*`), fp32.
+    `state` (a full state dict of the heads, e.g. consolidated from ZeRO-3) overrides heads' own tensors."""
+    from safetensors.torch import save_file
+
+    online = state if state is not None else heads.state_dict()
+    tensors = {f"heads.{k}": v.detach().float().cpu().contiguous() for k, v in online.items()}
+    tensors.update({f"target.{k}": v.detach().float().cpu().contiguous() for k, v in target.state_dict().items()})
+    meta = {"hidden_size": str(heads.hidden_size), "vocab_size": str(heads.vocab_size), "format": "subq-ilql-1"}
+    save_file(tensors, str(Path(path) / HEADS_FILE) if Path(path).is_dir() else str(path), metadata=meta)
+
+
+def load_heads(path: str | Path, device: str = "cpu") -> tuple[ILQLHeads, TargetQHeads]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path) / HEADS_FILE if Path(path).is_dir() else Path(path)
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(file), device=device)
+    heads = ILQLHeads(int(meta["hidden_size"]), int(meta["vocab_size"]))
+    heads.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+    target = TargetQHeads(heads)
+    target.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("target.")})
+    return heads.to(device).eval(), target.to(device).eval()
+
+
+def heads_info(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / HEADS_FILE), framework="pt") as f:
+        return json.loads(json.dumps(f.metadata() or {}))

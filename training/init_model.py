@@ -1,0 +1,94 @@
+"""A tiny random-init GPT-2 with a byte-level BPE tokenizer trained locally on GSM8K text: the offline
+stand-in for `gpt2` in tests and demos (nothing is downloaded).
+
+    subq init-model models/tiny --layers 2 --width 64 --heads 2 --vocab-size 2048
+    ray job submit --working-dir . -- python -m training.init_model models/tiny --layers 2 --width 64
+
+The tokenizer is trained on GSM8K problems and on decomposer-formatted sub-questions (both text formats of
+`subq.textformat`), so `<QUE>`/`</QUE>` and `Q1:` cost few tokens. The result loads with
+`AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from subq.errors import ConfigError
+
+EOS = "<|endoftext|>"
+
+
+def _corpus(corpus: str, max_texts: int | None) -> list[str]:
+    """Problem texts + sub-questions rendered in every decomposer text format (subq.textformat)."""
+    from subq.problems import load_problems
+    from subq.schema import read_rows
+    from subq.problems import DATA_DIR
+    from subq.textformat import FORMATS
+
+    texts = [p.problem for p in load_problems(corpus, limit=max_texts)]
+    released = DATA_DIR / "gsm8k-ai-subq" / "qg_test_dataset.jsonl"
+    if released.exists():
+        rows = read_rows(str(released))
+        for row in rows[: max_texts or len(rows)]:
+            for s in row.sets[:1]:
+                for fmt in FORMATS.values():
+                    texts.append(fmt.prompt(row.problem) + fmt.target(s.questions) + EOS)
+    return texts
+
+
+def create_tiny_model(out_dir: str, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 2, vocab_size: int = 2048,
+                      n_positions: int = 512, seed: int = 0, corpus: str = "gsm8k:train",
+                      max_texts: int | None = 2000) -> str:
+    """Create a random-init GPT-2 + byte-level BPE tokenizer in `out_dir` (HF format); return out_dir.
+
+    n_layer/n_embd/n_head: transformer depth, width and heads (n_embd % n_head == 0); vocab_size: BPE vocabulary;
+    n_positions: context length; seed: weight init; corpus: problems the tokenizer is trained on
+    (a subq.problems name or path); max_texts: cap on texts used (speed)."""
+    for name, v in (("layers", n_layer), ("width", n_embd), ("heads", n_head), ("vocab_size", vocab_size),
+                    ("n_positions", n_positions)):
+        if v <= 0:
+            raise ConfigError("must be > 0", field=name)
+    if n_embd % n_head:
+        raise ConfigError(f"width {n_embd} is not divisible by heads {n_head}", field="heads")
+    if vocab_size < 300:
+        raise ConfigError("must be >= 300 (256 bytes + merges + special tokens)", field="vocab_size")
+
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(corpus, max_texts), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[EOS], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                  pad_token=EOS, model_max_length=n_positions)
+    tok.padding_side = "left"  # decoder-only generation pads on the left
+    tok.save_pretrained(str(out))
+
+    torch.manual_seed(seed)
+    eos_id = tok.convert_tokens_to_ids(EOS)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    model = GPT2LMHeadModel(cfg)
+    model.generation_config.pad_token_id = eos_id
+    model.save_pretrained(str(out))
+    return str(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(create_tiny_model(a.out, n_layer=a.layers, n_embd=a.width, n_head=a.heads, vocab_size=a.vocab_size, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()
