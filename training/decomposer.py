@@ -85,9 +85,10 @@ def load_decomposer(path: str, device: str = "cpu") -> Decomposer:
 
 def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_new_tokens: int = 128,
                           do_sample: bool = False, temperature: float = 1.0, beta: float | None = None,
-                          seed: int | None = None) -> list[Generation]:
+                          seed: int | None = None, fixed_steps: bool = False) -> list[Generation]:
     """Sub-questions for each problem (one batched decode). beta: ILQL guidance weight (None: the config's
-    ilql beta, or 1; 0: plain LM decoding); ignored without heads."""
+    ilql beta, or 1; 0: plain LM decoding); ignored without heads. seed: sampling seed. fixed_steps: always run
+    max_new_tokens steps (keeps ZeRO-3 ranks in lockstep during training-time validation)."""
     import torch
 
     from training.ilql import guided_logits
@@ -128,7 +129,7 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
             if guided:
                 h = res.hidden_states[-1][:, -1, :]
                 tq1, tq2 = d.target_heads(h)
-                v = d.heads.v_head(h.float()).squeeze(-1)
+                v = d.heads.v_head(h.to(d.heads.v_head[0].weight.dtype)).squeeze(-1)
                 scores = guided_logits(logits, tq1, tq2, v, beta)
             else:
                 scores = torch.log_softmax(logits, dim=-1)
@@ -144,7 +145,7 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
             finished |= nxt == eos
             cur_ids = torch.cat([cur_ids, nxt[:, None]], dim=1)
             cur_attn = torch.cat([cur_attn, torch.ones_like(nxt[:, None])], dim=1)
-            if bool(finished.all()):
+            if not fixed_steps and bool(finished.all()):
                 break
     gens = []
     for i in range(B):

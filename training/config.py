@@ -1,0 +1,104 @@
+"""The training job's config: one pydantic model, every field documented where declared; loads from YAML
+(`subq train --config job.yaml`) with CLI flags overriding. Saved as `training_config.yaml` beside the model.
+
+DeepSpeed: `deepspeed` is a preset name (`zero0`..`zero3`, files in training/deepspeed_configs/) or a path to a
+DeepSpeed JSON config. Batch sizes, optimizer and bf16 are filled in by `deepspeed_config()`: the micro batch is
+`batch_size`, `grad_accum` micro-steps make one optimizer step, bf16 `"auto"` means on with a GPU, off on CPU.
+On CPU the optimizer is torch's AdamW (`"torch_adam": true`), since DeepSpeed's fused/CPU Adam need a compiler.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from subq.errors import ConfigError
+from training.ilql import ILQLConfig
+
+DS_DIR = Path(__file__).parent / "deepspeed_configs"
+PRESETS = {p.stem: p for p in sorted(DS_DIR.glob("*.json"))}
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train
+    algo: Literal["bc", "filtered_bc", "ilql"] = Field("bc", description="bc: SFT on every set; filtered_bc: only sets with answer_correctness >= filter_threshold; ilql: offline RL (training/ilql.py).")
+    rewards: Literal["sparse", "dense"] = Field("sparse", description="ILQL rewards: sparse = answer_correctness on the final token; dense = + usefulness[i] on the last token of sub-question i.")
+    data: str = Field(..., description="Training rows: subq Parquet (file/dir, any pyarrow URI) or the paper's json files (subq.schema.read_rows).")
+    val_data: Optional[str] = Field(None, description="Validation rows (same formats). None: hold out val_fraction of the training problems.")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="Share of problems held out for validation when val_data is None (paper: 1%).")
+    model: str = Field(..., description="Base model: any HF causal LM directory or hub id available locally (e.g. from `subq init-model`).")
+    init_from: Optional[str] = Field(None, description="Start from this checkpoint (e.g. a BC run's final/ dir) instead of `model`, as the paper does for FBC/ILQL.")
+    text_format: Literal["paper", "qlines"] = Field("paper", description="Decomposer text format (subq.textformat); saved so serving uses the same.")
+    filter_threshold: float = Field(1.0, description="filtered_bc keeps sets with answer_correctness >= this (paper: 1).")
+    max_length: int = Field(512, gt=8, description="Max tokens per example (prompt + sub-questions + EOS); the prompt is cut from the left, longer targets dropped.")
+    # optimisation
+    steps: int = Field(100, gt=0, description="Optimizer steps (paper: BC 40k, FBC 30k, ILQL 200k).")
+    batch_size: int = Field(8, gt=0, description="Micro batch per worker (paper: BC 8, ILQL 4).")
+    grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step (paper: BC 4, ILQL 8).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (paper: 1e-4).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed for data order, heads init and validation sampling.")
+    ilql: ILQLConfig = Field(default_factory=ILQLConfig, description="ILQL hyperparameters (training/ilql.py; paper defaults).")
+    # scale
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, bf16 per the DeepSpeed config; False: CPU, gloo, DS_ACCELERATOR=cpu.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    deepspeed: str = Field("zero2", description="DeepSpeed config: preset zero0|zero1|zero2|zero3 or a JSON file path (batch/optimizer keys are filled in).")
+    # outputs, checkpoints, validation
+    name: str = Field("subq-train", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: outputs go to <storage_path>/<name>/.")
+    storage_path: str = Field("runs", description="Where runs are stored: local dir or pyarrow URI (s3://, gs://, ...); shared storage on multi-node clusters.")
+    resume: bool = Field(False, description="Continue <storage_path>/<name> from its latest checkpoint (else an existing run dir is an error).")
+    checkpoint_every: int = Field(50, gt=0, description="Optimizer steps between Ray Train checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0, description="Ray Train checkpoints kept (CheckpointConfig.num_to_keep).")
+    max_failures: int = Field(0, ge=-1, description="Worker failures recovered from the latest checkpoint (FailureConfig; -1 = unlimited).")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
+    eval_every: int = Field(0, ge=0, description="Optimizer steps between validations (0: only at the end).")
+    eval_problems: int = Field(16, ge=0, description="Validation problems decoded for BLEU / sub-question count (0: loss only).")
+    eval_max_new_tokens: int = Field(64, gt=0, description="Max new tokens when decoding validation problems.")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _check_deepspeed(cls, v: str) -> str:
+        if v not in PRESETS and not Path(v).is_file():
+            raise ValueError(f"neither a preset ({', '.join(PRESETS)}) nor an existing JSON file: {v!r}")
+        return v
+
+    def ilql_dict(self) -> dict:
+        return asdict(self.ilql) if not isinstance(self.ilql, dict) else dict(self.ilql)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict for this run (preset or file + our batch sizes, optimizer, bf16)."""
+    src = PRESETS.get(cfg.deepspeed, Path(cfg.deepspeed))
+    try:
+        ds = json.loads(Path(src).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read DeepSpeed config: {e}", field="deepspeed", source=str(src)) from e
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"ZeRO stage {stage} is not 0-3", field="deepspeed.zero_optimization.stage", source=str(src))
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    ds["bf16"] = {"enabled": bool(cfg.use_gpu) if bf16 == "auto" else bool(bf16)}
+    if not cfg.use_gpu and ds["bf16"]["enabled"]:
+        raise ConfigError("bf16 needs a GPU here (set bf16.enabled to auto or false, or --use-gpu)", field="deepspeed.bf16")
+    ds.pop("fp16", None) if not cfg.use_gpu else None
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * world_size
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = ds["optimizer"].setdefault("params", {})
+    params.update({"lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    if not cfg.use_gpu:
+        params["torch_adam"] = True  # DeepSpeed's FusedAdam/CPUAdam need a CUDA/C++ build
+    ds.setdefault("steps_per_print", 10**6)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))

@@ -1,0 +1,414 @@
+"""Train a decomposer: BC, Filtered BC or ILQL (sparse/dense rewards) with Ray Train's TorchTrainer running a
+DeepSpeed engine on every worker (CPU and GPU alike; no separate DDP path).
+
+    subq init-model models/tiny
+    subq train --algo bc --data subq/data/gsm8k-ai-subq/qg_test_dataset.jsonl --model models/tiny \\
+        --steps 200 --batch-size 8 --num-workers 2 --deepspeed zero2 --storage-path runs --name bc
+    subq train --algo ilql --rewards sparse --data gen/out/rows.parquet --model models/tiny \\
+        --init-from runs/bc/final --name ilql --num-workers 2
+    subq train --config job.yaml --resume                      # continue runs/<name> from its last checkpoint
+    python -m training.train --config job.yaml --num-workers 2   # the same, as a Ray job entry point:
+    ray job submit --working-dir . -- python -m training.train --config job.yaml --use-gpu --num-workers 8 \\
+        --deepspeed zero3 --storage-path s3://bucket/runs
+
+Order of operations: (1) validate config, model and data on the driver before anything starts; (2) TorchTrainer
+with ScalingConfig(num_workers, use_gpu), RunConfig(storage_path, name, FailureConfig, CheckpointConfig);
+(3) per worker: DS_ACCELERATOR=cpu + gloo (CPU) or cuda + NCCL (GPU), tokenize, `deepspeed.initialize`, resume
+from `ray.train.get_checkpoint()` if any, then a flat loop: forward, loss (training.bc / training.ilql),
+engine.backward, engine.step, Polyak sync of the ILQL target heads, periodic metrics + DeepSpeed checkpoints
+reported with `ray.train.report`; (4) final: weights consolidated from ZeRO shards (ZeRO-3: the engine's
+consolidated 16-bit state dict) and saved by rank 0 in HF format.
+
+Outputs under <storage_path>/<name>/: Ray Train's checkpoint_* dirs, metrics.json, metrics.csv, metrics.png
+and final/ (config.json, model.safetensors, tokenizer files, training_config.yaml, and for ILQL
+ilql_heads.safetensors). final/ loads with AutoModelForCausalLM and with training.decomposer.load_decomposer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from subq import storage
+from subq.errors import ConfigError, DataError
+from training.config import TrainConfig, deepspeed_config, zero_stage
+
+FAULT_ENV = "SUBQ_TRAIN_FAULT_AT_STEP"  # tests: rank 1 exits at this optimizer step on the first attempt
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    return storage.join(cfg.storage_path, cfg.name)
+
+
+def preflight(cfg: TrainConfig) -> dict:
+    """Every check that can fail on user input, before Ray or any worker starts. Returns data counts."""
+    from transformers import AutoConfig
+
+    from training.data import read_training_rows, select_examples, split_problems
+
+    base = cfg.init_from or cfg.model
+    field = "init_from" if cfg.init_from else "model"
+    try:
+        AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a model config from {base!r} ({type(e).__name__})", field=field,
+                          hint="give a local HF model directory, e.g. from `subq init-model`") from None
+    deepspeed_config(cfg, cfg.num_workers)
+    rows = read_training_rows(cfg.data, "data")
+    train_rows, val_rows = (rows, read_training_rows(cfg.val_data, "val_data")) if cfg.val_data else \
+        split_problems(rows, cfg.val_fraction)
+    examples, stats = select_examples(train_rows, cfg.algo, cfg.rewards, cfg.filter_threshold, cfg.data)
+    rd = run_dir(cfg)
+    exists = storage.exists(rd) and bool(storage.list_files(rd))
+    if exists and not cfg.resume:
+        raise ConfigError(f"run directory {rd} already exists", field="name",
+                          hint="pass --resume to continue it, or choose another --name")
+    if cfg.resume and not exists:
+        raise ConfigError(f"nothing to resume: {rd} does not exist", field="resume")
+    return {**stats, "train_problems": len(train_rows), "val_problems": len(val_rows)}
+
+
+def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
+    """Validate, then train with Ray Train. Returns {run_dir, final_dir, metrics, data, checkpoint}.
+    Starts a local Ray (ray_init kwargs) only if none is running; joins a cluster under `ray job submit`."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.model_validate(cfg)
+    counts = preflight(cfg)
+    started = False
+    if not ray.is_initialized():
+        ray.init(**(ray_init or {}))
+        started = True
+    try:
+        loop_cfg = {"cfg": cfg.model_dump(), "fault_at_step": os.environ.get(FAULT_ENV)}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_cfg,
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker={"CPU": cfg.cpus_per_worker}),
+            run_config=RunConfig(
+                name=cfg.name, storage_path=_ray_storage(cfg.storage_path),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            ),
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    if result.error:
+        raise result.error
+    rd = run_dir(cfg)
+    return {"run_dir": rd, "final_dir": storage.join(rd, "final"), "metrics": result.metrics, "data": counts,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _ray_storage(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+# ---------------------------------------------------------------- worker
+
+
+def _build_module(cfg: TrainConfig, tokenizer):
+    """The engine's module: the LM, plus ILQL heads (V, twin Q) for ilql."""
+    import torch
+    import torch.nn as nn
+    from transformers import AutoModelForCausalLM
+
+    from training.ilql import ILQLHeads, load_heads, HEADS_FILE
+
+    base = cfg.init_from or cfg.model
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+    class Policy(nn.Module):
+        def __init__(self, lm, heads):
+            super().__init__()
+            self.lm, self.heads = lm, heads
+
+        def forward(self, input_ids, attention_mask):
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                          output_hidden_states=self.heads is not None, use_cache=False)
+            if self.heads is None:
+                return out.logits, None, None, None, None
+            h = out.hidden_states[-1]
+            q1, q2, v = self.heads(h.to(self.heads.v_head[0].weight.dtype))
+            return out.logits, h, q1, q2, v
+
+    heads = None
+    if cfg.algo == "ilql":
+        torch.manual_seed(cfg.seed)
+        if cfg.init_from and (Path(cfg.init_from) / HEADS_FILE).exists():
+            heads, _ = load_heads(cfg.init_from)
+        else:
+            heads = ILQLHeads(lm.config.hidden_size, lm.get_output_embeddings().weight.shape[0])
+    return Policy(lm, heads)
+
+
+def train_loop(loop_cfg: dict) -> None:
+    """Per-worker loop (Ray Train calls it on every rank)."""
+    cfg = TrainConfig.model_validate(loop_cfg["cfg"])
+    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"  # before deepspeed is imported
+    import deepspeed
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from transformers import AutoTokenizer
+
+    from subq.textformat import get_format
+    from training.bc import bc_loss
+    from training.data import (batches, collate, encode, read_training_rows, select_examples, split_problems,
+                               val_problems)
+    from training.ilql import ILQLConfig, TargetQHeads, ilql_losses, polyak_update
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    fmt = get_format(cfg.text_format)
+    ilql_cfg = ILQLConfig(**cfg.ilql_dict())
+
+    # data
+    tok = AutoTokenizer.from_pretrained(cfg.init_from or cfg.model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    rows = read_training_rows(cfg.data)
+    train_rows, val_rows = (rows, read_training_rows(cfg.val_data, "val_data")) if cfg.val_data else \
+        split_problems(rows, cfg.val_fraction)
+    examples, _ = select_examples(train_rows, cfg.algo, cfg.rewards, cfg.filter_threshold, cfg.data)
+    reward_mode = cfg.rewards if cfg.algo == "ilql" else None
+    encoded = [e for e in (encode(x, tok, fmt, cfg.max_length, reward_mode) for x in examples) if e is not None]
+    if not encoded:
+        raise DataError(f"every example is longer than max_length={cfg.max_length}", field="max_length")
+    val_sel, _ = select_examples(val_rows, "bc", "sparse") if val_rows else ([], {})
+    val_encoded = [e for e in (encode(x, tok, fmt, cfg.max_length) for x in val_sel[:64]) if e is not None]
+    val_probs = val_problems(val_rows, cfg.eval_problems)
+
+    # engine
+    module = _build_module(cfg, tok)
+    ds_cfg = deepspeed_config(cfg, world)
+    stage = zero_stage(ds_cfg)
+    # fp32 target heads, copied before ZeRO-3 partitions the online heads; they stay outside the engine
+    target = TargetQHeads(module.heads).to(device) if module.heads is not None else None
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+                                           config=ds_cfg)
+
+    # resume
+    start_step, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds", load_module_strict=True)
+            state = torch.load(Path(d) / "trainer_state.pt", map_location="cpu", weights_only=False)
+        start_step, history = state["step"], state["history"]
+        if target is not None:
+            target.load_state_dict(state["target"])
+    resumed_from = start_step
+    fault_at = int(loop_cfg["fault_at_step"]) if loop_cfg.get("fault_at_step") else None
+
+    data = batches(encoded, cfg.batch_size, rank, world, cfg.seed, start_batch=start_step * cfg.grad_accum)
+    t0, tokens, window = time.perf_counter(), 0, []
+    step = start_step
+    while step < cfg.steps:
+        engine.train()
+        for _ in range(cfg.grad_accum):
+            b = {k: v.to(device) for k, v in collate(next(data), tok.pad_token_id).items()}
+            logits, h, q1, q2, v = engine(b["input_ids"], b["attention_mask"])
+            if cfg.algo == "ilql":
+                tq1, tq2 = target(h.detach())
+                loss, stats = ilql_losses(logits, q1, q2, tq1, tq2, v, b["input_ids"], b["target_mask"],
+                                          b["rewards"], ilql_cfg)
+            else:
+                loss = bc_loss(logits, b["input_ids"], b["target_mask"])
+                stats = {"loss": loss.item()}
+            engine.backward(loss)
+            engine.step()
+            tokens += int(b["attention_mask"].sum())
+            window.append(stats)
+        step += 1
+        if target is not None and step % ilql_cfg.target_sync_every == 0:
+            polyak_update(target, engine.module.heads, ilql_cfg.polyak)
+        if fault_at is not None and step == fault_at and rank == 1 and resumed_from == 0:
+            os._exit(1)  # test hook: a worker dies mid-training on the first attempt only
+
+        last = step == cfg.steps
+        do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
+        do_ckpt = last or step % cfg.checkpoint_every == 0
+        if not (do_eval or do_ckpt or step % cfg.log_every == 0):
+            continue
+        elapsed = time.perf_counter() - t0
+        metrics = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+        metrics.update(step=step, tokens_per_s_rank=tokens / max(elapsed, 1e-9), resumed_from_step=resumed_from,
+                       world_size=world, zero_stage=stage)
+        window, tokens, t0 = [], 0, time.perf_counter()
+        if do_eval:
+            metrics.update(_validate(engine, tok, fmt, val_encoded, val_probs, cfg, target, stage, device))
+        history.append(metrics)
+        if rank == 0:
+            _write_metrics(run_dir(cfg), history)
+        if do_ckpt:
+            with tempfile.TemporaryDirectory() as d:
+                engine.save_checkpoint(d, tag="ds")
+                if rank == 0:
+                    torch.save({"step": step, "history": history,
+                                "target": target.state_dict() if target is not None else None},
+                               Path(d) / "trainer_state.pt")
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    _save_final(engine, tok, cfg, target, stage, rank)
+
+
+def _validate(engine, tok, fmt, val_encoded, val_probs, cfg, target, stage, device) -> dict:
+    """Validation loss (BC loss on teacher sets) and decoding metrics: BLEU vs the teacher's sub-questions and
+    number of sub-questions. Every rank runs the same work (ZeRO-3 needs all ranks in each forward)."""
+    import sacrebleu
+    import torch
+
+    from training.bc import bc_loss
+    from training.data import collate
+    from training.decomposer import Decomposer, generate_subquestions
+
+    engine.eval()
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        if val_encoded:
+            losses = []
+            for i in range(0, len(val_encoded), cfg.batch_size):
+                b = {k: v.to(device) for k, v in collate(val_encoded[i:i + cfg.batch_size], tok.pad_token_id).items()}
+                logits = engine(b["input_ids"], b["attention_mask"])[0]
+                losses.append(bc_loss(logits, b["input_ids"], b["target_mask"]).item())
+            out["val_loss"] = sum(losses) / len(losses)
+        if val_probs:
+            m = engine.module
+            d = Decomposer(m.lm, tok, fmt, str(device), m.heads, target, config={"ilql": cfg.ilql_dict()})
+            gens = []
+            for i in range(0, len(val_probs), 8):
+                gens += generate_subquestions(d, [p.problem for p in val_probs[i:i + 8]],
+                                              max_new_tokens=cfg.eval_max_new_tokens, fixed_steps=stage == 3)
+            hyps = [" ".join(g.questions) for g in gens]
+            n_refs = max(len(p.references) for p in val_probs)
+            refs = [[" ".join(p.references[k] if k < len(p.references) else p.references[0]) for p in val_probs]
+                    for k in range(n_refs)]
+            out["val_bleu"] = sacrebleu.corpus_bleu(hyps, refs).score
+            out["val_num_subq"] = sum(len(g.questions) for g in gens) / len(gens)
+            out["val_ref_num_subq"] = sum(len(p.references[0]) for p in val_probs) / len(val_probs)
+            out["val_parsed_frac"] = sum(1 for g in gens if g.questions) / len(gens)
+    engine.train()
+    return out
+
+
+def _write_metrics(rd: str, history: list[dict]) -> None:
+    """metrics.json, metrics.csv and metrics.png (loss curves + validation) in the run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    storage.write_bytes_atomic(storage.join(rd, "metrics.json"), json.dumps(history, indent=1).encode())
+    keys = sorted({k for h in history for k in h}, key=lambda k: (k != "step", k))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    storage.write_bytes_atomic(storage.join(rd, "metrics.csv"), buf.getvalue().encode())
+    loss_keys = [k for k in keys if k.endswith("loss")]
+    val_keys = [k for k in ("val_bleu", "val_num_subq") if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, 1 + bool(val_keys), figsize=(10 if val_keys else 6, 4), squeeze=False)
+    for k in loss_keys:
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        axes[0][0].plot(*zip(*pts), marker=".", label=k)
+    axes[0][0].set_xlabel("step"), axes[0][0].set_title("losses"), axes[0][0].legend(fontsize=7)
+    for k in val_keys:
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        axes[0][1].plot(*zip(*pts), marker="o", label=k)
+    if val_keys:
+        axes[0][1].set_xlabel("step"), axes[0][1].set_title("validation"), axes[0][1].legend(fontsize=7)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    plt.close(fig)
+    storage.write_bytes_atomic(storage.join(rd, "metrics.png"), png.getvalue())
+
+
+def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int) -> None:
+    """Consolidate weights (ZeRO-3: gathered 16-bit state dict; else rank 0's full module) and save HF format."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from training.decomposer import CONFIG_FILE
+    from training.ilql import save_heads
+
+    sd = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else (
+        engine.module.state_dict() if rank == 0 else None)
+    if rank != 0:
+        return
+    module = engine.module
+    lm_sd = {k[3:]: v for k, v in sd.items() if k.startswith("lm.")}
+    fresh = AutoModelForCausalLM.from_config(module.lm.config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict({k: v.float() for k, v in lm_sd.items()}, strict=False)
+    tied = {k for k, _ in fresh.named_parameters()} - set(lm_sd)
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"consolidated state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    with tempfile.TemporaryDirectory() as d:
+        fresh.save_pretrained(d)
+        tok.save_pretrained(d)
+        if module.heads is not None:
+            heads_sd = {k[6:]: v for k, v in sd.items() if k.startswith("heads.")}
+            save_heads(d, module.heads, target, state=heads_sd)
+        saved = cfg.model_dump()
+        Path(d, CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+        dest = storage.join(run_dir(cfg), "final")
+        for f in sorted(Path(d).iterdir()):
+            storage.write_bytes_atomic(storage.join(dest, f.name), f.read_bytes())
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m training.train` (for `ray job submit`); the same flags as `subq train`."""
+    from subq.config import load_config
+    from subq.errors import SubqError
+
+    p = argparse.ArgumentParser(description="Train a decomposer (BC / Filtered BC / ILQL) with Ray Train + DeepSpeed.")
+    p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it.")
+    for name, f in TrainConfig.model_fields.items():
+        if name == "ilql":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if f.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.description)
+        else:
+            p.add_argument(flag, default=None, help=f.description)
+    args = vars(p.parse_args(argv))
+    path = args.pop("config")
+    try:
+        cfg = load_config(TrainConfig, path, args)
+        result = run_train(cfg)
+    except SubqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({k: v for k, v in result.items()}, default=str))
+
+
+if __name__ == "__main__":
+    main()
