@@ -88,6 +88,7 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
 
     if isinstance(cfg, dict):
         cfg = TrainConfig.model_validate(cfg)
+    cfg = absolute_paths(cfg)
     counts = preflight(cfg)
     started = False
     if not ray.is_initialized():
@@ -116,6 +117,16 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
     rd = run_dir(cfg)
     return {"run_dir": rd, "final_dir": storage.join(rd, "final"), "metrics": result.metrics, "data": counts,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local relative paths -> absolute: workers do not run in the driver's working directory."""
+    upd = {}
+    for k in ("data", "val_data", "model", "init_from", "deepspeed", "storage_path"):
+        v = getattr(cfg, k)
+        if v and "://" not in v and (k == "storage_path" or Path(v).exists()):
+            upd[k] = str(Path(v).resolve())
+    return cfg.model_copy(update=upd)
 
 
 def _ray_storage(path: str) -> str:

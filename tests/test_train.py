@@ -1,0 +1,224 @@
+"""`subq train`: data encoding (masks, rewards), config/data errors before any work, and real Ray Train +
+DeepSpeed runs on CPU on the tiny model: BC overfits 32 examples with 2 workers (ZeRO-2), Filtered BC trains only
+on correct sets (CLI), ILQL (dense, ZeRO-3, 2 workers) survives a worker killed mid-training by resuming from
+its checkpoint. The ILQL losses and the synthetic guided-decoding test are in test_ilql.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import DATASET_TEST
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from training.init_model import create_tiny_model
+
+    return create_tiny_model(str(tmp_path_factory.mktemp("m") / "tiny"), n_layer=2, n_embd=64)
+
+
+def _rows(n=32, correct_every=None, usefulness=False):
+    """The first n released training entries; optionally every k-th set marked wrong, usefulness filled in."""
+    from subq.schema import read_rows
+
+    rows = read_rows(str(DATASET_TEST))[:n]
+    for i, r in enumerate(rows):
+        for s in r.sets:
+            if correct_every:
+                s.answer_correctness = 0.0 if i % correct_every == 0 else 1.0
+            if usefulness:
+                s.usefulness = [1.0 if j % 2 == 0 else 1 / 3 for j in range(len(s.questions))]
+    return rows
+
+
+# ---------------------------------------------------------------- data (no Ray)
+
+
+@pytest.mark.parametrize("fmt_name", ["paper", "qlines"])
+def test_encode_loss_mask_and_reward_placement(tiny, fmt_name):
+    from transformers import AutoTokenizer
+
+    from subq.textformat import get_format
+    from training.data import Example, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    fmt = get_format(fmt_name)
+    ex = Example("p1", "Tom has 3 apples and buys 4 more.", ["How many did he buy?", "How many in all?"], 1.0, [0.5, 1.0])
+    dense = encode(ex, tok, fmt, 256, "dense")
+    ids, mask, rew = dense["input_ids"], dense["target_mask"], dense["rewards"]
+    n_prompt = mask.index(1)
+    assert tok.decode(ids[:n_prompt]) == fmt.prompt(ex.problem)  # the problem is never in the loss
+    assert all(mask[n_prompt:]) and ids[-1] == tok.eos_token_id  # sub-question tokens + EOS are
+    assert tok.decode(ids[n_prompt:-1]) == fmt.target(ex.questions)
+    assert sorted(r for r in rew if r) == [0.5, 1.0, 1.0]  # usefulness per sub-question + correctness
+
+
+def test_encode_rewards_positions(tiny):
+    from transformers import AutoTokenizer
+
+    from subq.textformat import get_format
+    from training.data import Example, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    fmt = get_format("paper")
+    ex = Example("p1", "Tom has 3 apples and buys 4 more.", ["How many did he buy?", "How many in all?"], 1.0, [0.5, 0.25])
+    dense = encode(ex, tok, fmt, 256, "dense")
+    ids, mask, rew = dense["input_ids"], dense["target_mask"], dense["rewards"]
+    n_prompt = mask.index(1)
+    nonzero = [i for i, r in enumerate(rew) if r]
+    assert len(nonzero) == 3 and rew[-1] == 1.0  # correctness on the final (EOS) token
+    first, second = nonzero[0], nonzero[1]
+    assert rew[first] == 0.5 and rew[second] == 0.25
+    assert tok.decode(ids[n_prompt:first + 1]) == fmt.target(ex.questions[:1])  # last token of sub-question 1
+    assert tok.decode(ids[n_prompt:second + 1]) == fmt.target(ex.questions)  # last token of sub-question 2
+    sparse = encode(ex, tok, fmt, 256, "sparse")
+    assert [i for i, r in enumerate(sparse["rewards"]) if r] == [len(ids) - 1]
+    assert not any(encode(ex, tok, fmt, 256, None)["rewards"])  # BC: no rewards
+    assert encode(ex, tok, fmt, 8, None) is None  # a target longer than max_length is dropped, not cut
+
+
+def test_filtered_bc_selects_only_correct_sets():
+    from training.data import select_examples
+
+    rows = _rows(32, correct_every=4)
+    n_sets = sum(len(r.sets) for r in rows)
+    n_wrong = sum(1 for r in rows for s in r.sets if s.answer_correctness == 0.0)
+    ex, stats = select_examples(rows, "filtered_bc", "sparse")
+    assert n_wrong == 8 and stats["used"] == n_sets - 8 == len(ex) and stats["filtered_out"] == 8
+    assert all(e.correctness == 1.0 for e in ex)
+    ex_bc, stats_bc = select_examples(rows, "bc", "sparse")
+    assert stats_bc["used"] == n_sets
+
+
+def test_deepspeed_config_cpu_and_gpu():
+    from training.config import TrainConfig, deepspeed_config
+
+    cpu = deepspeed_config(TrainConfig(data="x", model="m", deepspeed="zero3", batch_size=4, grad_accum=2), 2)
+    assert cpu["zero_optimization"]["stage"] == 3 and cpu["bf16"]["enabled"] is False
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["train_batch_size"] == 16
+    gpu = deepspeed_config(TrainConfig(data="x", model="m", deepspeed="zero2", use_gpu=True), 8)
+    assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]
+
+
+def test_bad_config_is_refused_before_any_work(tmp_path, tiny, subq_bin):
+    from subq.errors import SubqError
+    from subq.schema import write_paper
+    from training.train import run_train
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = dict(model=tiny, storage_path=str(tmp_path / "runs"), name="x")
+    r = subprocess.run([subq_bin, "train", "--algo", "dqn", "--data", str(DATASET_TEST), "--model", tiny],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "field 'algo'" in r.stderr and "Traceback" not in r.stderr
+    pq.write_table(pa.table({"problem_id": ["p1"], "problem": ["x"]}), tmp_path / "nosets.parquet")
+    unscored = _rows(4)
+    for row in unscored:
+        for s in row.sets:
+            s.answer_correctness = None
+    write_paper(unscored, str(tmp_path / "raw.jsonl"), "paper_raw")  # no answers: no rewards
+    cases = [
+        (dict(algo="bc", data=str(tmp_path / "nosets.parquet")), "field 'sets'"),
+        (dict(algo="ilql", data=str(tmp_path / "raw.jsonl")), "field 'answer_correctness'"),
+        (dict(algo="ilql", rewards="dense", data=str(DATASET_TEST)), "field 'usefulness'"),
+        (dict(algo="bc", data=str(DATASET_TEST), model=str(tmp_path / "nomodel")), "field 'model'"),
+        (dict(algo="bc", data=str(DATASET_TEST), deepspeed="zero9"), "deepspeed"),
+        (dict(algo="bc", data=str(DATASET_TEST), resume=True), "field 'resume'"),
+    ]
+    for overrides, needle in cases:
+        with pytest.raises((SubqError, ValueError), match=needle):
+            run_train({**base, **overrides})
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+# ---------------------------------------------------------------- real runs (Ray Train + DeepSpeed on CPU)
+
+
+@pytest.mark.slow
+def test_filtered_bc_cli_trains_only_on_correct_sets(tmp_path, tiny, subq_bin):
+    from subq.schema import write_parquet
+
+    write_parquet(_rows(32, correct_every=4), str(tmp_path / "rows.parquet"))
+    r = subprocess.run([subq_bin, "train", "--algo", "filtered_bc", "--data", str(tmp_path / "rows.parquet"),
+                        "--model", tiny, "--steps", "3", "--batch-size", "4", "--num-workers", "1",
+                        "--deepspeed", "zero1", "--val-fraction", "0", "--eval-problems", "0",
+                        "--storage-path", str(tmp_path / "runs"), "--name", "fbc"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["data"]["used"] == 24 and out["data"]["filtered_out"] == 8
+    assert out["metrics"]["step"] == 3 and out["metrics"]["zero_stage"] == 1
+    assert (tmp_path / "runs" / "fbc" / "final" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_bc_two_workers_zero2_overfits_32_examples(tmp_path, tiny, ray_local):
+    import matplotlib.image as mpimg
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from subq.schema import write_paper
+    from training.decomposer import generate_subquestions, load_decomposer
+    from training.train import run_train
+
+    write_paper(_rows(32), str(tmp_path / "b32.json"), "paper_dataset")  # the paper's training-json format
+    r = run_train(dict(algo="bc", data=str(tmp_path / "b32.json"), val_data=str(tmp_path / "b32.json"), model=tiny,
+                       steps=100, batch_size=8, lr=3e-3, num_workers=2, deepspeed="zero2",
+                       storage_path=str(tmp_path / "runs"), name="bc", checkpoint_every=50, log_every=10,
+                       eval_problems=4, eval_max_new_tokens=48))
+    history = json.loads((tmp_path / "runs" / "bc" / "metrics.json").read_text())
+    losses = [h["loss"] for h in history]
+    assert losses[0] > 5 and losses[-1] < 1.0, losses  # overfits
+    m = r["metrics"]
+    assert m["world_size"] == 2 and m["zero_stage"] == 2 and m["step"] == 100
+    assert {"val_loss", "val_bleu", "val_num_subq"} <= set(m) and m["val_loss"] < 1.5
+    assert (tmp_path / "runs" / "bc" / "metrics.csv").read_text().startswith("step,")
+    assert mpimg.imread(str(tmp_path / "runs" / "bc" / "metrics.png")).shape[0] > 100
+    final = r["final_dir"]
+    model = AutoModelForCausalLM.from_pretrained(final)  # transformers alone
+    AutoTokenizer.from_pretrained(final)
+    assert model.config.n_layer == 2 and not os.path.exists(os.path.join(final, "ilql_heads.safetensors"))
+    d = load_decomposer(final)
+    assert not d.has_heads and d.text_format.name == "paper"
+    gens = generate_subquestions(d, [row.problem for row in _rows(2)], max_new_tokens=48)
+    assert all(g.completion_tokens > 0 for g in gens)
+
+
+@pytest.mark.slow
+def test_ilql_dense_zero3_worker_killed_resumes_from_checkpoint(tmp_path, tiny, ray_local, monkeypatch):
+    from subq.schema import write_parquet
+    from training.decomposer import generate_subquestions, load_decomposer
+    from training.ilql import load_heads
+    from training.train import FAULT_ENV, run_train
+
+    write_parquet(_rows(16, correct_every=2, usefulness=True), str(tmp_path / "rows.parquet"))
+    monkeypatch.setenv(FAULT_ENV, "5")  # rank 1 calls os._exit at step 5 on the first attempt
+    r = run_train(dict(algo="ilql", rewards="dense", data=str(tmp_path / "rows.parquet"), model=tiny, steps=6,
+                       batch_size=4, num_workers=2, deepspeed="zero3", storage_path=str(tmp_path / "runs"),
+                       name="ilql", checkpoint_every=2, log_every=1, max_failures=1, val_fraction=0.1,
+                       eval_problems=2, eval_max_new_tokens=8))
+    m = r["metrics"]
+    assert m["step"] == 6 and m["zero_stage"] == 3
+    assert m["resumed_from_step"] == 4  # the run restarted from its last checkpoint, not from scratch
+    history = json.loads((tmp_path / "runs" / "ilql" / "metrics.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
+    final = r["final_dir"]
+    d = load_decomposer(final)
+    assert d.has_heads and d.config["algo"] == "ilql" and d.config["rewards"] == "dense"
+    heads, target = load_heads(final)
+    assert heads.q1[2].weight.shape[0] == d.model.config.vocab_size
+    assert generate_subquestions(d, ["Tom has 3 apples. How many?"], max_new_tokens=6, beta=1.0)[0].completion_tokens > 0
