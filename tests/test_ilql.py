@@ -105,7 +105,7 @@ def test_polyak_update_and_guided_logits():
 
 # ---------------------------------------------------------------- synthetic acceptance run (real Ray Train)
 
-GOOD, BAD = "How many apples does Sam have?", "How many pears does Sam have?"
+GOOD, BAD = "How many apples?", "How many pears?"
 
 
 @pytest.fixture(scope="module")
@@ -148,18 +148,19 @@ def test_ilql_guided_decoding_picks_rewarded_continuation(tmp_path, ray_local):
         rows.append(SubQRow(problem_id(prob), prob, f"#### {2 * k + 5}", float(2 * k + 5), sets, source="syn", source_index=k))
     write_parquet(rows, str(tmp_path / "syn.parquet"))
     model = create_tiny_model(str(tmp_path / "tiny"), n_layer=2, n_embd=64)
-    r = run_train(dict(algo="ilql", rewards="sparse", data=str(tmp_path / "syn.parquet"), model=model, steps=400,
-                       batch_size=16, lr=3e-3, num_workers=1, deepspeed="zero0", storage_path=str(tmp_path / "runs"),
+    r = run_train(dict(algo="ilql", rewards="sparse", data=str(tmp_path / "syn.parquet"), model=model, steps=500,
+                       batch_size=16, lr=1e-3, num_workers=1, deepspeed="zero0", storage_path=str(tmp_path / "runs"),
                        name="ilql-syn", val_fraction=0, checkpoint_every=1000, log_every=50, eval_problems=0,
-                       ilql={"polyak": 0.2}))
+                       ilql={"polyak": 0.05}))
     d = load_decomposer(r["final_dir"])
     assert d.has_heads
     problems = [row.problem for row in rows]
     # the BC policy (the LM, trained with the plain BC loss on both continuations) stays near 50/50
     bc_p_good = [1 / (1 + math.exp(_sequence_scores(d, p, BAD, 0.0) - _sequence_scores(d, p, GOOD, 0.0))) for p in problems]
-    assert all(0.3 < x < 0.7 for x in bc_p_good), bc_p_good
-    # guided by the Q/V heads, the rewarded continuation dominates
+    assert all(0.35 < x < 0.65 for x in bc_p_good), bc_p_good
+    # guided by the Q/V heads the rewarded continuation is preferred. At convergence adv(GOOD) - adv(BAD) = 1 at the
+    # branch token (Q = 1 vs 0), so with beta = 1 its probability tends to sigmoid(1) = 0.73
     guided_p_good = [1 / (1 + math.exp(_sequence_scores(d, p, BAD, 1.0) - _sequence_scores(d, p, GOOD, 1.0))) for p in problems]
-    assert all(x > 0.8 for x in guided_p_good), guided_p_good
+    assert all(g > 0.6 and g > b + 0.1 for g, b in zip(guided_p_good, bc_p_good)), (guided_p_good, bc_p_good)
     gens = generate_subquestions(d, problems, max_new_tokens=16, beta=1.0)
     assert [g.questions for g in gens] == [[GOOD]] * len(problems)
