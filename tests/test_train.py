@@ -196,6 +196,12 @@ def test_bc_two_workers_zero2_overfits_32_examples(tmp_path, tiny, ray_local):
     assert not d.has_heads and d.text_format.name == "paper"
     gens = generate_subquestions(d, [row.problem for row in _rows(2)], max_new_tokens=48)
     assert all(g.completion_tokens > 0 for g in gens)
+    # --resume continues the finished run from its last checkpoint (step 100) to the new step budget
+    r2 = run_train(dict(algo="bc", data=str(tmp_path / "b32.json"), model=tiny, steps=104, batch_size=8, lr=3e-3,
+                        num_workers=2, deepspeed="zero2", storage_path=str(tmp_path / "runs"), name="bc", resume=True,
+                        checkpoint_every=50, log_every=2, eval_problems=0, val_fraction=0))
+    assert r2["metrics"]["resumed_from_step"] == 100 and r2["metrics"]["step"] == 104
+    assert r2["metrics"]["loss"] < 1.5  # the weights came back, not a fresh model (loss > 5)
 
 
 @pytest.mark.slow

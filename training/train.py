@@ -410,9 +410,23 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.description)
         else:
             p.add_argument(flag, default=None, help=f.description)
+    p.add_argument("--ilql", action="append", default=None, metavar="KEY=VALUE",
+                   help="Repeatable ILQL override (gamma, tau, cql_weight, polyak, beta, ...).")
     args = vars(p.parse_args(argv))
     path = args.pop("config")
     try:
+        if args["ilql"]:
+            import yaml
+
+            from subq.config import read_yaml
+
+            base = dict((read_yaml(path).get("ilql") or {}) if path else {})
+            for item in args["ilql"]:
+                if "=" not in item:
+                    raise ConfigError(f"expected KEY=VALUE, got {item!r}", field="--ilql")
+                k, v = item.split("=", 1)
+                base[k.strip()] = yaml.safe_load(v)
+            args["ilql"] = base
         cfg = load_config(TrainConfig, path, args)
         result = run_train(cfg)
     except SubqError as e:
