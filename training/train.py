@@ -167,7 +167,9 @@ def _build_module(cfg: TrainConfig, tokenizer):
         if cfg.init_from and (Path(cfg.init_from) / HEADS_FILE).exists():
             heads, _ = load_heads(cfg.init_from)
         else:
-            heads = ILQLHeads(lm.config.hidden_size, lm.get_output_embeddings().weight.shape[0])
+            emb = lm.get_output_embeddings().weight
+            vocab = emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]  # ZeRO-3: partitioned at init
+            heads = ILQLHeads(lm.config.hidden_size, vocab)
     return Policy(lm, heads)
 
 
@@ -179,6 +181,7 @@ def train_loop(loop_cfg: dict) -> None:
     import ray.train
     import torch
     from ray.train import Checkpoint
+    from ray.train.torch import get_device
     from transformers import AutoTokenizer
 
     from subq.textformat import get_format
@@ -189,7 +192,7 @@ def train_loop(loop_cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    device = get_device() if cfg.use_gpu else torch.device("cpu")  # Ray Train set CUDA_VISIBLE_DEVICES, LOCAL_RANK
     torch.manual_seed(cfg.seed)
     fmt = get_format(cfg.text_format)
     ilql_cfg = ILQLConfig(**cfg.ilql_dict())
@@ -211,9 +214,14 @@ def train_loop(loop_cfg: dict) -> None:
     val_probs = val_problems(val_rows, cfg.eval_problems)
 
     # engine
-    module = _build_module(cfg, tok)
     ds_cfg = deepspeed_config(cfg, world)
     stage = zero_stage(ds_cfg)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray Train's process group
+    if stage == 3:  # from_pretrained then builds the LM under deepspeed.zero.Init: each rank holds only its shard
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_cfg = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (transformers keeps a weakref; keep it alive)
+    module = _build_module(cfg, tok)
     # fp32 target heads, copied before ZeRO-3 partitions the online heads; they stay outside the engine
     target = TargetQHeads(module.heads).to(device) if module.heads is not None else None
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
@@ -371,6 +379,9 @@ def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int) ->
         engine.module.state_dict() if rank == 0 else None)
     if rank != 0:
         return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # rank 0 alone builds the plain model below: no zero.Init (a collective)
     module = engine.module
     lm_sd = {k[3:]: v for k, v in sd.items() if k.startswith("lm.")}
     fresh = AutoModelForCausalLM.from_config(module.lm.config, dtype=torch.float32)
