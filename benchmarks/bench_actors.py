@@ -1,7 +1,7 @@
 """1 vs 4 teacher actors against the teacher server's rate limit (cluster RateLimiter at the same limit).
 
-    /work/venv/bin/python benchmarks/bench_actors.py                      # defaults below
-    /work/venv/bin/python benchmarks/bench_actors.py --rpm 240 --latency-s 1.0 --problems 16
+    .venv/bin/python benchmarks/bench_actors.py                      # defaults below
+    .venv/bin/python benchmarks/bench_actors.py --rpm 240 --latency-s 1.0 --problems 16
     ray job submit --working-dir . -- python benchmarks/bench_actors.py   # on a cluster (joins it)
 
 The local teacher server (pipelines.teacher_server) answers with ~`latency` seconds and enforces `rpm` itself

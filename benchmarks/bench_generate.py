@@ -1,7 +1,7 @@
 """Generation benchmarks against the local teacher server (pipelines.teacher_server); prints markdown tables.
 
-    /work/venv/bin/python benchmarks/bench_generate.py                 # both benchmarks
-    /work/venv/bin/python benchmarks/bench_generate.py --which limit --rpm 600 --seconds 40
+    .venv/bin/python benchmarks/bench_generate.py                 # both benchmarks
+    .venv/bin/python benchmarks/bench_generate.py --which limit --rpm 600 --seconds 40
     ray job submit --working-dir . -- python benchmarks/bench_generate.py --which overhead
 
 (1) `limit`: server limited to L requests/minute with ~200 ms latency. subq (`run_generate`: Ray Data, 2 teacher

@@ -1,8 +1,8 @@
 """Decomposer serving benchmark: throughput and p50/p99 latency of `POST /v1/decompose` over real HTTP at 1, 8 and
 32 concurrent clients, with `@serve.batch` (max_batch_size=32) vs max_batch_size=1, on the tiny model.
 
-    /work/venv/bin/python benchmarks/bench_serve.py                  # tiny random GPT-2 made on the fly
-    /work/venv/bin/python benchmarks/bench_serve.py --model ckpt/bc --requests 128 --max-new-tokens 32
+    .venv/bin/python benchmarks/bench_serve.py                  # tiny random GPT-2 made on the fly
+    .venv/bin/python benchmarks/bench_serve.py --model ckpt/bc --requests 128 --max-new-tokens 32
     ray job submit --working-dir . -- python benchmarks/bench_serve.py --requests 256
 
 One decomposer replica (autoscaling pinned to 1) so the comparison isolates batching. Greedy decoding, fixed

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from subq.schema import read_parquet
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path("/work/venv/bin")
+BIN = Path(sys.executable).parent  # the venv running the tests: `ray`, `subq`, `python`
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,21 +20,28 @@ from subq.problems import load_problems
 from subq.schema import read_parquet
 
 pytestmark = pytest.mark.slow
-BIN = Path("/work/venv/bin")
+BIN = Path(sys.executable).parent  # the venv running the tests: its `subq` console script
 
 
-def test_worker_node_lost_mid_generation_every_problem_once_no_completed_call_resent(tmp_path, monkeypatch):
+def test_worker_node_lost_mid_generation_every_problem_once_no_completed_call_resent(tmp_path):
+    """Runs `scenario` in its own interpreter: token auth is process-global in Ray (the cached RayConfig and the
+    C++ token loader), so a token cluster in the pytest process would break every later `ray.init()` there."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    print(r.stdout[-2000:])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
+    assert "SCENARIO OK" in r.stdout
+
+
+def scenario(tmp_path: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
     from pipelines.teacher_server import TeacherServer
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    from ray._raylet import Config
-
-    Config.initialize("")  # this process's cached RayConfig must see RAY_AUTH_MODE=token too
+    assert os.environ.get("RAY_AUTH_MODE") == "token" and os.environ.get("RAY_AUTH_TOKEN")
     mem = 100 * 1024 ** 2
     temp_dir = tempfile.mkdtemp(prefix="rcm", dir="/tmp")  # short: AF_UNIX socket paths
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=mem,
@@ -84,9 +92,15 @@ def test_worker_node_lost_mid_generation_every_problem_once_no_completed_call_re
         assert st["completed"] >= n * 3 and sent_before < st["total"]  # work went on after the loss
         print(f"node removed after {len(recorded)} recorded replies; duplicates (in-flight at loss): "
               f"{st['duplicates']}; total requests {st['total']}")
+        print("SCENARIO OK")
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    scenario(Path(sys.argv[1]))
