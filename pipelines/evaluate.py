@@ -295,6 +295,9 @@ class Solver:
         self.family = settings.prompt
         self._client = None
         self._local = None
+        from cluster.submit import load_secret
+
+        load_secret()  # under `subq submit`: the key shipped with the job (never in its env_vars or entrypoint)
         self._key = os.environ.get(settings.api_key_env) or None
 
     # -- backends

@@ -26,6 +26,7 @@ Python API: `ServeConfig`, `build_app(config) -> Application`, `app_builder(args
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -653,3 +654,14 @@ def stop_serve(shutdown_ray: bool = True) -> None:
         finally:
             if shutdown_ray:
                 ray.shutdown()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m pipelines.serve ...` (what `subq submit serve` runs on the cluster): the same flags as `subq serve`."""
+    from subq.cli import main as cli_main
+
+    cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

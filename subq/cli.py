@@ -32,6 +32,7 @@ COMMAND_MODULES: list[str] = [
     "pipelines.generate_cmd",
     "cluster.cluster_cmd",
     "training.train_cmd",
+    "pipelines.demo_cmd",
 ]
 
 

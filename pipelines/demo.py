@@ -1,0 +1,570 @@
+"""`subq demo`: the whole distillation loop, end to end, on an embedded local Ray, offline, with no key.
+
+    subq demo                                   # ~N minutes on 2 cores: replay teacher, tiny GPT-2, BC + FBC
+    subq demo --algos bc,filtered_bc,ilql --problems 64 --steps 120
+    subq demo --base-url https://api.openai.com/v1 --teacher-model gpt-4o-mini --model gpt2-local-dir \\
+        --problems 500 --eval-problems 200 --max-cost-usd 5      # the same loop as a real run (key: OPENAI_API_KEY)
+
+Stages (one line each on stdout; the generation job's progress line on stderr):
+
+1. **ray**      start a local Ray (or join `RAY_ADDRESS` / `--ray-address`);
+2. **teacher**  start the local teacher server in replay mode (pipelines.teacher_server), unless `--base-url`;
+3. **generate** GSM8K-AI-SubQ rows for the first `--problems` problems of `--input` through `--actors` rate-limited
+   teacher actors (pipelines.generate: Ray Data, cluster limiter, durable cache) -> OUT/generate/;
+4. **model**    a tiny random-init GPT-2 + locally trained tokenizer (`subq init-model`) unless `--model`;
+5. **train**    each of `--algos` with Ray Train + DeepSpeed (training.train); FBC and ILQL start from the BC
+   checkpoint as in the paper -> OUT/runs/<algo>-<data hash>/;
+6. **serve**    the Serve app (pipelines.serve) with each distilled decomposer and the solver (the teacher endpoint);
+7. **evaluate** `POST /v1/evaluations` on the next `--eval-problems` problems of `--input` (held out: never
+   generated nor trained on) for single-stage (`none`), the teacher's decomposition (`teacher`) and each distilled
+   decomposer -> OUT/eval/ (results.json, report.md, PNGs, paper_raw files);
+8. **report**   OUT/report.md + OUT/report.json: rows, tokens, $, 429s, training end points, accuracy per scoring mode,
+   tokens/$ per stage, and what ran offline (so what the numbers mean).
+
+Resume: everything lands under OUT. Re-running the same command re-uses generated rows and cached teacher replies
+(only calls in flight when it stopped are sent again), finished training runs (a run with a checkpoint but no
+final model is resumed from it) and a finished evaluation of the same models and problems. Ctrl-C stops cleanly
+(exit 130) and says where to resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from subq.errors import ConfigError, SubqError
+
+ALGOS = ("bc", "filtered_bc", "ilql")
+LOCAL_KEY_ENV, LOCAL_KEY = "SUBQ_DEMO_LOCAL_KEY", "subq-demo-local"  # offline: the local server's (unchecked) key;
+# a real key the user has exported is never sent to the local server
+
+
+class DemoConfig(BaseModel):
+    """Everything `subq demo` needs; YAML keys and CLI flags have the same names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field("subq-demo", description="Output directory (local): generate/, model/, runs/, eval/, report.md.")
+    input: str = Field("gsm8k:test", description="Problems: the first `problems` are generated and trained on, the next "
+                       "`eval_problems` evaluated. gsm8k:test is what the replay teacher has recordings for.")
+    problems: int = Field(48, ge=4, description="Problems to generate GSM8K-AI-SubQ rows for (the training set).")
+    eval_problems: int = Field(16, ge=1, description="Held-out problems evaluated through the Serve endpoint.")
+    # teacher (generation) and solver (evaluation)
+    base_url: Optional[str] = Field(None, description="Real OpenAI-compatible teacher endpoint. None: start the local "
+                                    "replay teacher server (offline, no key).")
+    teacher_model: str = Field("gpt-3.5-turbo", description="Teacher model (paper: gpt-3.5-turbo).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the env var holding the teacher/solver key.")
+    solver_model: Optional[str] = Field(None, description="Solver model for evaluation (default: teacher_model).")
+    solver_base_url: Optional[str] = Field(None, description="Solver endpoint (default: the teacher's).")
+    n_sets: int = Field(3, ge=1, description="Sub-question sets per problem (paper: 3).")
+    n_feedback: int = Field(3, ge=0, description="Feedback calls per set (paper: 3).")
+    rpm: Optional[float] = Field(1500.0, gt=0, description="Cluster-wide teacher requests/minute (the replay server "
+                                 "enforces the same limit with 429 + Retry-After).")
+    tpm: Optional[float] = Field(None, gt=0, description="Cluster-wide teacher tokens/minute.")
+    actors: str = Field("2,2", description="Teacher actor pool MIN,MAX (Ray Data autoscaling).")
+    batch_size_generate: int = Field(4, ge=1, description="Problems per generation batch (one Parquet part each).")
+    max_cost_usd: Optional[float] = Field(None, gt=0, description="Stop generation cleanly after this much spend.")
+    teacher_latency_s: float = Field(0.1, ge=0, description="Replay server: mean reply latency (seconds).")
+    # decomposer training
+    model: Optional[str] = Field(None, description="Base decomposer (HF causal LM directory). None: `subq init-model`.")
+    algos: list[Literal["bc", "filtered_bc", "ilql"]] = Field(["bc", "filtered_bc"], description="Algorithms to "
+                                                              "train, in order; FBC/ILQL start from BC when BC is listed.")
+    ilql_rewards: Literal["sparse", "dense"] = Field("dense", description="ILQL rewards.")
+    steps: int = Field(150, ge=1, description="Optimizer steps for BC; FBC and ILQL get half (they start from BC).")
+    batch_size: int = Field(8, ge=1, description="Micro batch per training worker.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate (higher than the paper's 1e-4: a tiny model, few steps).")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="Train and serve on GPUs.")
+    deepspeed: str = Field("zero2", description="DeepSpeed preset (zero0..zero3) or JSON config path.")
+    max_new_tokens: int = Field(64, ge=1, description="Decomposer tokens per decomposition (validation and serving).")
+    beta: float = Field(1.0, description="ILQL guidance weight when serving an ILQL decomposer.")
+    # cluster
+    ray_address: Optional[str] = Field(None, description="Join this Ray cluster (default: RAY_ADDRESS, else start one).")
+    port: int = Field(0, ge=0, le=65535, description="Serve HTTP port on 127.0.0.1 (0: a free one).")
+
+    @field_validator("algos", mode="before")
+    @classmethod
+    def _algos(cls, v):
+        if isinstance(v, str):
+            v = [a.strip() for a in v.split(",") if a.strip()]
+        if not v:
+            raise ValueError(f"name at least one of {', '.join(ALGOS)}")
+        return v
+
+    @field_validator("actors")
+    @classmethod
+    def _actors(cls, v: str) -> str:
+        from pipelines.generate import GenerateConfig
+
+        from pydantic import ValidationError
+
+        try:
+            GenerateConfig.model_validate({"output": "x", "actors": v})  # the generation job's own rule (MIN,MAX)
+        except ValidationError as e:
+            raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return v
+
+    @property
+    def solver(self) -> str:
+        return self.solver_model or self.teacher_model
+
+    @property
+    def offline(self) -> bool:
+        return self.base_url is None
+
+    @property
+    def key_env(self) -> str:
+        return LOCAL_KEY_ENV if self.offline else self.api_key_env
+
+
+class Stopped(Exception):
+    """Ctrl-C / SIGTERM during a stage."""
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _data_hash(rows) -> str:
+    return hashlib.sha256("\n".join(sorted(r.problem_id for r in rows)).encode()).hexdigest()[:8]
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def split_problems(cfg: DemoConfig):
+    """(training problems, held-out problems): the first `problems` and the next `eval_problems` of the input, by
+    content id, disjoint (the held-out set goes to OUT/heldout.jsonl, GSM8K fields, for the endpoint)."""
+    from subq.problems import load_problems
+
+    allp = load_problems(cfg.input, cfg.problems + cfg.eval_problems)
+    if len(allp) < cfg.problems + cfg.eval_problems:
+        raise ConfigError(f"{cfg.input} has {len(allp)} problems; problems + eval_problems = "
+                          f"{cfg.problems + cfg.eval_problems}", field="eval_problems")
+    train, held = allp[:cfg.problems], allp[cfg.problems:]
+    train_ids = {p.problem_id for p in train}
+    held = [p for p in held if p.problem_id not in train_ids]  # duplicates in a split never leak into evaluation
+    return train, held
+
+
+def stage_generate(cfg: DemoConfig, out: Path, teacher_url: str) -> dict:
+    from pipelines.generate import GenerateConfig, run_generate
+
+    gcfg = GenerateConfig(input=cfg.input, output=str(out / "generate"), model=cfg.teacher_model, base_url=teacher_url,
+                          api_key_env=cfg.key_env, n_sets=cfg.n_sets, n_feedback=cfg.n_feedback, rpm=cfg.rpm,
+                          tpm=cfg.tpm, actors=cfg.actors, batch_size=cfg.batch_size_generate, limit=cfg.problems,
+                          max_cost_usd=cfg.max_cost_usd, progress_interval_s=5.0, max_concurrency=16)
+    summary = run_generate(gcfg)
+    if summary["rows_total"] < 4:
+        raise SubqError(f"only {summary['rows_total']} rows were generated (failures: {summary['failures_open']}); "
+                        f"see {out / 'generate' / 'failures.jsonl'}", field="problems")
+    return summary
+
+
+def stage_model(cfg: DemoConfig, out: Path) -> str:
+    if cfg.model:
+        return cfg.model
+    path = out / "model"
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+        return str(path)
+    from training.init_model import create_tiny_model
+
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    create_tiny_model(str(tmp), n_layer=2, n_embd=128, n_head=4, vocab_size=2048)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.replace(path)  # complete or absent: a re-run after Ctrl-C never sees half a model
+    return str(path)
+
+
+def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: str,
+                say: Callable[[str], None]) -> dict:
+    """Train every algo (skipping finished runs, resuming interrupted ones); returns {algo: run info}."""
+    from training.config import TrainConfig
+    from training.train import run_train
+
+    runs: dict[str, dict] = {}
+    storage_path = out / "runs"
+    for algo in cfg.algos:
+        name = f"{algo}-{data_hash}"
+        rd = storage_path / name
+        final = rd / "final"
+        init_from = runs["bc"]["final_dir"] if algo != "bc" and "bc" in runs else None
+        steps = cfg.steps if algo == "bc" or init_from is None else max(1, cfg.steps // 2)
+        if (final / "config.json").is_file():
+            say(f"      {algo}: finished earlier, re-used ({final})")
+        else:
+            resume = rd.exists() and any(rd.glob("checkpoint_*"))
+            if rd.exists() and not resume:
+                shutil.rmtree(rd)  # started but never checkpointed: nothing to keep
+            tcfg = TrainConfig(
+                algo=algo, rewards=cfg.ilql_rewards, data=data, model=model, init_from=init_from, steps=steps,
+                batch_size=cfg.batch_size, lr=cfg.lr, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                deepspeed=cfg.deepspeed, storage_path=str(storage_path), name=name, resume=resume,
+                checkpoint_every=max(1, steps // 2), keep_checkpoints=1, log_every=max(1, steps // 6),
+                eval_every=max(1, steps // 2), eval_problems=4, eval_max_new_tokens=cfg.max_new_tokens,
+                val_fraction=0.1, max_length=384, max_failures=1)
+            t0 = time.time()
+            say(f"      {algo}: {steps} steps, {cfg.num_workers} Ray Train workers, DeepSpeed {cfg.deepspeed}"
+                + (f", from {Path(init_from).parent.name}" if init_from else "") + (", resuming" if resume else ""))
+            res = run_train(tcfg, ray_init={})
+            say(f"      {algo}: done in {time.time() - t0:.0f}s -> {res['final_dir']}")
+        history = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").is_file() else []
+        runs[algo] = {"name": name, "run_dir": str(rd), "final_dir": str(final), "steps": steps,
+                      "init_from": init_from, "history": history, "end": _end_points(history)}
+    return runs
+
+
+def _end_points(history: list[dict]) -> dict:
+    """First and last training loss, and the last validation metrics."""
+    if not history:
+        return {}
+    first, last = history[0], history[-1]
+    val = next((h for h in reversed(history) if "val_loss" in h), {})
+    keys = ("val_loss", "val_bleu", "val_num_subq", "val_ref_num_subq", "val_parsed_frac")
+    return {"step": last.get("step"), "loss_first": first.get("loss"), "loss_last": last.get("loss"),
+            **{k: val.get(k) for k in keys if k in val}}
+
+
+def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list, solver_url: Optional[str],
+                             say: Callable[[str], None]) -> dict:
+    """Deploy the Serve app (once per distilled decomposer) and evaluate through POST /v1/evaluations: single-stage
+    (`none`) and the teacher's decomposition (`teacher`) once, then each distilled decomposer. A finished evaluation
+    of the same held-out problems, models and solver is re-used (it paid for its solver calls)."""
+    from pipelines.evaluate import DecomposerSettings, ItemResult, SolverSettings, write_report
+    from pipelines.serve import ServeConfig, start_serve
+    from pipelines.teacher_server import free_port
+
+    solver = SolverSettings(name=cfg.solver, base_url=solver_url,
+                            api_key_env=cfg.api_key_env if cfg.solver_base_url else cfg.key_env)
+    fingerprint = hashlib.sha256(json.dumps(
+        {"held": [p.problem_id for p in held], "solver": cfg.solver, "solver_url": cfg.solver_base_url or cfg.base_url,
+         "decomposers": {a: r["name"] for a, r in runs.items()}, "beta": cfg.beta,
+         "max_new_tokens": cfg.max_new_tokens}, sort_keys=True).encode()).hexdigest()[:16]
+    done = out / "eval" / "results.json"
+    if done.is_file():
+        prev = json.loads(done.read_text())
+        if prev.get("config", {}).get("fingerprint") == fingerprint:
+            say(f"      finished earlier with the same problems and models, re-used ({done})")
+            runs_out = [{"decomposer": r["decomposer"], "solver": r["solver"], "summary": r["summary"],
+                         "items": [ItemResult.from_dict(d) for d in r["items"]],
+                         "evaluation_id": prev["config"]["evaluation_ids"].get(r["decomposer"])} for r in prev["runs"]]
+            return {"runs": runs_out, "written": {}}
+    device = "cuda" if cfg.use_gpu else "cpu"
+    port = cfg.port or free_port()
+    heldout = str(out / "heldout.jsonl")
+    results = []
+    for i, algo in enumerate(runs):
+        t0 = time.time()
+        dec = DecomposerSettings(path=runs[algo]["final_dir"], name=algo, max_new_tokens=cfg.max_new_tokens,
+                                 beta=cfg.beta, device=device)
+        scfg = ServeConfig(host="127.0.0.1", port=port, app_name="subq-demo", decomposer=dec, solver=solver,
+                           decomposer_max_replicas=1, solver_max_replicas=1,
+                           decomposer_num_gpus=1.0 if cfg.use_gpu else 0.0, eval_concurrency=8)
+        base = start_serve(scfg, ray_init={})
+        say(f"      serving decomposer {algo} + solver {cfg.solver} at {base} ({time.time() - t0:.0f}s)")
+        kinds = ([("none", "none"), ("teacher", "teacher")] if i == 0 else []) + [(algo, "distilled")]
+        for name, kind in kinds:
+            results.append(_evaluate(base, heldout, len(held), name, kind, cfg.solver, say))
+    config = {"fingerprint": fingerprint, "heldout": heldout, "solver": solver.model_dump(),
+              "decomposers": {a: runs[a]["final_dir"] for a in runs},
+              "evaluation_ids": {r["decomposer"]: r["evaluation_id"] for r in results}}
+    written = write_report(str(out / "eval"), results, config)
+    return {"runs": results, "written": written}
+
+
+def _evaluate(base: str, dataset: str, n: int, name: str, kind: str, solver: str, say) -> dict:
+    """One evaluation through the endpoint: start it, poll it to completion, fetch the per-item results."""
+    import httpx
+
+    from pipelines.evaluate import ItemResult
+
+    t0 = time.time()
+    r = httpx.post(base + "/v1/evaluations", timeout=60,
+                   json={"dataset": dataset, "decomposer": kind, "limit": n, "scoring_mode": "paper"})
+    if r.status_code != 202:
+        raise SubqError(f"POST /v1/evaluations ({name}) answered {r.status_code}: {r.text[:300]}")
+    eid = r.json()["id"]
+    while True:
+        view = httpx.get(f"{base}/v1/evaluations/{eid}", timeout=60).json()
+        if view["status"] != "running":
+            break
+        time.sleep(0.5)
+    if view["status"] != "completed":
+        raise SubqError(f"evaluation {eid} ({name}) {view['status']}: {view.get('error')}")
+    full = httpx.get(f"{base}/v1/evaluations/{eid}", params={"items": "true"}, timeout=60).json()
+    items = [ItemResult.from_dict(d) for d in full["items"]]
+    if items and all(it.error for it in items):
+        first = next(it for it in items if it.error)
+        raise SubqError(f"every item of evaluation {eid} ({name}) failed; first, at {first.error_stage}: {first.error}")
+    for it in items:
+        it.decomposer = name
+    acc = full["summary"]["accuracy"]
+    say(f"      {name:>12} -> {solver}: paper {acc['paper']['accuracy']:.3f}  strict {acc['strict']['accuracy']:.3f}  "
+        f"flexible {acc['flexible']['accuracy']:.3f}  ({len(items)} problems, {full['summary']['errors']} errors, "
+        f"{time.time() - t0:.0f}s, {eid})")
+    return {"decomposer": name, "solver": solver, "summary": full["summary"], "items": items, "evaluation_id": eid}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dict, timings: dict) -> dict:
+    from pipelines.evaluate import markdown_table
+
+    this = gen["this_run"]
+    spent = _spent(out)
+    g = {"rows": gen["rows_total"], "failures_open": gen["failures_open"], "problems": gen["problems"],
+         "teacher_calls": spent["calls"], "requests_sent_this_run": this["requests_sent"], "prompt_tokens": spent["prompt_tokens"],
+         "completion_tokens": spent["completion_tokens"], "cost_usd": round(spent["cost_usd"], 6),
+         "n_429": spent["n_429"], "this_run": this, "actors_used": this.get("actors_used")}
+    evals = [{"decomposer": r["decomposer"], "solver": r["solver"], "evaluation_id": r["evaluation_id"],
+              "accuracy": {m: r["summary"]["accuracy"][m]["accuracy"] for m in ("paper", "strict", "flexible")},
+              "correct_paper": r["summary"]["accuracy"]["paper"]["correct"], "n": r["summary"]["n"],
+              "usage": r["summary"]["usage"], "mean_subq": r["summary"]["sub_questions"]["mean"],
+              "errors": r["summary"]["errors"]} for r in ev["runs"]]
+    report = {"config": cfg.model_dump(), "offline": cfg.offline, "generation": g,
+              "training": {a: {k: v for k, v in r.items() if k != "history"} for a, r in runs.items()},
+              "evaluation": evals, "timings_s": timings, "paths": {"eval": str(out / "eval"),
+                                                                  "generate": str(out / "generate")}}
+    _write_json(out / "report.json", report)
+
+    md = ["# subq demo report", ""]
+    if cfg.offline:
+        md += ["**Offline run: read the accuracy column with care.** The teacher and the solver were the local replay "
+               "server (`subq teacher-server`). Its sub-question sets and answers are the released ChatGPT replies "
+               "of GSM8K-AI-SubQ (test split) where recorded, and labelled synthetic replies built from the GSM8K "
+               "gold solutions elsewhere; every feedback vote is synthetic. Every solver reply for a problem ends "
+               "with the final answer ChatGPT gave for it in the release: replayed verbatim for a recorded "
+               "sub-question set, synthesised around that final answer otherwise (no sub-questions, or a set written "
+               "by our decomposer). So:",
+               "",
+               "- the accuracy is the release's teacher accuracy on these problems, the same for every row: it is "
+               "not a measurement of single-stage solving or of any decomposer;",
+               "- what IS measured here: rows, calls, tokens, $ (at the price table's rates) and 429s of generation; "
+               "the training curves; the decomposers' sub-questions, their counts and tokens; tokens and $ per "
+               "stage in evaluation; and that every part ran on Ray (actors, Train + DeepSpeed, Serve);",
+               f"- the decomposer is {'a tiny random-init GPT-2 (`subq init-model`)' if not cfg.model else cfg.model} "
+               f"trained for {cfg.steps} steps on {gen['rows_total']} problems: it shows the pipeline, not the "
+               "paper's result.",
+               "",
+               "With `--base-url` (and its key) and a real `--model`, the same command and this same report are the "
+               "real experiment.", ""]
+    else:
+        md += [f"**Live run** against {cfg.base_url} (teacher {cfg.teacher_model}, solver {cfg.solver}); base "
+               f"decomposer {cfg.model or 'tiny random-init GPT-2'}.", ""]
+    md += ["## Generation (GSM8K-AI-SubQ rows)", "",
+           "| rows | failures | teacher calls paid | requests sent (this run) | prompt tokens | completion tokens | $ | 429s |",
+           "|---|---|---|---|---|---|---|---|",
+           f"| {g['rows']}/{g['problems']} | {g['failures_open']} | {g['teacher_calls']} | {g['requests_sent_this_run']} | "
+           f"{g['prompt_tokens']} | {g['completion_tokens']} | {g['cost_usd']:.4f} | {g['n_429']} |", "",
+           f"Calls, tokens, $ and 429s are totals over every run of this demo directory, read from the durable "
+           f"request cache (one record per paid reply; a resumed run adds only the calls it sent). Data: "
+           f"`generate/parts/` (Parquet), `generate/paper_raw.jsonl`, `generate/paper_dataset.json`.", "",
+           "## Training (Ray Train + DeepSpeed)", "",
+           "| algo | steps | from | loss first -> last | val loss | val BLEU | val #subq (ref) | curves |",
+           "|---|---|---|---|---|---|---|---|"]
+    for algo, r in runs.items():
+        e = r["end"]
+        md.append(f"| {algo} | {r['steps']} | {Path(r['init_from']).parent.name if r['init_from'] else 'base'} | "
+                  f"{_fmt(e.get('loss_first'))} -> {_fmt(e.get('loss_last'))} | {_fmt(e.get('val_loss'))} | "
+                  f"{_fmt(e.get('val_bleu'), 2)} | {_fmt(e.get('val_num_subq'), 2)} ({_fmt(e.get('val_ref_num_subq'), 2)}) | "
+                  f"[metrics.png](runs/{r['name']}/metrics.png) |")
+    md += ["", "## Evaluation through the Serve endpoint (`POST /v1/evaluations`, held-out problems)", "",
+           markdown_table(ev["runs"]).rstrip(), "",
+           "Plots: [accuracy vs cost](eval/accuracy_vs_cost.png), [sub-questions](eval/subquestions_hist.png). "
+           "Per pair, `eval/<pair>.paper_raw.jsonl` re-scores with `subq score FILE --mode paper|strict|flexible`.",
+           "", "## Time", "", "| " + " | ".join(timings) + " |", "|" + "---|" * len(timings),
+           "| " + " | ".join(f"{v:.0f}s" for v in timings.values()) + " |", ""]
+    (out / "report.md").write_text("\n".join(md))
+    return report
+
+
+def _spent(out: Path) -> dict:
+    """Teacher calls, tokens, $ and 429s recorded in the durable cache (every paid reply, over every run)."""
+    tot = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "n_429": 0}
+    for f in (out / "generate" / "cache").rglob("*.json"):
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        tot["calls"] += 1
+        tot["prompt_tokens"] += int(d.get("prompt_tokens", 0) or 0)
+        tot["completion_tokens"] += int(d.get("completion_tokens", 0) or 0)
+        tot["cost_usd"] += float(d.get("cost_usd", 0.0) or 0.0)
+        tot["n_429"] += int(d.get("n_429", 0) or 0)
+    return tot
+
+
+def summary_table(report: dict) -> str:
+    """The short table `subq demo` prints at the end."""
+    g = report["generation"]
+    lines = [f"rows generated      {g['rows']}/{g['problems']} (failures {g['failures_open']})",
+             f"teacher spend       {g['teacher_calls']} calls, {g['prompt_tokens'] + g['completion_tokens']} tokens, "
+             f"${g['cost_usd']:.4f}, 429s {g['n_429']}"]
+    for algo, r in report["training"].items():
+        e = r["end"]
+        lines.append(f"train {algo:<13} loss {_fmt(e.get('loss_first'))} -> {_fmt(e.get('loss_last'))}, "
+                     f"val loss {_fmt(e.get('val_loss'))}, val BLEU {_fmt(e.get('val_bleu'), 2)}")
+    lines.append("")
+    lines.append(f"{'decomposer':<12} {'paper':>6} {'strict':>6} {'flex':>6}  {'decomp tok':>10} {'solve tok':>9} "
+                 f"{'total $':>9}  #subq")
+    for e in report["evaluation"]:
+        u = e["usage"]
+        lines.append(f"{e['decomposer']:<12} {e['accuracy']['paper']:>6.3f} {e['accuracy']['strict']:>6.3f} "
+                     f"{e['accuracy']['flexible']:>6.3f}  {u['decompose']['tokens']:>10} {u['solve']['tokens']:>9} "
+                     f"{u['total']['cost_usd']:>9.5f}  {e['mean_subq']:.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
+    """Run (or resume) the demo; returns the report dict (also OUT/report.json)."""
+    import ray
+
+    out = Path(cfg.out).resolve()
+    if not cfg.offline and not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"environment variable {cfg.api_key_env} is not set (a real --base-url needs its key)",
+                          field="api_key_env")
+    train_p, held = split_problems(cfg)  # input errors surface before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.yaml").write_text(__import__("yaml").safe_dump(cfg.model_dump(), sort_keys=False))
+    (out / "heldout.jsonl").write_text("".join(json.dumps({"question": p.problem, "answer": p.gold_answer}) + "\n"
+                                               for p in held))
+    timings: dict[str, float] = {}
+    stage = {"name": "start"}
+    teacher = None
+    started_ray = False
+
+    def on_term(signum, frame):  # SIGTERM (e.g. `ray job stop`) behaves like Ctrl-C
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term) if hasattr(signal, "SIGTERM") else None
+    t_all = time.time()
+    try:
+        stage["name"] = "ray"
+        t0 = time.time()
+        if cfg.offline:  # before Ray starts: Serve replicas and actors inherit the environment of the local Ray
+            os.environ[LOCAL_KEY_ENV] = LOCAL_KEY
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():
+            kw = {} if address else {"num_cpus": max(2, os.cpu_count() or 2), "include_dashboard": False}
+            ray.init(address=address, log_to_driver=False, **kw)
+            started_ray = True
+        res = ray.cluster_resources()
+        say(f"[1/8] ray       {'joined ' + address if address else 'local'}: {res.get('CPU', 0):.0f} CPU, "
+            f"{res.get('GPU', 0):.0f} GPU ({time.time() - t0:.0f}s)")
+        timings["ray"] = time.time() - t0
+
+        stage["name"] = "teacher"
+        t0 = time.time()
+        teacher_url = cfg.base_url
+        if cfg.offline:
+            from pipelines.teacher_server import TeacherServer
+
+            teacher = TeacherServer(rpm=cfg.rpm, tpm=cfg.tpm, latency_s=cfg.teacher_latency_s,
+                                    latency_jitter_s=cfg.teacher_latency_s / 3).start()
+            teacher_url = teacher.base_url
+            say(f"[2/8] teacher   local replay server at {teacher_url} (rpm {cfg.rpm}, latency "
+                f"{cfg.teacher_latency_s * 1000:.0f} ms): released ChatGPT replies, synthetic where unrecorded")
+        else:
+            say(f"[2/8] teacher   {cfg.base_url} model {cfg.teacher_model} (key from ${cfg.api_key_env})")
+        timings["teacher"] = time.time() - t0
+
+        stage["name"] = "generate"
+        t0 = time.time()
+        say(f"[3/8] generate  {len(train_p)} problems x {cfg.n_sets} sets x (QG + QA + {cfg.n_feedback} feedback) "
+            f"through teacher actors {cfg.actors} under rpm {cfg.rpm} -> {out / 'generate'}")
+        gen = stage_generate(cfg, out, teacher_url)
+        t = gen["this_run"]
+        say(f"      {gen['rows_total']} rows ({t['rows']} new, {gen['problems'] - gen['pending_at_start']} re-used), "
+            f"{t['requests_sent']} requests sent, {t['cache_hits']} cache hits, 429s {t['n_429']}, "
+            f"${t['cost_usd']:.4f} ({time.time() - t0:.0f}s)")
+        timings["generate"] = time.time() - t0
+
+        stage["name"] = "model"
+        t0 = time.time()
+        model = stage_model(cfg, out)
+        say(f"[4/8] model     {model}" + ("" if cfg.model else " (tiny random-init GPT-2, tokenizer trained locally)"))
+        timings["model"] = time.time() - t0
+
+        stage["name"] = "train"
+        t0 = time.time()
+        from subq.schema import read_parquet
+
+        rows = read_parquet(str(out / "generate" / "parts"))
+        dh = _data_hash(rows)
+        say(f"[5/8] train     {', '.join(cfg.algos)} on {len(rows)} rows (data {dh}) -> {out / 'runs'}")
+        runs = stage_train(cfg, out, model, str(out / "generate" / "parts"), dh, say)
+        timings["train"] = time.time() - t0
+
+        stage["name"] = "serve+evaluate"
+        t0 = time.time()
+        say(f"[6/8] serve     Ray Serve on 127.0.0.1: Decomposer -> Solver ({cfg.solver}) behind the FastAPI ingress")
+        say(f"[7/8] evaluate  {len(held)} held-out problems through POST /v1/evaluations: none, teacher, "
+            f"{', '.join(runs)}")
+        ev = stage_serve_and_evaluate(cfg, out, runs, held, cfg.solver_base_url or teacher_url, say)
+        timings["serve+evaluate"] = time.time() - t0
+
+        stage["name"] = "report"
+        timings["total"] = time.time() - t_all
+        report = write_demo_report(cfg, out, gen, runs, ev, timings)
+        say(f"[8/8] report    {out / 'report.md'}")
+        say("")
+        say(summary_table(report))
+        return report
+    except KeyboardInterrupt:
+        raise Stopped(f"stopped during {stage['name']}; finished work is kept in {out}: re-run the same command "
+                      f"to resume") from None
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        try:
+            if ray.is_initialized():
+                from ray import serve
+
+                try:
+                    serve.shutdown()
+                except Exception:  # noqa: BLE001 - Serve may never have started
+                    pass
+        finally:
+            if teacher is not None:
+                teacher.stop()
+            if started_ray:
+                ray.shutdown()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m pipelines.demo ...`: the same flags as `subq demo`."""
+    from subq.cli import main as cli_main
+
+    cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`subq demo`, the README's main command, end to end on a minimal budget (few problems, few steps): it is killed
+(SIGKILL, with the local Ray and teacher server it started) while generating, then re-run with the same command; the
+re-run does not regenerate finished rows, trains BC then Filtered BC, serves them, evaluates through the endpoint
+and writes the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from subq.problems import load_problems
+from subq.schema import read_parquet
+
+pytestmark = pytest.mark.slow
+
+N, M = 12, 4
+
+
+def _rows(out):
+    parts = out / "generate" / "parts"
+    return read_parquet(str(parts)) if parts.exists() and any(parts.glob("*.parquet")) else []
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the demo's process group (driver, teacher server, the local Ray it started) and wait until gone."""
+    members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == proc.pid]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    psutil.wait_procs([p for p in members if p.is_running()], timeout=30)
+
+
+def _pgid(pid: int):
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def test_demo_killed_while_generating_resumes_without_regenerating_and_reports(tmp_path, subq_bin):
+    out = tmp_path / "demo"
+    args = [subq_bin, "demo", "--out", str(out), "--problems", str(N), "--eval-problems", str(M), "--n-sets", "1",
+            "--n-feedback", "1", "--rpm", "60", "--steps", "4", "--batch-size", "4", "--max-new-tokens", "16"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "RAY_ADDRESS")}  # offline, keyless
+
+    # 1) start, and kill everything once some rows are written (36 calls at 60 rpm: ~30 s of generation)
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not _rows(out):
+        time.sleep(0.5)
+    assert proc.poll() is None, "the demo ended before it could be killed: " + (proc.stdout.read() or "")[-3000:]
+    assert _rows(out), "no rows written within 300 s"
+    _kill_group(proc)
+    before = {r.problem_id for r in _rows(out)}
+    assert 0 < len(before) < N
+    assert not (out / "report.md").exists()
+
+    # 2) the same command again: resumes and completes
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for i in range(1, 9):
+        assert f"[{i}/8]" in r.stdout, r.stdout
+
+    gen = json.loads((out / "generate" / "summary.json").read_text())
+    assert gen["pending_at_start"] == N - len(before)  # finished rows were not regenerated
+    assert gen["this_run"]["rows"] == N - len(before) and gen["rows_total"] == N
+    ids = [row.problem_id for row in _rows(out)]
+    train_ids = [p.problem_id for p in load_problems("gsm8k:test", N)]
+    assert sorted(ids) == sorted(train_ids)  # every problem exactly once
+    assert before <= set(ids)
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["offline"] is True
+    assert report["generation"]["rows"] == N and report["generation"]["teacher_calls"] >= N * 3
+    assert set(report["training"]) == {"bc", "filtered_bc"}
+    assert report["training"]["filtered_bc"]["init_from"] == report["training"]["bc"]["final_dir"]
+    for algo, t in report["training"].items():
+        assert t["end"]["step"] == t["steps"] and t["end"]["loss_last"] is not None, (algo, t)
+    evals = {e["decomposer"]: e for e in report["evaluation"]}
+    assert list(evals) == ["none", "teacher", "bc", "filtered_bc"]
+    assert all(e["n"] == M and e["errors"] == 0 for e in evals.values())
+    assert evals["none"]["usage"]["decompose"]["calls"] == 0
+    assert evals["teacher"]["usage"]["decompose"]["cost_usd"] > 0
+    assert evals["bc"]["usage"]["decompose"]["completion_tokens"] > 0
+    assert evals["bc"]["usage"]["decompose"]["cost_usd"] == 0  # the local decomposer costs nothing
+    # held-out problems were neither generated nor trained on
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert not {it["problem_id"] for run in res["runs"] for it in run["items"]} & set(train_ids)
+    # the report's accuracy is what `subq score` computes from the evaluation's own outputs
+    teacher_run = next(run for run in res["runs"] if run["decomposer"] == "teacher")
+    s = subprocess.run([subq_bin, "score", str(out / "eval" / teacher_run["paper_raw"]), "--mode", "paper"],
+                       capture_output=True, text=True, check=True)
+    assert json.loads(s.stdout)["correct"] == evals["teacher"]["correct_paper"]
+
+    md = (out / "report.md").read_text()
+    assert "Offline run" in md and "not a measurement" in md and "| filtered_bc |" in md and "acc paper" in md
+    for png in ("eval/accuracy_vs_cost.png", "eval/subquestions_hist.png",
+                f"runs/{report['training']['bc']['name']}/metrics.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(report["training"]["filtered_bc"]["final_dir"])
+    assert "decomposer" in r.stdout and str(out / "report.md") in r.stdout
+
+    # 3) a third run re-uses everything: no generation, no training, no new evaluation
+    r3 = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r3.returncode == 0, r3.stdout[-3000:] + r3.stderr[-3000:]
+    assert "finished earlier" in r3.stdout and json.loads((out / "generate" / "summary.json").read_text())[
+        "pending_at_start"] == 0
