@@ -29,12 +29,14 @@ final model is resumed from it) and a finished evaluation of the same models and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -201,11 +203,15 @@ def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: st
     runs: dict[str, dict] = {}
     storage_path = out / "runs"
     for algo in cfg.algos:
-        name = f"{algo}-{data_hash}"
-        rd = storage_path / name
-        final = rd / "final"
         init_from = runs["bc"]["final_dir"] if algo != "bc" and "bc" in runs else None
         steps = cfg.steps if algo == "bc" or init_from is None else max(1, cfg.steps // 2)
+        # a run is re-used only for the same data, base model and settings: they name its directory
+        settings = {"data": data_hash, "model": str(Path(model).resolve()), "init_from": init_from, "steps": steps,
+                    "lr": cfg.lr, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+                    "deepspeed": cfg.deepspeed, "rewards": cfg.ilql_rewards if algo == "ilql" else None}
+        name = f"{algo}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
+        rd = storage_path / name
+        final = rd / "final"
         if (final / "config.json").is_file():
             say(f"      {algo}: finished earlier, re-used ({final})")
         else:
@@ -222,12 +228,44 @@ def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: st
             t0 = time.time()
             say(f"      {algo}: {steps} steps, {cfg.num_workers} Ray Train workers, DeepSpeed {cfg.deepspeed}"
                 + (f", from {Path(init_from).parent.name}" if init_from else "") + (", resuming" if resume else ""))
-            res = run_train(tcfg, ray_init={})
+            with _progress_bar(f"      {algo}", steps, resumed=_last_step(rd), step_of=lambda: _last_step(rd)):
+                res = run_train(tcfg, ray_init={})
             say(f"      {algo}: done in {time.time() - t0:.0f}s -> {res['final_dir']}")
         history = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").is_file() else []
         runs[algo] = {"name": name, "run_dir": str(rd), "final_dir": str(final), "steps": steps,
                       "init_from": init_from, "history": history, "end": _end_points(history)}
     return runs
+
+
+def _last_step(run_dir: Path) -> int:
+    """The last step rank 0 logged to metrics.json (0 before the first log)."""
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text())[-1]["step"])
+    except (OSError, ValueError, LookupError, TypeError):
+        return 0
+
+
+@contextlib.contextmanager
+def _progress_bar(desc: str, total: int, step_of: Callable[[], int], resumed: int = 0, every_s: float = 1.0):
+    """A tqdm bar on stderr, advanced from `step_of()` by a background thread while the block runs."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=resumed, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(every_s):
+            bar.update(max(0, min(total, step_of()) - bar.n))
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        t.join()
+        bar.update(max(0, min(total, step_of()) - bar.n))
+        bar.close()
 
 
 def _end_points(history: list[dict]) -> dict:
@@ -291,6 +329,7 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
 def _evaluate(base: str, dataset: str, n: int, name: str, kind: str, solver: str, say) -> dict:
     """One evaluation through the endpoint: start it, poll it to completion, fetch the per-item results."""
     import httpx
+    from tqdm import tqdm
 
     from pipelines.evaluate import ItemResult
 
@@ -300,11 +339,13 @@ def _evaluate(base: str, dataset: str, n: int, name: str, kind: str, solver: str
     if r.status_code != 202:
         raise SubqError(f"POST /v1/evaluations ({name}) answered {r.status_code}: {r.text[:300]}")
     eid = r.json()["id"]
-    while True:
-        view = httpx.get(f"{base}/v1/evaluations/{eid}", timeout=60).json()
-        if view["status"] != "running":
-            break
-        time.sleep(0.5)
+    with tqdm(total=n, desc=f"      {name:>12}", unit="problem", file=sys.stderr, dynamic_ncols=True) as bar:
+        while True:
+            view = httpx.get(f"{base}/v1/evaluations/{eid}", timeout=60).json()
+            bar.update(view["done"] - bar.n)
+            if view["status"] != "running":
+                break
+            time.sleep(0.5)
     if view["status"] != "completed":
         raise SubqError(f"evaluation {eid} ({name}) {view['status']}: {view.get('error')}")
     full = httpx.get(f"{base}/v1/evaluations/{eid}", params={"items": "true"}, timeout=60).json()

@@ -20,16 +20,6 @@ pytestmark = pytest.mark.slow
 MODEL_NAME = "gpt-3.5-turbo"
 
 
-def _have_decomposer() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) for m in ("training.init_model", "training.decomposer"))
-
-
-HAVE_DECOMPOSER = _have_decomposer()
-needs_decomposer = pytest.mark.skipif(not HAVE_DECOMPOSER, reason="training.init_model/decomposer not in the tree yet")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,12 +44,10 @@ def stack(tmp_path_factory):
     from pipelines.teacher_server import TeacherServer
 
     tmp = tmp_path_factory.mktemp("serve")
-    model_dir = None
-    if HAVE_DECOMPOSER:
-        from training.init_model import create_tiny_model
+    from training.init_model import create_tiny_model
 
-        model_dir = str(tmp / "tiny")
-        create_tiny_model(model_dir, n_layer=2, n_embd=64)
+    model_dir = str(tmp / "tiny")
+    create_tiny_model(model_dir, n_layer=2, n_embd=64)
     os.environ["SUBQ_TEST_SOLVER_KEY"] = "local-test-key"  # the local teacher server accepts any key
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
     with TeacherServer() as teacher, TeacherServer(latency_s=1.5) as slow:
@@ -95,7 +83,6 @@ def client(stack):
         yield c
 
 
-@needs_decomposer
 def test_healthz_and_models(client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["decomposer"] == "subq-decomposer" and h["solver"] == MODEL_NAME
@@ -103,7 +90,6 @@ def test_healthz_and_models(client):
     assert ids == ["subq-decomposer"]
 
 
-@needs_decomposer
 def test_decompose_returns_generation_and_usage(client):
     r = client.post("/v1/decompose", json={"problem": "Tom has 3 apples and buys 2 more. How many apples?"})
     assert r.status_code == 200, r.text
@@ -112,7 +98,6 @@ def test_decompose_returns_generation_and_usage(client):
     assert body["usage"]["prompt_tokens"] > 0 and 0 < body["usage"]["completion_tokens"] <= 32
 
 
-@needs_decomposer
 def test_solve_two_stage_with_distilled_decomposer(client):
     from subq.problems import load_problems
 
@@ -141,7 +126,6 @@ def test_solve_with_teacher_decomposition_gives_subquestions_answers_final(clien
     assert single["mode"] == "single_stage" and single["sub_questions"] == [] and single["usage"]["decompose"] is None
 
 
-@needs_decomposer
 def test_openai_sdk_chats_with_served_decomposer(stack):
     import openai
 
@@ -156,7 +140,7 @@ def test_openai_sdk_chats_with_served_decomposer(stack):
         oc.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("decomposer,dataset", [pytest.param("distilled", "gsm8k:test", marks=needs_decomposer),
+@pytest.mark.parametrize("decomposer,dataset", [("distilled", "gsm8k:test"),
                                                 ("teacher", "gsm8k-ai-subq:test")])
 def test_evaluation_20_problems_matches_subq_score(client, tmp_path, subq_bin, decomposer, dataset):
     r = client.post("/v1/evaluations", json={"dataset": dataset, "decomposer": decomposer, "limit": 20,
