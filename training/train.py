@@ -108,7 +108,7 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             ),
         )
-        result = trainer.fit()
+        result = _fit_interruptibly(trainer)
     finally:
         if started:
             ray.shutdown()
@@ -117,6 +117,30 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
     rd = run_dir(cfg)
     return {"run_dir": rd, "final_dir": storage.join(rd, "final"), "metrics": result.metrics, "data": counts,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _fit_interruptibly(trainer):
+    """`trainer.fit()` in a helper thread, so that Ctrl-C reaches the caller as KeyboardInterrupt. In the main
+    thread Ray Train installs a SIGINT handler of its own and never restores the previous one (a later Ctrl-C, e.g.
+    in `subq demo`'s serving stage, would be swallowed). Stopping the driver stops the run; its checkpoints stay
+    for `--resume`."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=fit, name="subq-train-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
