@@ -226,6 +226,18 @@ def limiter_name(base_url: Optional[str], model: str) -> str:
     return f"subq-limiter:{host}:{model}"
 
 
+def resilient_on_driver_node() -> dict:
+    """Actor options for the cluster limiter: placed on the creating driver's node (the head, for cluster jobs),
+    not on a worker that the autoscaler may remove or spot may reclaim; if its node dies anyway it restarts
+    elsewhere (a fresh bucket: pacing resumes at once, the provider's own 429s re-synchronise it) and the calls in
+    flight are retried, so losing a node never fails the teacher calls that were waiting on it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return dict(max_restarts=-1, max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=True))
+
+
 def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[float] = None, *,
                           budget_usd: Optional[float] = None, burst_s: float = 0.0, detached: bool = False,
                           namespace: str = "subq", wait: bool = True):
@@ -235,7 +247,8 @@ def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[
     that update (for callers inside an event loop, e.g. a Serve replica)."""
     import ray
 
-    opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000)
+    opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000,
+                **resilient_on_driver_node())
     if detached:
         opts["lifetime"] = "detached"
     actor = ray.remote(RateLimiter).options(**opts).remote(rpm, tpm, burst_s, budget_usd)

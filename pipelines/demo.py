@@ -69,8 +69,8 @@ class DemoConfig(BaseModel):
     solver_base_url: Optional[str] = Field(None, description="Solver endpoint (default: the teacher's).")
     n_sets: int = Field(3, ge=1, description="Sub-question sets per problem (paper: 3).")
     n_feedback: int = Field(3, ge=0, description="Feedback calls per set (paper: 3).")
-    rpm: Optional[float] = Field(1500.0, gt=0, description="Cluster-wide teacher requests/minute (the replay server "
-                                 "enforces the same limit with 429 + Retry-After).")
+    rpm: Optional[float] = Field(1500.0, gt=0, description="Cluster-wide requests/minute to the teacher (generation) "
+                                 "and the solver (evaluation); the replay server enforces it with 429 + Retry-After.")
     tpm: Optional[float] = Field(None, gt=0, description="Cluster-wide teacher tokens/minute.")
     actors: str = Field("2,2", description="Teacher actor pool MIN,MAX (Ray Data autoscaling).")
     batch_size_generate: int = Field(4, ge=1, description="Problems per generation batch (one Parquet part each).")
@@ -288,7 +288,8 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
     from pipelines.serve import ServeConfig, start_serve
     from pipelines.teacher_server import free_port
 
-    solver = SolverSettings(name=cfg.solver, base_url=solver_url,
+    # the solver's calls go through the same cluster limiter as generation's (one per endpoint and model)
+    solver = SolverSettings(name=cfg.solver, base_url=solver_url, rpm=cfg.rpm, tpm=cfg.tpm,
                             api_key_env=cfg.api_key_env if cfg.solver_base_url else cfg.key_env)
     fingerprint = hashlib.sha256(json.dumps(
         {"held": [p.problem_id for p in held], "solver": cfg.solver, "solver_url": cfg.solver_base_url or cfg.base_url,

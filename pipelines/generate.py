@@ -517,8 +517,12 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         bname, budget = None, None
         if cfg.max_cost_usd is not None:
             bname = f"subq-budget:{run_id}"
-            budget = ray.remote(RateLimiter).options(name=bname, namespace="subq", num_cpus=0,
-                                                     max_concurrency=1000).remote(None, None, 0.0, cfg.max_cost_usd)
+            # pinned to the driver's node and never restarted: a restart would forget what was spent
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+            budget = ray.remote(RateLimiter).options(name=bname, namespace="subq", num_cpus=0, max_concurrency=1000,
+                                                     scheduling_strategy=here).remote(None, None, 0.0, cfg.max_cost_usd)
         client_kwargs = dict(model=cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
                              max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s,
                              backoff_max_s=cfg.backoff_max_s, timeout_s=cfg.timeout_s, price=prices.price(cfg.model),

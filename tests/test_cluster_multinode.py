@@ -76,6 +76,10 @@ def scenario(tmp_path: Path) -> None:
                 time.sleep(0.2)
             assert victim is not None, "no teacher actor ran on a worker node: " + (proc.stderr.read()
                                                                                     if proc.poll() is not None else "")
+            # the cluster limiter lives beside the driver (head), not on a worker that can disappear
+            limiters = [a for a in ray._private.state.actors().values()
+                        if a["State"] == "ALIVE" and a.get("ActorClassName") == "RateLimiter"]
+            assert limiters and all(a["Address"]["NodeID"] == cluster.head_node.node_id for a in limiters), limiters
             cluster.remove_node(victim, allow_graceful=False)  # the node dies: its actor and in-flight calls too
             recorded = {p.stem for p in (out / "cache").rglob("*.json")}  # replies recorded before the loss
             sent_before = ts.stats()["total"]
