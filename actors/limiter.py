@@ -226,16 +226,16 @@ def limiter_name(base_url: Optional[str], model: str) -> str:
     return f"subq-limiter:{host}:{model}"
 
 
-def resilient_on_driver_node() -> dict:
-    """Actor options for the cluster limiter: placed on the creating driver's node (the head, for cluster jobs),
-    not on a worker that the autoscaler may remove or spot may reclaim; if its node dies anyway it restarts
-    elsewhere (a fresh bucket: pacing resumes at once, the provider's own 429s re-synchronise it) and the calls in
-    flight are retried, so losing a node never fails the teacher calls that were waiting on it."""
+def on_driver_node(detached: bool = False) -> dict:
+    """Actor options for the cluster limiter: on the creating driver's node (the head, for cluster jobs), never on
+    a worker that the autoscaler may remove or spot may reclaim; a crashed limiter process restarts and the calls
+    waiting on it are retried. A job-scoped limiter is pinned (it dies with its driver anyway; Ray's soft affinity
+    was seen to place it elsewhere); a detached one, shared across jobs, may move if that node goes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return dict(max_restarts=-1, max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node_id=ray.get_runtime_context().get_node_id(), soft=True))
+        node_id=ray.get_runtime_context().get_node_id(), soft=detached))
 
 
 def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[float] = None, *,
@@ -248,7 +248,7 @@ def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[
     import ray
 
     opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000,
-                **resilient_on_driver_node())
+                **on_driver_node(detached))
     if detached:
         opts["lifetime"] = "detached"
     actor = ray.remote(RateLimiter).options(**opts).remote(rpm, tpm, burst_s, budget_usd)

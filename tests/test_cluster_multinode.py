@@ -70,16 +70,16 @@ def scenario(tmp_path: Path) -> None:
             while victim is None and time.time() < deadline and proc.poll() is None:
                 cached = list((out / "cache").rglob("*.json")) if (out / "cache").exists() else []
                 if len(cached) >= 4:
-                    hosts = {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
-                             if a["State"] == "ALIVE" and "GenerateActor" in a.get("ActorClassName", "")}
-                    victim = next((w for w in workers if w.node_id in hosts), None)
+                    alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
+                    hosts = {a["Address"]["NodeID"] for a in alive if "GenerateActor" in a.get("ActorClassName", "")}
+                    # the cluster limiter lives on its driver's node, not on a worker that can disappear
+                    limiters = [a for a in alive if a.get("ActorClassName") == "RateLimiter"]
+                    assert limiters and all(a["Address"]["NodeID"] == a["OwnerAddress"]["NodeID"] for a in limiters)
+                    driver_node = limiters[0]["OwnerAddress"]["NodeID"]
+                    victim = next((w for w in workers if w.node_id in hosts and w.node_id != driver_node), None)
                 time.sleep(0.2)
             assert victim is not None, "no teacher actor ran on a worker node: " + (proc.stderr.read()
                                                                                     if proc.poll() is not None else "")
-            # the cluster limiter lives beside the driver (head), not on a worker that can disappear
-            limiters = [a for a in ray._private.state.actors().values()
-                        if a["State"] == "ALIVE" and a.get("ActorClassName") == "RateLimiter"]
-            assert limiters and all(a["Address"]["NodeID"] == cluster.head_node.node_id for a in limiters), limiters
             cluster.remove_node(victim, allow_graceful=False)  # the node dies: its actor and in-flight calls too
             recorded = {p.stem for p in (out / "cache").rglob("*.json")}  # replies recorded before the loss
             sent_before = ts.stats()["total"]
