@@ -3,6 +3,8 @@ shared by two callers."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from actors.limiter import TokenBucket, headers_backoff, parse_duration
@@ -143,3 +145,25 @@ def test_named_actor_is_shared_and_paces_all_callers(ray_cluster):
     assert res["kind"] == "budget" and "budget" in res["stop"]
     ray.get(budget.stop.remote("bad key"))
     assert ray.get(budget.acquire.remote(0, 0.0))["kind"] == "stopped"
+
+
+@pytest.mark.slow
+def test_limiter_sits_on_its_drivers_node_and_comes_back_after_a_crash(ray_cluster):
+    import ray
+
+    from actors.limiter import get_or_create_limiter
+
+    lim = get_or_create_limiter("subq-limiter:test-crash:model", rpm=600)
+    here = ray.get_runtime_context().get_node_id()
+
+    def info() -> dict:
+        return ray._private.state.actors(lim._actor_id.hex())  # from the GCS (no dashboard needed)
+
+    assert info()["Address"]["NodeID"] == here and info()["State"] == "ALIVE"
+    ray.kill(lim, no_restart=False)  # the limiter's process dies (OOM, crash): it restarts, callers just wait
+    deadline = time.time() + 60
+    while info()["NumRestarts"] < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    assert info()["NumRestarts"] >= 1
+    assert ray.get(lim.reserve.remote(), timeout=60) >= 0  # the same handle works after the restart
+    assert info()["State"] == "ALIVE" and info()["Address"]["NodeID"] == here
