@@ -1,6 +1,6 @@
 """`subq demo`: the whole distillation loop, end to end, on an embedded local Ray, offline, with no key.
 
-    subq demo                                   # ~N minutes on 2 cores: replay teacher, tiny GPT-2, BC + FBC
+    subq demo                                   # ~4 minutes on 2 cores: replay teacher, tiny GPT-2, BC + FBC
     subq demo --algos bc,filtered_bc,ilql --problems 64 --steps 120
     subq demo --base-url https://api.openai.com/v1 --teacher-model gpt-4o-mini --model gpt2-local-dir \\
         --problems 500 --eval-problems 200 --max-cost-usd 5      # the same loop as a real run (key: OPENAI_API_KEY)
@@ -13,7 +13,7 @@ Stages (one line each on stdout; the generation job's progress line on stderr):
    teacher actors (pipelines.generate: Ray Data, cluster limiter, durable cache) -> OUT/generate/;
 4. **model**    a tiny random-init GPT-2 + locally trained tokenizer (`subq init-model`) unless `--model`;
 5. **train**    each of `--algos` with Ray Train + DeepSpeed (training.train); FBC and ILQL start from the BC
-   checkpoint as in the paper -> OUT/runs/<algo>-<data hash>/;
+   checkpoint as in the paper -> OUT/runs/<algo>-<hash of data, base model and settings>/;
 6. **serve**    the Serve app (pipelines.serve) with each distilled decomposer and the solver (the teacher endpoint);
 7. **evaluate** `POST /v1/evaluations` on the next `--eval-problems` problems of `--input` (held out: never
    generated nor trained on) for single-stage (`none`), the teacher's decomposition (`teacher`) and each distilled
@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from subq.errors import ConfigError, SubqError
@@ -495,21 +496,21 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
                           field="api_key_env")
     train_p, held = split_problems(cfg)  # input errors surface before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.yaml").write_text(__import__("yaml").safe_dump(cfg.model_dump(), sort_keys=False))
+    (out / "demo_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     (out / "heldout.jsonl").write_text("".join(json.dumps({"question": p.problem, "answer": p.gold_answer}) + "\n"
                                                for p in held))
     timings: dict[str, float] = {}
-    stage = {"name": "start"}
+    stage = "start"  # the stage in progress, named when Ctrl-C stops it
     teacher = None
     started_ray = False
 
     def on_term(signum, frame):  # SIGTERM (e.g. `ray job stop`) behaves like Ctrl-C
         raise KeyboardInterrupt
 
-    old_term = signal.signal(signal.SIGTERM, on_term) if hasattr(signal, "SIGTERM") else None
+    old_term = signal.signal(signal.SIGTERM, on_term)
     t_all = time.time()
     try:
-        stage["name"] = "ray"
+        stage = "ray"
         t0 = time.time()
         if cfg.offline:  # before Ray starts: Serve replicas and actors inherit the environment of the local Ray
             os.environ[LOCAL_KEY_ENV] = LOCAL_KEY
@@ -523,7 +524,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
             f"{res.get('GPU', 0):.0f} GPU ({time.time() - t0:.0f}s)")
         timings["ray"] = time.time() - t0
 
-        stage["name"] = "teacher"
+        stage = "teacher"
         t0 = time.time()
         teacher_url = cfg.base_url
         if cfg.offline:
@@ -538,7 +539,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
             say(f"[2/8] teacher   {cfg.base_url} model {cfg.teacher_model} (key from ${cfg.api_key_env})")
         timings["teacher"] = time.time() - t0
 
-        stage["name"] = "generate"
+        stage = "generate"
         t0 = time.time()
         say(f"[3/8] generate  {len(train_p)} problems x {cfg.n_sets} sets x (QG + QA + {cfg.n_feedback} feedback) "
             f"through teacher actors {cfg.actors} under rpm {cfg.rpm} -> {out / 'generate'}")
@@ -549,13 +550,13 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
             f"${t['cost_usd']:.4f} ({time.time() - t0:.0f}s)")
         timings["generate"] = time.time() - t0
 
-        stage["name"] = "model"
+        stage = "model"
         t0 = time.time()
         model = stage_model(cfg, out)
         say(f"[4/8] model     {model}" + ("" if cfg.model else " (tiny random-init GPT-2, tokenizer trained locally)"))
         timings["model"] = time.time() - t0
 
-        stage["name"] = "train"
+        stage = "train"
         t0 = time.time()
         from subq.schema import read_parquet
 
@@ -565,7 +566,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         runs = stage_train(cfg, out, model, str(out / "generate" / "parts"), dh, say)
         timings["train"] = time.time() - t0
 
-        stage["name"] = "serve+evaluate"
+        stage = "serve+evaluate"
         t0 = time.time()
         say(f"[6/8] serve     Ray Serve on 127.0.0.1: Decomposer -> Solver ({cfg.solver}) behind the FastAPI ingress")
         say(f"[7/8] evaluate  {len(held)} held-out problems through POST /v1/evaluations: none, teacher, "
@@ -573,7 +574,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         ev = stage_serve_and_evaluate(cfg, out, runs, held, cfg.solver_base_url or teacher_url, say)
         timings["serve+evaluate"] = time.time() - t0
 
-        stage["name"] = "report"
+        stage = "report"
         timings["total"] = time.time() - t_all
         report = write_demo_report(cfg, out, gen, runs, ev, timings)
         say(f"[8/8] report    {out / 'report.md'}")
@@ -581,11 +582,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         say(summary_table(report))
         return report
     except KeyboardInterrupt:
-        raise Stopped(f"stopped during {stage['name']}; finished work is kept in {out}: re-run the same command "
+        raise Stopped(f"stopped during {stage}; finished work is kept in {out}: re-run the same command "
                       f"to resume") from None
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGTERM, old_term)
         try:
             if ray.is_initialized():
                 from ray import serve
