@@ -134,7 +134,9 @@ class Stopped(Exception):
 
 
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    from subq import console
+
+    print(msg, file=console.out(), flush=True)
 
 
 def _data_hash(rows) -> str:
@@ -249,9 +251,9 @@ def _last_step(run_dir: Path) -> int:
 @contextlib.contextmanager
 def _progress_bar(desc: str, total: int, step_of: Callable[[], int], resumed: int = 0, every_s: float = 1.0):
     """A tqdm bar on stderr, advanced from `step_of()` by a background thread while the block runs."""
-    from tqdm import tqdm
+    from subq import console
 
-    bar = tqdm(total=total, initial=resumed, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = console.progress_bar(total=total, initial=resumed, desc=desc, unit="step")
     stop = threading.Event()
 
     def poll():
@@ -331,7 +333,7 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
 def _evaluate(base: str, dataset: str, n: int, name: str, kind: str, solver: str, say) -> dict:
     """One evaluation through the endpoint: start it, poll it to completion, fetch the per-item results."""
     import httpx
-    from tqdm import tqdm
+    from subq import console
 
     from pipelines.evaluate import ItemResult
 
@@ -341,7 +343,7 @@ def _evaluate(base: str, dataset: str, n: int, name: str, kind: str, solver: str
     if r.status_code != 202:
         raise SubqError(f"POST /v1/evaluations ({name}) answered {r.status_code}: {r.text[:300]}")
     eid = r.json()["id"]
-    with tqdm(total=n, desc=f"      {name:>12}", unit="problem", file=sys.stderr, dynamic_ncols=True) as bar:
+    with console.progress_bar(total=n, desc=f"      {name:>12}", unit="problem") as bar:
         while True:
             view = httpx.get(f"{base}/v1/evaluations/{eid}", timeout=60).json()
             bar.update(view["done"] - bar.n)

@@ -57,8 +57,11 @@ def register(app: typer.Typer) -> None:
                          num_workers=num_workers, use_gpu=use_gpu, deepspeed=deepspeed, max_new_tokens=max_new_tokens,
                          ray_address=ray_address, port=port)
         cfg = load_config(DemoConfig, config, overrides)
+        from subq import console
+
+        console.activate("demo")
         try:
             run_demo(cfg)
         except Stopped as e:
-            print(f"\n{e}", file=sys.stderr, flush=True)
+            console.echo(f"\n{e}")
             sys.exit(130)

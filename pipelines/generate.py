@@ -356,8 +356,10 @@ def estimate(cfg: GenerateConfig, problems, prices) -> dict:
 class Progress:
     """The live progress line: rows, req/s, tokens/s, $ spent, 429s, ETA."""
 
-    def __init__(self, total: int, interval_s: float, stream=sys.stderr):
-        self.total, self.interval_s, self.stream = total, interval_s, stream
+    def __init__(self, total: int, interval_s: float, stream=None):
+        from subq import console
+
+        self.total, self.interval_s, self.stream = total, interval_s, stream or console.err()
         self.t0 = self.last = time.time()
         self.actors: set[str] = set()
         self.c = {"rows": 0, "failed": 0, "budget": 0, "stopped": 0, "fatal": 0, "calls": 0, "cached": 0,
@@ -487,7 +489,9 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     if fatal:
         raise fatal
     if interrupted:
-        print(json.dumps(summary), flush=True)
+        from subq import console
+
+        console.emit_json(summary)
         raise KeyboardInterrupt
     return summary
 

@@ -56,7 +56,11 @@ def register(app: typer.Typer) -> None:
                          price_output_per_1k=price_output, progress_interval_s=progress_interval_s,
                          ray_address=ray_address, ray_num_cpus=ray_num_cpus)
         cfg = load_config(GenerateConfig, config, overrides)
-        print(json.dumps(run_generate(cfg)))
+        from subq import console
+
+        if not cfg.dry_run:
+            console.activate("generate")
+        console.emit_json(run_generate(cfg))
 
     @app.command("teacher-server")
     def teacher_server(

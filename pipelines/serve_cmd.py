@@ -114,11 +114,14 @@ def register(app: typer.Typer) -> None:
 
         from pipelines.serve import start_serve, stop_serve
 
+        from subq import console
+
+        console.activate("serve")
         init = {"include_dashboard": False}
         if not os.environ.get("RAY_ADDRESS") and num_cpus:
             init["num_cpus"] = num_cpus
         base = start_serve(cfg, ray_init=init)
-        print(json.dumps({"status": "serving", "base_url": base, "openai_base_url": base + "/v1"}), flush=True)
+        console.emit_json({"status": "serving", "base_url": base, "openai_base_url": base + "/v1"})
         try:
             while True:
                 time.sleep(3600)
@@ -164,12 +167,15 @@ def register(app: typer.Typer) -> None:
         if not values.get("out"):
             raise ConfigError("a report directory is required", field="--out")
         cfg = _validate(EvalConfig, values, config)
-        result = run_eval(cfg, progress=lambda s: typer.echo(s, err=True))
-        print(json.dumps({"out": result["out"], "files": sorted(result["files"]),
+        from subq import console
+
+        console.activate("eval")
+        result = run_eval(cfg, progress=console.echo)
+        console.emit_json({"out": result["out"], "files": sorted(result["files"]),
                           "runs": [{"decomposer": r["decomposer"], "solver": r["solver"],
                                     "accuracy": {m: v["accuracy"] for m, v in r["summary"]["accuracy"].items()},
                                     "cost_usd": r["summary"]["usage"]["total"]["cost_usd"],
-                                    "errors": r["summary"]["errors"]} for r in result["runs"]]}))
+                                    "errors": r["summary"]["errors"]} for r in result["runs"]]})
 
 
 def main() -> None:

@@ -22,8 +22,13 @@ app = typer.Typer(
 )
 
 @app.callback()
-def _root() -> None:
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray, DeepSpeed and Serve output on the terminal instead of the run's log file (also SUBQ_VERBOSE=1)."),
+) -> None:
     """Distil an LLM's problem-decomposition skill into a compact model, on Ray."""
+    from subq import console
+
+    console.set_verbose(verbose)
 
 
 # One line per layer; each module defines register(app).
@@ -75,11 +80,23 @@ _register_layers()
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors print one line and exit 2, without a traceback."""
+    from subq import console
+
     try:
-        app(args=argv)
+        app(args=argv, standalone_mode=True)
     except SubqError as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.echo(f"error: {e}")
         sys.exit(2)
+    except KeyboardInterrupt:
+        console.echo("\nstopped (Ctrl-C)")
+        sys.exit(130)
+    except Exception as e:  # an unexpected failure: one line on the terminal, the traceback in the run's log
+        import traceback
+
+        traceback.print_exc()  # to the log file when one is active
+        where = f" (traceback in {console.log_path()})" if console.log_path() else ""
+        console.echo(f"error: {type(e).__name__}: {e}{where}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

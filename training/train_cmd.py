@@ -80,6 +80,9 @@ def register(app: typer.Typer) -> None:
                 base[k.strip()] = yaml.safe_load(v)
             overrides["ilql"] = base
         cfg = load_config(TrainConfig, config, overrides)
+        from subq import console
+
+        console.activate("train")
         ray_init = {"address": ray_address} if ray_address else {"include_dashboard": False}
         result = run_train(cfg, ray_init=ray_init)
-        print(json.dumps(result, default=str))
+        console.emit_json(result)
