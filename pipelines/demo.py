@@ -149,6 +149,39 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+class StageTimes:
+    """Wall time per stage, kept in OUT/stages.json across re-runs. A stage that re-used earlier work keeps the
+    time it took when it ran and is marked re-used (with the date it ran), so a resumed demo's report never passes
+    a 2-second re-use off as the training time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.prev: dict = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.prev = {}
+        self.now: dict[str, dict] = {}
+
+    def record(self, stage: str, took_s: float, reused: bool = False) -> dict:
+        prev = self.prev.get(stage)
+        if reused and prev and prev.get("ran_at"):
+            entry = {"took_s": prev["took_s"], "ran_at": prev["ran_at"], "reused": True}
+        else:
+            entry = {"took_s": round(took_s, 2), "ran_at": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": reused}
+        self.now[stage] = entry
+        _write_json(self.path, {**self.prev, **self.now})
+        return entry
+
+    @staticmethod
+    def describe(entry: dict) -> str:
+        if entry.get("reused"):
+            return f"re-used (from {entry['ran_at']}, took {entry['took_s']:.0f}s)"
+        return f"{entry['took_s']:.0f}s"
+
+    def seconds(self) -> dict[str, float]:
+        return {k: v["took_s"] for k, v in self.now.items()}
+
+
 # ---------------------------------------------------------------- stages
 
 
@@ -198,7 +231,7 @@ def stage_model(cfg: DemoConfig, out: Path) -> str:
 
 
 def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: str,
-                say: Callable[[str], None]) -> dict:
+                say: Callable[[str], None], times: Optional[StageTimes] = None) -> dict:
     """Train every algo (skipping finished runs, resuming interrupted ones); returns {algo: run info}."""
     from training.config import TrainConfig
     from training.train import run_train
@@ -216,7 +249,8 @@ def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: st
         rd = storage_path / name
         final = rd / "final"
         if (final / "config.json").is_file():
-            say(f"      {algo}: finished earlier, re-used ({final})")
+            entry = times.record(f"train {algo}", 0.0, reused=True) if times else None
+            say(f"      {algo}: " + (StageTimes.describe(entry) if entry else "finished earlier, re-used") + f" ({final})")
         else:
             resume = rd.exists() and any(rd.glob("checkpoint_*"))
             if rd.exists() and not resume:
@@ -233,6 +267,8 @@ def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: st
                 + (f", from {Path(init_from).parent.name}" if init_from else "") + (", resuming" if resume else ""))
             with _progress_bar(f"      {algo}", steps, resumed=_last_step(rd), step_of=lambda: _last_step(rd)):
                 res = run_train(tcfg, ray_init={})
+            if times:
+                times.record(f"train {algo}", time.time() - t0)
             say(f"      {algo}: done in {time.time() - t0:.0f}s -> {res['final_dir']}")
         history = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").is_file() else []
         runs[algo] = {"name": name, "run_dir": str(rd), "final_dir": str(final), "steps": steps,
@@ -282,6 +318,30 @@ def _end_points(history: list[dict]) -> dict:
             **{k: val.get(k) for k in keys if k in val}}
 
 
+def _eval_fingerprint(cfg: DemoConfig, runs: dict, held: list) -> str:
+    return hashlib.sha256(json.dumps(
+        {"held": [p.problem_id for p in held], "solver": cfg.solver, "solver_url": cfg.solver_base_url or cfg.base_url,
+         "decomposers": {a: r["name"] for a, r in runs.items()}, "beta": cfg.beta,
+         "max_new_tokens": cfg.max_new_tokens}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reusable_evaluation(cfg: DemoConfig, out: Path, runs: dict, held: list) -> Optional[dict]:
+    """A finished evaluation of the same held-out problems, models and solver (it paid for its solver calls)."""
+    from pipelines.evaluate import ItemResult
+
+    done = out / "eval" / "results.json"
+    try:
+        prev = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    if prev.get("config", {}).get("fingerprint") != _eval_fingerprint(cfg, runs, held):
+        return None
+    runs_out = [{"decomposer": r["decomposer"], "solver": r["solver"], "summary": r["summary"],
+                 "items": [ItemResult.from_dict(d) for d in r["items"]],
+                 "evaluation_id": prev["config"]["evaluation_ids"].get(r["decomposer"])} for r in prev["runs"]]
+    return {"runs": runs_out, "written": {}}
+
+
 def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list, solver_url: Optional[str],
                              say: Callable[[str], None]) -> dict:
     """Deploy the Serve app (once per distilled decomposer) and evaluate through POST /v1/evaluations: single-stage
@@ -294,19 +354,7 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
     # the solver's calls go through the same cluster limiter as generation's (one per endpoint and model)
     solver = SolverSettings(name=cfg.solver, base_url=solver_url, rpm=cfg.rpm, tpm=cfg.tpm,
                             api_key_env=cfg.api_key_env if cfg.solver_base_url else cfg.key_env)
-    fingerprint = hashlib.sha256(json.dumps(
-        {"held": [p.problem_id for p in held], "solver": cfg.solver, "solver_url": cfg.solver_base_url or cfg.base_url,
-         "decomposers": {a: r["name"] for a, r in runs.items()}, "beta": cfg.beta,
-         "max_new_tokens": cfg.max_new_tokens}, sort_keys=True).encode()).hexdigest()[:16]
-    done = out / "eval" / "results.json"
-    if done.is_file():
-        prev = json.loads(done.read_text())
-        if prev.get("config", {}).get("fingerprint") == fingerprint:
-            say(f"      finished earlier with the same problems and models, re-used ({done})")
-            runs_out = [{"decomposer": r["decomposer"], "solver": r["solver"], "summary": r["summary"],
-                         "items": [ItemResult.from_dict(d) for d in r["items"]],
-                         "evaluation_id": prev["config"]["evaluation_ids"].get(r["decomposer"])} for r in prev["runs"]]
-            return {"runs": runs_out, "written": {}}
+    fingerprint = _eval_fingerprint(cfg, runs, held)
     device = "cuda" if cfg.use_gpu else "cpu"
     port = cfg.port or free_port()
     heldout = str(out / "heldout.jsonl")
@@ -377,7 +425,8 @@ def _fmt(x, nd=3) -> str:
     return str(x)
 
 
-def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dict, timings: dict) -> dict:
+def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dict, times: StageTimes,
+                      this_run_s: float) -> dict:
     from pipelines.evaluate import markdown_table
 
     this = gen["this_run"]
@@ -393,7 +442,8 @@ def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dic
               "errors": r["summary"]["errors"]} for r in ev["runs"]]
     report = {"config": cfg.model_dump(), "offline": cfg.offline, "generation": g,
               "training": {a: {k: v for k, v in r.items() if k != "history"} for a, r in runs.items()},
-              "evaluation": evals, "timings_s": timings, "paths": {"eval": str(out / "eval"),
+              "evaluation": evals, "timings_s": times.seconds(), "stages": times.now,
+              "this_run_s": round(this_run_s, 2), "paths": {"eval": str(out / "eval"),
                                                                   "generate": str(out / "generate")}}
     _write_json(out / "report.json", report)
 
@@ -442,8 +492,9 @@ def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dic
            markdown_table(ev["runs"]).rstrip(), "",
            "Plots: [accuracy vs cost](eval/accuracy_vs_cost.png), [sub-questions](eval/subquestions_hist.png). "
            "Per pair, `eval/<pair>.paper_raw.jsonl` re-scores with `subq score FILE --mode paper|strict|flexible`.",
-           "", "## Time", "", "| " + " | ".join(timings) + " |", "|" + "---|" * len(timings),
-           "| " + " | ".join(f"{v:.0f}s" for v in timings.values()) + " |", ""]
+           "", "## Time", "", "| stage | time |", "|---|---|",
+           *[f"| {k} | {StageTimes.describe(v)} |" for k, v in times.now.items()],
+           f"| this run, end to end | {this_run_s:.0f}s |", ""]
     (out / "report.md").write_text("\n".join(md))
     return report
 
@@ -501,10 +552,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
     (out / "demo_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     (out / "heldout.jsonl").write_text("".join(json.dumps({"question": p.problem, "answer": p.gold_answer}) + "\n"
                                                for p in held))
-    timings: dict[str, float] = {}
+    times = StageTimes(out / "stages.json")
     stage = "start"  # the stage in progress, named when Ctrl-C stops it
     teacher = None
     started_ray = False
+    started_serve = False
 
     def on_term(signum, frame):  # SIGTERM (e.g. `ray job stop`) behaves like Ctrl-C
         raise KeyboardInterrupt
@@ -524,7 +576,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         res = ray.cluster_resources()
         say(f"[1/8] ray       {'joined ' + address if address else 'local'}: {res.get('CPU', 0):.0f} CPU, "
             f"{res.get('GPU', 0):.0f} GPU ({time.time() - t0:.0f}s)")
-        timings["ray"] = time.time() - t0
+        times.record("ray", time.time() - t0)
 
         stage = "teacher"
         t0 = time.time()
@@ -539,7 +591,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
                 f"{cfg.teacher_latency_s * 1000:.0f} ms): released ChatGPT replies, synthetic where unrecorded")
         else:
             say(f"[2/8] teacher   {cfg.base_url} model {cfg.teacher_model} (key from ${cfg.api_key_env})")
-        timings["teacher"] = time.time() - t0
+        times.record("teacher", time.time() - t0)
 
         stage = "generate"
         t0 = time.time()
@@ -547,16 +599,18 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
             f"through teacher actors {cfg.actors} under rpm {cfg.rpm} -> {out / 'generate'}")
         gen = stage_generate(cfg, out, teacher_url)
         t = gen["this_run"]
+        entry = times.record("generate", time.time() - t0, reused=gen["pending_at_start"] == 0)
         say(f"      {gen['rows_total']} rows ({t['rows']} new, {gen['problems'] - gen['pending_at_start']} re-used), "
             f"{t['requests_sent']} requests sent, {t['cache_hits']} cache hits, 429s {t['n_429']}, "
-            f"${t['cost_usd']:.4f} ({time.time() - t0:.0f}s)")
-        timings["generate"] = time.time() - t0
+            f"${t['cost_usd']:.4f} ({StageTimes.describe(entry)})")
 
         stage = "model"
         t0 = time.time()
+        existed = bool(cfg.model) or (out / "model" / "config.json").is_file()
         model = stage_model(cfg, out)
-        say(f"[4/8] model     {model}" + ("" if cfg.model else " (tiny random-init GPT-2, tokenizer trained locally)"))
-        timings["model"] = time.time() - t0
+        entry = times.record("model", time.time() - t0, reused=existed)
+        say(f"[4/8] model     {model}" + ("" if cfg.model else " (tiny random-init GPT-2, tokenizer trained locally)")
+            + (f", {StageTimes.describe(entry)}" if entry["reused"] else ""))
 
         stage = "train"
         t0 = time.time()
@@ -565,20 +619,25 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         rows = read_parquet(str(out / "generate" / "parts"))
         dh = _data_hash(rows)
         say(f"[5/8] train     {', '.join(cfg.algos)} on {len(rows)} rows (data {dh}) -> {out / 'runs'}")
-        runs = stage_train(cfg, out, model, str(out / "generate" / "parts"), dh, say)
-        timings["train"] = time.time() - t0
+        runs = stage_train(cfg, out, model, str(out / "generate" / "parts"), dh, say, times)
 
         stage = "serve+evaluate"
         t0 = time.time()
-        say(f"[6/8] serve     Ray Serve on 127.0.0.1: Decomposer -> Solver ({cfg.solver}) behind the FastAPI ingress")
-        say(f"[7/8] evaluate  {len(held)} held-out problems through POST /v1/evaluations: none, teacher, "
-            f"{', '.join(runs)}")
-        ev = stage_serve_and_evaluate(cfg, out, runs, held, cfg.solver_base_url or teacher_url, say)
-        timings["serve+evaluate"] = time.time() - t0
+        ev = reusable_evaluation(cfg, out, runs, held)
+        if ev is not None:
+            entry = times.record("serve+evaluate", 0.0, reused=True)
+            say(f"[6/8] serve     not needed: the evaluation below finished earlier with the same problems and models")
+            say(f"[7/8] evaluate  {StageTimes.describe(entry)} ({out / 'eval' / 'results.json'})")
+        else:
+            say(f"[6/8] serve     Ray Serve on 127.0.0.1: Decomposer -> Solver ({cfg.solver}) behind the FastAPI ingress")
+            say(f"[7/8] evaluate  {len(held)} held-out problems through POST /v1/evaluations: none, teacher, "
+                f"{', '.join(runs)}")
+            started_serve = True
+            ev = stage_serve_and_evaluate(cfg, out, runs, held, cfg.solver_base_url or teacher_url, say)
+            times.record("serve+evaluate", time.time() - t0)
 
         stage = "report"
-        timings["total"] = time.time() - t_all
-        report = write_demo_report(cfg, out, gen, runs, ev, timings)
+        report = write_demo_report(cfg, out, gen, runs, ev, times, time.time() - t_all)
         say(f"[8/8] report    {out / 'report.md'}")
         say("")
         say(summary_table(report))
@@ -589,7 +648,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         try:
-            if ray.is_initialized():
+            if started_serve and ray.is_initialized():
                 from ray import serve
 
                 try:

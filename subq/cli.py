@@ -19,6 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: flags show no type, every default is shown
+    context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
 )
 
 @app.callback()
