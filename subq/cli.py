@@ -40,6 +40,7 @@ COMMAND_MODULES: list[str] = [
     "cluster.cluster_cmd",
     "training.train_cmd",
     "pipelines.demo_cmd",
+    "cluster.doctor",
 ]
 
 

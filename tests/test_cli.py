@@ -19,3 +19,22 @@ def test_every_command_has_help(subq_bin):
             r = subprocess.run([subq_bin, *argv, "--help"], capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, (argv, r.stderr)
             assert "Usage" in r.stdout
+            assert "<bool>" not in r.stdout, argv  # flags show no type  # flags show no type
+
+
+def test_doctor_reports_every_check_and_never_a_key_value(subq_bin, tmp_path):
+    import json
+    import os
+
+    secret = "sk-doctor-test-0123456789"
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OPENAI_API_KEY": secret}
+    r = subprocess.run([subq_bin, "doctor", "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert secret not in r.stdout + r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    names = {c["name"]: c for c in report["checks"]}
+    assert {"packages", "ray", "deepspeed ops", "torch threads", "memory", "disk", "gpu", "ray auth",
+            "teacher key"} <= set(names)
+    assert all(c["status"] in ("ok", "warn", "fail") for c in report["checks"])
+    assert names["ray"]["status"] == "ok" and "local instance started" in names["ray"]["detail"], names["ray"]
+    assert "is set" in names["teacher key"]["detail"]
+    assert r.returncode == (1 if any(c["status"] == "fail" for c in report["checks"]) else 0)
