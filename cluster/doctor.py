@@ -72,6 +72,19 @@ def extension_build_dir(name: str) -> Path:
     return Path(_get_build_directory(name, verbose=False))
 
 
+def extension_builder(build_dir: Path):
+    """The live process building in BUILD_DIR (ninja or the compiler run there), or None."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if p.info["name"] in ("ninja", "c++", "g++", "cc", "gcc", "cc1plus", "ld") and Path(p.cwd()) == build_dir:
+                return p
+        except (psutil.Error, OSError):
+            continue
+    return None
+
+
 def check_deepspeed_ops(build: bool = False) -> Check:
     """DeepSpeed's CPU shared-memory communication op: built once per machine, on first training if not before."""
     try:
@@ -80,6 +93,15 @@ def check_deepspeed_ops(build: bool = False) -> Check:
         return Check("deepspeed ops", "fail", f"deepspeed does not import: {type(e).__name__}: {e}")
     ext = extension_build_dir("deepspeed_shm_comm")
     built = any(ext.glob("*.so")) if ext.is_dir() else False
+    lock = ext / "lock"
+    if lock.exists() and not built:
+        p = extension_builder(ext)
+        if p is not None:
+            return Check("deepspeed ops", "ok", f"CPU comm op being built now by pid {p.pid} ({ext})")
+        if not build:
+            return Check("deepspeed ops", "fail", f"stale build lock {lock} (a killed build left it; every training "
+                         f"would wait on it forever): remove it (`rm {lock}`) or run `subq doctor --build-ops`")
+        lock.unlink(missing_ok=True)
     if build and not built:
         t0 = time.time()
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -175,6 +197,7 @@ def register(app: typer.Typer) -> None:
         Ray token auth and the teacher key (values never shown). Exit code 1 when a check fails."""
         from subq import console
 
+        console.activate("doctor")
         checks = run_checks(build_ops)
         if as_json:
             console.emit_json({"checks": [asdict(c) for c in checks], "ok": all(c.status != "fail" for c in checks)})

@@ -38,3 +38,18 @@ def test_doctor_reports_every_check_and_never_a_key_value(subq_bin, tmp_path):
     assert names["ray"]["status"] == "ok" and "local instance started" in names["ray"]["detail"], names["ray"]
     assert "is set" in names["teacher key"]["detail"]
     assert r.returncode == (1 if any(c["status"] == "fail" for c in report["checks"]) else 0)
+
+
+def test_doctor_names_a_stale_extension_build_lock_and_build_ops_clears_it(tmp_path, monkeypatch):
+    from cluster.doctor import check_deepspeed_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()  # what a build killed mid-way leaves behind: no builder runs in that directory
+    c = check_deepspeed_ops(build=False)
+    assert c.status == "fail" and f"rm {lock}" in c.detail, c
+    assert lock.exists()  # reported, not touched, without --build-ops
+    lock.unlink()
+    c = check_deepspeed_ops(build=False)
+    assert c.status == "warn" and "not built yet" in c.detail, c
