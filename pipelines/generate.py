@@ -506,7 +506,8 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         kw = {"include_dashboard": False, "log_to_driver": False}
         if cfg.ray_address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray_num_cpus:
             kw["num_cpus"] = cfg.ray_num_cpus
-        ray.init(address=cfg.ray_address, namespace="subq", **kw)
+        from cluster.connect import init_ray
+        init_ray(cfg.ray_address, namespace="subq", **kw)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -95,3 +95,57 @@ def test_submit_checks_target_and_key_not_in_args(monkeypatch, tmp_path):
     assert "sk-abc" not in str(e.value)
     with pytest.raises(SubqError, match="cannot reach a Ray dashboard"):
         sub.submit("generate", [], address="http://127.0.0.1:9", key_env="MY_KEY")
+
+
+def test_driver_address_resolution_http_ray_address_never_reaches_ray_init(monkeypatch):
+    """cluster.connect.resolve: a GCS / ray:// address is joined as given; an http(s) RAY_ADDRESS (the Jobs API)
+    served by no Ray here starts a local Ray and says so; an http --ray-address is an error naming the flag."""
+    from cluster import connect
+
+    monkeypatch.setattr(connect, "local_gcs_for_dashboard", lambda url: None)
+    t = connect.resolve(None, {"RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert t.address == "local" and not t.joining and "Jobs API" in t.note and "started a local Ray" in t.note
+    t = connect.resolve(None, {"RAY_ADDRESS": "10.0.0.5:6379"})
+    assert t.address == "10.0.0.5:6379" and t.joining and "GCS" in t.note
+    t = connect.resolve("ray://h:10001", {"RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert t.address == "ray://h:10001" and t.joining and "--ray-address" in t.note
+    assert connect.resolve(None, {"RAY_ADDRESS": "local"}).address == "local"
+    with pytest.raises(SubqError, match="--ray-address") as e:
+        connect.resolve("https://head:8265", {})
+    assert "subq submit" in (e.value.hint or "")
+    monkeypatch.setattr(connect, "local_gcs_for_dashboard", lambda url: "127.0.0.1:6390")
+    t = connect.resolve(None, {"RAY_ADDRESS": "http://127.0.0.1:8265"})
+    assert t.address == "127.0.0.1:6390" and t.joining and t.explicit_local and "joined it" in t.note
+
+
+def test_jobs_api_address_the_way_rays_sdk_finds_it(monkeypatch):
+    from cluster.jobs import DEFAULT_ADDRESS, resolve_address
+
+    assert resolve_address(None, {}) == DEFAULT_ADDRESS
+    assert resolve_address(None, {"RAY_ADDRESS": "http://h:8265/"}) == "http://h:8265"
+    assert resolve_address(None, {"RAY_ADDRESS": "http://h:8265", "RAY_API_SERVER_ADDRESS": "https://a:443"}) \
+        == "https://a:443"
+    assert resolve_address("h2:8265", {"RAY_API_SERVER_ADDRESS": "https://a:443"}) == "http://h2:8265"
+    assert resolve_address(None, {"RAY_ADDRESS": "local"}) == DEFAULT_ADDRESS
+
+
+def test_submit_options_runtime_env_merge_and_key_refused(tmp_path):
+    from cluster.submit import _parse_resources, load_runtime_env
+
+    f = tmp_path / "renv.yaml"
+    f.write_text("env_vars: {SUBQ_X: '1'}\npip: [tqdm]\npy_modules: [/opt/mod]\nexcludes: ['*.csv']\n")
+    user = load_runtime_env(str(f))
+    assert load_runtime_env('{"env_vars": {"SUBQ_X": "1"}}') == {"env_vars": {"SUBQ_X": "1"}}
+    env = build_runtime_env(str(ROOT), secret_module="/tmp/pkg/subq_job_secret", user=user, key_env="K",
+                            key_value="sk-zzz")
+    assert env["env_vars"] == {"SUBQ_X": "1"} and env["pip"] == ["tqdm"] and "*.csv" in env["excludes"]
+    assert env["py_modules"] == ["/opt/mod", "/tmp/pkg/subq_job_secret"] and env["working_dir"] == str(ROOT)
+    for bad in ({"env_vars": {"K": "x"}}, {"env_vars": {"OTHER": "sk-zzz"}}, {"working_dir": "/x"}):
+        with pytest.raises(SubqError, match="--runtime-env"):
+            build_runtime_env(str(ROOT), user=bad, key_env="K", key_value="sk-zzz")
+    for bad in ("[1]", str(tmp_path / "missing.yaml"), "{not json"):
+        with pytest.raises(SubqError, match="--runtime-env"):
+            load_runtime_env(bad)
+    assert _parse_resources('{"generation": 1}') == {"generation": 1}
+    with pytest.raises(SubqError, match="--entrypoint-resources"):
+        _parse_resources("generation=1")
