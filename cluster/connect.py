@@ -163,3 +163,22 @@ def init_ray(address: Optional[str] = None, *, say: bool = True, **kwargs) -> Ta
 
         console.echo(t.note)
     return t
+
+
+AUTOSCALED_ENV = "SUBQ_AUTOSCALED_RESOURCES"  # set by ray_cluster.yaml's `ray start` commands
+
+
+def schedulable(resources: Optional[dict]) -> Optional[dict]:
+    """The custom resources a subq actor should request on the connected cluster: each of `resources` that some
+    node has now, or that the cluster's autoscaler adds on demand (named, comma-separated, in
+    $SUBQ_AUTOSCALED_RESOURCES, which ray_cluster.yaml's `ray start` sets on every node, so job drivers inherit
+    it). Others are dropped, so a local Ray or a fixed cluster without such nodes still runs the work (a local Ray
+    plays every node type). None when nothing is left."""
+    import ray
+
+    if not resources:
+        return None
+    have = ray.cluster_resources()
+    scaled = {x.strip() for x in os.environ.get(AUTOSCALED_ENV, "").split(",") if x.strip()}
+    keep = {k: v for k, v in resources.items() if k in have or k in scaled}
+    return keep or None

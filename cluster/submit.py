@@ -12,15 +12,27 @@ Packaging: the project directory is the job's `runtime_env.working_dir` (Ray zip
 `EXCLUDES` (data, checkpoints, outputs, caches, .git) left out; the entrypoint is
 `python -m cluster.submit <module> <args...>` run inside that directory.
 
-The teacher key (the variable named by `--key-env`, default OPENAI_API_KEY): `runtime_env.env_vars` and the
-entrypoint are both shown verbatim by `ray job list` / `get_job_info`, so the key goes in neither. subq writes
-it to a private one-file package (`subq_job_secret/key`, mode 0600) in a local temporary directory, ships
-that as a `runtime_env.py_modules` package (job info shows only its content-hash `gcs://` URI) and deletes
-the local copy once submitted. On the cluster, `python -m cluster.submit` reads it into the environment
-variable of the same name, then runs the module in-process (`runpy`), so the key is never on a command line.
-Anyone holding the cluster's token can read uploaded packages, exactly as they can run code there: the
-token is the security boundary. If `--key-env` is not set locally nothing is shipped and the job uses
-whatever the cluster nodes' own environment holds (`ray start` inherits the shell's environment).
+`--runtime-env FILE|JSON` (as `ray job submit --runtime-env` / `--runtime-env-json`) is merged into that
+runtime_env: env_vars, pip, image_uri, ... as given; py_modules and excludes appended; `working_dir` is ours
+(--working-dir); env_vars naming or holding the key are refused. `--entrypoint-num-cpus/-gpus/-resources`
+reserve resources for the driver (the job waits until a node has them).
+
+The teacher key (the variable named by `--key-env`, default OPENAI_API_KEY): `runtime_env.env_vars`, the
+entrypoint and metadata are all shown verbatim by `ray job list` / `get_job_info`, so the key goes in none of
+them. subq writes it to a private one-file package (`subq_job_secret/key`, mode 0600, plus a per-submission
+nonce so its content hash, hence its `gcs://` URI, is never shared with another job) and ships that as a
+`runtime_env.py_modules` package; the local copy is deleted once submitted. On the cluster, `python -m
+cluster.submit` (the job's driver) reads it once into the environment variable of the same name
+(`load_secret`), then, for generate and train, destroys it before the module runs: the unpacked files on its
+node, the package in the GCS (the only copy a token holder could fetch), and its entry in the job's runtime_env
+(the driver's RAY_JOB_CONFIG_JSON_ENV_VAR), so no worker of the job ever unpacks it on any node. Teacher actors
+get the key from the driver through the object store (an ObjectRef only the job holds). What remains:
+- between submission and the driver's start (longer while the job waits for entrypoint resources), a token
+  holder who lists the GCS packages can read it, as they could read anything the job ships;
+- eval and serve keep the package for the job's life: their Solver replicas read it on their own nodes;
+- the key lives in the driver's and the teacher actors' memory while the job runs.
+If `--key-env` is not set locally nothing is shipped and the job uses whatever the cluster nodes' own
+environment holds (`ray start` inherits the shell's environment).
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ def test_cloud_yaml_has_cpu_autoscaling_and_gpu_types_and_token_on():
     types = cfg["available_node_types"]
     assert types["cpu_generation"]["max_workers"] > types["cpu_generation"]["min_workers"]
     assert types["gpu_train_serve"]["resources"]["GPU"] >= 1
-    assert any("pip install" in c and "-e ." in c for c in cfg["setup_commands"])
+    for name in ("head_setup_commands",):
+        assert any("pip install" in c and "-e ." in c for c in cfg[name])
+    for t in ("cpu_generation", "gpu_train_serve"):
+        assert any("pip install" in c and "-e ." in c for c in types[t]["worker_setup_commands"])
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert "~/.ray/auth_token" in cfg["file_mounts"]
@@ -149,3 +152,64 @@ def test_submit_options_runtime_env_merge_and_key_refused(tmp_path):
     assert _parse_resources('{"generation": 1}') == {"generation": 1}
     with pytest.raises(SubqError, match="--entrypoint-resources"):
         _parse_resources("generation=1")
+
+
+def _ray_start_env(cmd: str) -> dict:
+    """NAME=value words before `ray start` in a cluster-launcher start command."""
+    words = cmd.split("ray start")[0].replace("&&", " ").split()
+    return dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+
+
+def test_gpu_node_type_can_run_gpus():
+    """issue 16 (3): a GPU image with drivers (documented how to find its id), a disk for CUDA wheels +
+    checkpoints, NCCL settings for the instance family, the CUDA torch wheel on that type only."""
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    text = (ROOT / "ray_cluster.yaml").read_text()
+    gpu = cfg["available_node_types"]["gpu_train_serve"]
+    assert gpu["node_config"]["InstanceType"].startswith("g5.")
+    assert "/aws/service/deeplearning/ami/" in text and "nvidia-driver" in text  # how to get the DLAMI id
+    disk = gpu["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+    assert disk >= 200
+    setup = " ".join(gpu["worker_setup_commands"])
+    assert "torch==2.13.0" in setup and "whl/cpu" not in setup and "nvidia-smi" in setup
+    assert "whl/cpu" in " ".join(cfg["available_node_types"]["cpu_generation"]["worker_setup_commands"])
+    env = _ray_start_env(next(c for c in cfg["worker_start_ray_commands"] if "ray start" in c))
+    assert env.get("NCCL_SOCKET_IFNAME") and env.get("NCCL_IB_DISABLE") == "1"
+
+
+def test_cluster_yaml_and_code_request_the_same_resources():
+    """Teacher actors request what the cpu_generation type advertises (and the head does not, so the autoscaler
+    adds that type for them; every `ray start` names it in SUBQ_AUTOSCALED_RESOURCES); Ray Train workers with
+    --use-gpu and GPU Serve decomposer replicas request only what the GPU type advertises, and fit one node."""
+    from ray.train import ScalingConfig
+
+    from pipelines.generate import GenerateConfig
+    from pipelines.serve import ServeConfig, build_app
+    from training.config import TrainConfig
+
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    head, gen_t, gpu_t = types[cfg["head_node_type"]]["resources"], types["cpu_generation"]["resources"], \
+        types["gpu_train_serve"]["resources"]
+
+    def fits(request: dict, offer: dict) -> bool:
+        return all(offer.get(k, 0) >= v for k, v in request.items() if v)
+
+    g = GenerateConfig(input="gsm8k:test", output="/tmp/x")
+    actor = {"CPU": g.actor_num_cpus, **g.actor_resources}
+    assert g.actor_resources and fits(actor, gen_t) and not fits(actor, head)
+    per_node = min(gen_t[k] / v for k, v in actor.items())
+    assert per_node >= 8  # many I/O-bound teacher actors per generation node
+    for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        if "ray start" in c:
+            assert set(g.actor_resources) <= set(_ray_start_env(c)["SUBQ_AUTOSCALED_RESOURCES"].split(","))
+
+    t = TrainConfig.model_fields
+    worker = ScalingConfig(num_workers=1, use_gpu=True,
+                           resources_per_worker={"CPU": t["cpus_per_worker"].default})._resources_per_worker_not_none
+    assert set(worker) <= set(gpu_t) and fits(worker, gpu_t) and worker.get("GPU") == 1
+
+    app = build_app(ServeConfig(decomposer={"path": "/models/bc/final"}, decomposer_num_gpus=1))
+    dec = app._bound_deployment.init_args[0]._bound_deployment.ray_actor_options
+    request = {"CPU": dec.get("num_cpus", 1), "GPU": dec.get("num_gpus", 0), **(dec.get("resources") or {})}
+    assert request["GPU"] == 1 and fits(request, gpu_t) and not fits(request, gen_t)
