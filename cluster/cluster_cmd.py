@@ -17,37 +17,62 @@ import typer
 _CTX = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+ADDRESS_HELP = ("Jobs API (dashboard) address [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is "
+                "http(s)://, else http://127.0.0.1:8265].")
+
+
+def _stream(chunk: str) -> None:
+    from subq import console
+
+    console.out().write(chunk)
+    console.out().flush()
+
+
 def _submit_command(app: typer.Typer, target: str, module: str) -> None:
     def cmd(
         ctx: typer.Context,
-        address: Optional[str] = typer.Option(None, "--address", help="Ray dashboard address (default: "
-                                              "$RAY_ADDRESS, else http://127.0.0.1:8265)."),
+        address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
         key_env: str = typer.Option("OPENAI_API_KEY", "--key-env", help="NAME of the environment variable with "
                                     "the teacher key; its value is shipped out of sight (see cluster/submit.py)."),
         working_dir: Optional[str] = typer.Option(None, "--working-dir", help="Project directory to package "
                                                   "(default: this subq checkout)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Extra gitignore-style excludes for the package."),
-        job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default: subq-TARGET-<hex>)."),
+        runtime_env: Optional[str] = typer.Option(None, "--runtime-env", help="Extra runtime_env, a YAML/JSON "
+                                                  "file or inline JSON (env_vars, pip, image_uri, ...), merged "
+                                                  "with subq's (never put the key in it)."),
+        submission_id: Optional[str] = typer.Option(None, "--submission-id", "--job-id",
+                                                    help="Submission id (default: subq-TARGET-<hex>)."),
         entrypoint_num_cpus: Optional[float] = typer.Option(None, "--entrypoint-num-cpus",
                                                             help="CPUs reserved for the driver."),
+        entrypoint_num_gpus: Optional[float] = typer.Option(None, "--entrypoint-num-gpus",
+                                                            help="GPUs reserved for the driver."),
+        entrypoint_resources: Optional[str] = typer.Option(None, "--entrypoint-resources",
+                                                           help='Custom resources reserved for the driver, JSON, '
+                                                           'e.g. \'{"generation": 1}\' (the job waits for them).'),
         wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit 1 unless it SUCCEEDED."),
-        follow: bool = typer.Option(False, "--follow", help="Stream the job's logs until it ends (implies --wait)."),
+        follow: bool = typer.Option(False, "--follow", help="Stream the job's logs until it ends (as `ray job "
+                                    "submit`); exit code 0 only if it SUCCEEDED."),
         timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after N seconds."),
     ) -> None:
         from cluster.jobs import Jobs
         from cluster.submit import submit
+        from subq import console
 
         args = [a for a in ctx.args if a != "--"]
         jid = submit(target, args, address=address, key_env=key_env, working_dir=working_dir, excludes=exclude,
-                     job_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus)
-        print(jid)
+                     job_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+                     entrypoint_num_gpus=entrypoint_num_gpus, entrypoint_resources=entrypoint_resources,
+                     runtime_env=runtime_env)
+        console.out().write(jid + "\n")
+        console.out().flush()
         if wait or follow:
             jobs = Jobs(address)
             if follow:
-                jobs.follow(jid, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+                jobs.follow(jid, _stream)
             status = jobs.wait(jid, timeout_s=timeout)
-            print(json.dumps({"job_id": jid, "status": status}))
+            console.emit_json({"job_id": jid, "status": status})
             if status != "SUCCEEDED":
+                console.echo(f"error: job {jid} ended {status} (logs: subq jobs logs {jid})")
                 raise typer.Exit(1)
 
     cmd.__doc__ = (f"Submit `subq {target} ARGS` (python -m {module}) to a Ray cluster as a job. Options for "
@@ -67,8 +92,7 @@ def register(app: typer.Typer) -> None:
     jobs_app = typer.Typer(help="List, read and stop Ray jobs (token auth as in cluster/auth.py).",
                            no_args_is_help=True)
 
-    addr_opt = typer.Option(None, "--address", help="Ray dashboard address (default: $RAY_ADDRESS, else "
-                            "http://127.0.0.1:8265).")
+    addr_opt = typer.Option(None, "--address", help=ADDRESS_HELP)
 
     @jobs_app.command("list")
     def list_(address: Optional[str] = addr_opt,
@@ -90,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
         jobs = Jobs(address)
         if follow:
-            jobs.follow(job_id, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            jobs.follow(job_id, _stream)
         else:
             sys.stdout.write(jobs.logs(job_id))
 

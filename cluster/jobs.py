@@ -6,12 +6,14 @@
     # the same with Ray's own CLI (it finds the token the same ways):
     ray job list --address http://127.0.0.1:8265
 
-The address comes from `--address`, else `RAY_ADDRESS`, else http://127.0.0.1:8265. Authentication: see
-cluster/auth.py. A refused request becomes one `error:` line that says what to do.
+The address comes from `--address`, else `RAY_API_SERVER_ADDRESS`, else `RAY_ADDRESS` when it is http(s)://
+(a GCS `RAY_ADDRESS` is asked for its dashboard), else http://127.0.0.1:8265 (`resolve_address`). A driver
+address (GCS, ray://) for local verbs is cluster/connect.py's business. Authentication: see cluster/auth.py. A refused request becomes one `error:` line that says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Optional
@@ -20,20 +22,57 @@ from cluster import auth
 from subq.errors import SubqError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def resolve_address(address: Optional[str]) -> str:
-    """--address, else $RAY_ADDRESS, else the local dashboard; `ray://` and bare host:port become http://."""
-    addr = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-    if addr == "auto":
-        addr = DEFAULT_ADDRESS
+def resolve_address(address: Optional[str] = None, environ: Optional[dict] = None) -> str:
+    """The Jobs API (dashboard) URL, the way Ray's own SDK finds it: `--address`, else $RAY_API_SERVER_ADDRESS,
+    else $RAY_ADDRESS when it is http(s)://; a GCS / `ray://` / `auto` RAY_ADDRESS is asked for its dashboard
+    (Ray's lookup); else http://127.0.0.1:8265. A bare HOST:PORT given as --address / RAY_API_SERVER_ADDRESS is
+    the dashboard (http://HOST:PORT)."""
+    env = os.environ if environ is None else environ
+    addr = address or env.get(API_SERVER_ENV) or None
+    source = "--address" if address else API_SERVER_ENV
+    if not addr:
+        ray_addr = (env.get("RAY_ADDRESS") or "").strip()
+        if ray_addr and ray_addr != "local" and not ray_addr.lower().startswith(("http://", "https://")):
+            return _dashboard_of(ray_addr)
+        addr, source = (ray_addr if ray_addr and ray_addr != "local" else DEFAULT_ADDRESS), "RAY_ADDRESS"
     if addr.startswith("ray://"):
-        raise SubqError(f"{addr} is a Ray Client address; the Jobs API needs the dashboard's http://HOST:8265",
-                        field="--address")
+        return _dashboard_of(addr)
+    if addr == "auto":
+        return _dashboard_of(addr)
     if "://" not in addr:
         addr = "http://" + addr
-    return addr
+    if not addr.lower().startswith(("http://", "https://")):
+        raise SubqError(f"{source} {addr} is not a Jobs API address (http(s)://HOST:8265)", field=source)
+    return addr.rstrip("/")
+
+
+def _dashboard_of(ray_address: str) -> str:
+    """Ray's own lookup of the dashboard URL of the cluster at a GCS / ray:// / auto address."""
+    from ray.dashboard.utils import ray_address_to_api_server_url, ray_client_address_to_api_server_url
+
+    try:
+        if ray_address.startswith("ray://"):
+            return ray_client_address_to_api_server_url(ray_address)
+        return ray_address_to_api_server_url(ray_address)
+    except Exception as e:  # noqa: BLE001
+        raise SubqError(f"cannot find the Jobs API of the Ray cluster at {ray_address} "
+                        f"({type(e).__name__})", field="--address",
+                        hint="pass the dashboard address: --address http://HEAD:8265 or RAY_API_SERVER_ADDRESS") from None
+
+
+@contextlib.contextmanager
+def _without_address_env():
+    """JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its `address` argument; we resolve
+    the address ourselves (resolve_address), so hide them while it is built."""
+    saved = {k: os.environ.pop(k) for k in (API_SERVER_ENV, "RAY_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _auth_status(exc: BaseException) -> Optional[int]:
@@ -55,7 +94,8 @@ class Jobs:
         self.address = resolve_address(address)
         self.token = auth.find_token()
         try:
-            self.client = JobSubmissionClient(self.address, headers=auth.auth_headers(self.token))
+            with _without_address_env():
+                self.client = JobSubmissionClient(self.address, headers=auth.auth_headers(self.token))
         except Exception as e:  # noqa: BLE001 - classify, never leak the token
             raise self._error(e) from None
 

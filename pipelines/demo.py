@@ -571,7 +571,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         if not ray.is_initialized():
             kw = {} if address else {"num_cpus": max(2, os.cpu_count() or 2), "include_dashboard": False}
-            ray.init(address=address, log_to_driver=False, **kw)
+            from cluster.connect import init_ray
+            init_ray(cfg.ray_address, log_to_driver=False, **kw)
             started_ray = True
         res = ray.cluster_resources()
         say(f"[1/8] ray       {'joined ' + address if address else 'local'}: {res.get('CPU', 0):.0f} CPU, "

@@ -638,11 +638,9 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     specs = [parse_decomposer_spec(s) for s in cfg.decomposers]
     cfg.solver.price()  # unknown price -> ConfigError before any work
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # a cluster job (`ray job submit`): join it
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                     object_store_memory=200 * 1024**2, log_to_driver=False)
+        from cluster.connect import init_ray
+        init_ray(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 object_store_memory=200 * 1024**2, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     runs = []

@@ -86,6 +86,7 @@ class GenerateConfig(BaseModel):
     actors: tuple[int, int] = Field((1, 2), description="Teacher actor pool size MIN,MAX (Ray Data autoscaling).")
     batch_size: int = Field(8, ge=1, description="Problems per Ray Data batch (one Parquet part per batch).")
     actor_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per teacher actor (they mostly wait).")
+    actor_resources: dict[str, float] = Field({"generation": 1}, description="Custom resources per teacher actor: what ray_cluster.yaml's cpu_generation nodes advertise, so the autoscaler adds them for the pool (cluster/connect.py `schedulable`: dropped where no node has them and none is autoscaled, e.g. a local Ray).")
     limit: Optional[int] = Field(None, ge=1, description="Only the first N problems of the input.")
     max_cost_usd: Optional[float] = Field(None, gt=0, description="Stop cleanly once this run has spent this much.")
     dry_run: bool = Field(False, description="Print the token and cost estimate; make no calls, write nothing.")
@@ -500,13 +501,14 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
     import ray
 
     from actors.limiter import RateLimiter, get_or_create_limiter, limiter_name
+    from cluster.connect import init_ray, schedulable
 
     started = False
     if not ray.is_initialized():
         kw = {"include_dashboard": False, "log_to_driver": False}
         if cfg.ray_address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray_num_cpus:
             kw["num_cpus"] = cfg.ray_num_cpus
-        ray.init(address=cfg.ray_address, namespace="subq", **kw)
+        init_ray(cfg.ray_address, namespace="subq", **kw)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -539,7 +541,8 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
         pool = ray.data.ActorPoolStrategy(min_size=cfg.actors[0], max_size=cfg.actors[1])
         ds = ds.map_batches(GenerateActor, batch_size=cfg.batch_size, compute=pool,
-                            num_cpus=cfg.actor_num_cpus, fn_constructor_kwargs=dict(
+                            num_cpus=cfg.actor_num_cpus, resources=schedulable(cfg.actor_resources),
+                            fn_constructor_kwargs=dict(
                                 client_kwargs=client_kwargs, limiter_name=lname, budget_name=bname, job=job,
                                 api_key_ref=[ray.put(os.environ[cfg.api_key_env])]))
         fatal = None

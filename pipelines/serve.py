@@ -625,7 +625,8 @@ def start_serve(config: ServeConfig, *, ray_init: Optional[dict] = None, wait: b
     import ray
 
     if not ray.is_initialized():
-        ray.init(**(ray_init or {"include_dashboard": False}))
+        from cluster.connect import init_ray
+        init_ray(**(ray_init or {"include_dashboard": False}))
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     base = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"

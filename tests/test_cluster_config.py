@@ -33,7 +33,10 @@ def test_cloud_yaml_has_cpu_autoscaling_and_gpu_types_and_token_on():
     types = cfg["available_node_types"]
     assert types["cpu_generation"]["max_workers"] > types["cpu_generation"]["min_workers"]
     assert types["gpu_train_serve"]["resources"]["GPU"] >= 1
-    assert any("pip install" in c and "-e ." in c for c in cfg["setup_commands"])
+    for name in ("head_setup_commands",):
+        assert any("pip install" in c and "-e ." in c for c in cfg[name])
+    for t in ("cpu_generation", "gpu_train_serve"):
+        assert any("pip install" in c and "-e ." in c for c in types[t]["worker_setup_commands"])
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert "~/.ray/auth_token" in cfg["file_mounts"]
@@ -95,3 +98,118 @@ def test_submit_checks_target_and_key_not_in_args(monkeypatch, tmp_path):
     assert "sk-abc" not in str(e.value)
     with pytest.raises(SubqError, match="cannot reach a Ray dashboard"):
         sub.submit("generate", [], address="http://127.0.0.1:9", key_env="MY_KEY")
+
+
+def test_driver_address_resolution_http_ray_address_never_reaches_ray_init(monkeypatch):
+    """cluster.connect.resolve: a GCS / ray:// address is joined as given; an http(s) RAY_ADDRESS (the Jobs API)
+    served by no Ray here starts a local Ray and says so; an http --ray-address is an error naming the flag."""
+    from cluster import connect
+
+    monkeypatch.setattr(connect, "local_gcs_for_dashboard", lambda url: None)
+    t = connect.resolve(None, {"RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert t.address == "local" and not t.joining and "Jobs API" in t.note and "started a local Ray" in t.note
+    t = connect.resolve(None, {"RAY_ADDRESS": "10.0.0.5:6379"})
+    assert t.address == "10.0.0.5:6379" and t.joining and "GCS" in t.note
+    t = connect.resolve("ray://h:10001", {"RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert t.address == "ray://h:10001" and t.joining and "--ray-address" in t.note
+    assert connect.resolve(None, {"RAY_ADDRESS": "local"}).address == "local"
+    with pytest.raises(SubqError, match="--ray-address") as e:
+        connect.resolve("https://head:8265", {})
+    assert "subq submit" in (e.value.hint or "")
+    monkeypatch.setattr(connect, "local_gcs_for_dashboard", lambda url: "127.0.0.1:6390")
+    t = connect.resolve(None, {"RAY_ADDRESS": "http://127.0.0.1:8265"})
+    assert t.address == "127.0.0.1:6390" and t.joining and t.explicit_local and "joined it" in t.note
+
+
+def test_jobs_api_address_the_way_rays_sdk_finds_it(monkeypatch):
+    from cluster.jobs import DEFAULT_ADDRESS, resolve_address
+
+    assert resolve_address(None, {}) == DEFAULT_ADDRESS
+    assert resolve_address(None, {"RAY_ADDRESS": "http://h:8265/"}) == "http://h:8265"
+    assert resolve_address(None, {"RAY_ADDRESS": "http://h:8265", "RAY_API_SERVER_ADDRESS": "https://a:443"}) \
+        == "https://a:443"
+    assert resolve_address("h2:8265", {"RAY_API_SERVER_ADDRESS": "https://a:443"}) == "http://h2:8265"
+    assert resolve_address(None, {"RAY_ADDRESS": "local"}) == DEFAULT_ADDRESS
+
+
+def test_submit_options_runtime_env_merge_and_key_refused(tmp_path):
+    from cluster.submit import _parse_resources, load_runtime_env
+
+    f = tmp_path / "renv.yaml"
+    f.write_text("env_vars: {SUBQ_X: '1'}\npip: [tqdm]\npy_modules: [/opt/mod]\nexcludes: ['*.csv']\n")
+    user = load_runtime_env(str(f))
+    assert load_runtime_env('{"env_vars": {"SUBQ_X": "1"}}') == {"env_vars": {"SUBQ_X": "1"}}
+    env = build_runtime_env(str(ROOT), secret_module="/tmp/pkg/subq_job_secret", user=user, key_env="K",
+                            key_value="sk-zzz")
+    assert env["env_vars"] == {"SUBQ_X": "1"} and env["pip"] == ["tqdm"] and "*.csv" in env["excludes"]
+    assert env["py_modules"] == ["/opt/mod", "/tmp/pkg/subq_job_secret"] and env["working_dir"] == str(ROOT)
+    for bad in ({"env_vars": {"K": "x"}}, {"env_vars": {"OTHER": "sk-zzz"}}, {"working_dir": "/x"}):
+        with pytest.raises(SubqError, match="--runtime-env"):
+            build_runtime_env(str(ROOT), user=bad, key_env="K", key_value="sk-zzz")
+    for bad in ("[1]", str(tmp_path / "missing.yaml"), "{not json"):
+        with pytest.raises(SubqError, match="--runtime-env"):
+            load_runtime_env(bad)
+    assert _parse_resources('{"generation": 1}') == {"generation": 1}
+    with pytest.raises(SubqError, match="--entrypoint-resources"):
+        _parse_resources("generation=1")
+
+
+def _ray_start_env(cmd: str) -> dict:
+    """NAME=value words before `ray start` in a cluster-launcher start command."""
+    words = cmd.split("ray start")[0].replace("&&", " ").split()
+    return dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+
+
+def test_gpu_node_type_can_run_gpus():
+    """issue 16 (3): a GPU image with drivers (documented how to find its id), a disk for CUDA wheels +
+    checkpoints, NCCL settings for the instance family, the CUDA torch wheel on that type only."""
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    text = (ROOT / "ray_cluster.yaml").read_text()
+    gpu = cfg["available_node_types"]["gpu_train_serve"]
+    assert gpu["node_config"]["InstanceType"].startswith("g5.")
+    assert "/aws/service/deeplearning/ami/" in text and "nvidia-driver" in text  # how to get the DLAMI id
+    disk = gpu["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+    assert disk >= 200
+    setup = " ".join(gpu["worker_setup_commands"])
+    assert "torch==2.13.0" in setup and "whl/cpu" not in setup and "nvidia-smi" in setup
+    assert "whl/cpu" in " ".join(cfg["available_node_types"]["cpu_generation"]["worker_setup_commands"])
+    env = _ray_start_env(next(c for c in cfg["worker_start_ray_commands"] if "ray start" in c))
+    assert env.get("NCCL_SOCKET_IFNAME") and env.get("NCCL_IB_DISABLE") == "1"
+
+
+def test_cluster_yaml_and_code_request_the_same_resources():
+    """Teacher actors request what the cpu_generation type advertises (and the head does not, so the autoscaler
+    adds that type for them; every `ray start` names it in SUBQ_AUTOSCALED_RESOURCES); Ray Train workers with
+    --use-gpu and GPU Serve decomposer replicas request only what the GPU type advertises, and fit one node."""
+    from ray.train import ScalingConfig
+
+    from pipelines.generate import GenerateConfig
+    from pipelines.serve import ServeConfig, build_app
+    from training.config import TrainConfig
+
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    head, gen_t, gpu_t = types[cfg["head_node_type"]]["resources"], types["cpu_generation"]["resources"], \
+        types["gpu_train_serve"]["resources"]
+
+    def fits(request: dict, offer: dict) -> bool:
+        return all(offer.get(k, 0) >= v for k, v in request.items() if v)
+
+    g = GenerateConfig(input="gsm8k:test", output="/tmp/x")
+    actor = {"CPU": g.actor_num_cpus, **g.actor_resources}
+    assert g.actor_resources and fits(actor, gen_t) and not fits(actor, head)
+    per_node = min(gen_t[k] / v for k, v in actor.items())
+    assert per_node >= 8  # many I/O-bound teacher actors per generation node
+    for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        if "ray start" in c:
+            assert set(g.actor_resources) <= set(_ray_start_env(c)["SUBQ_AUTOSCALED_RESOURCES"].split(","))
+
+    t = TrainConfig.model_fields
+    worker = ScalingConfig(num_workers=1, use_gpu=True,
+                           resources_per_worker={"CPU": t["cpus_per_worker"].default})._resources_per_worker_not_none
+    assert set(worker) <= set(gpu_t) and fits(worker, gpu_t) and worker.get("GPU") == 1
+
+    app = build_app(ServeConfig(decomposer={"path": "/models/bc/final"}, decomposer_num_gpus=1))
+    dec = app._bound_deployment.init_args[0]._bound_deployment.ray_actor_options
+    request = {"CPU": dec.get("num_cpus", 1), "GPU": dec.get("num_gpus", 0), **(dec.get("resources") or {})}
+    assert request["GPU"] == 1 and fits(request, gpu_t) and not fits(request, gen_t)

@@ -92,7 +92,8 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
     counts = preflight(cfg)
     started = False
     if not ray.is_initialized():
-        ray.init(**(ray_init or {}))
+        from cluster.connect import init_ray
+        init_ray(**(ray_init or {}))
         started = True
     try:
         loop_cfg = {"cfg": cfg.model_dump(), "fault_at_step": os.environ.get(FAULT_ENV)}

@@ -1,0 +1,280 @@
+"""Autoscaling generation, end to end and offline, on Ray's own autoscaler (the fake multi-node provider: each
+"node" is a real raylet on this machine) with token authentication on.
+
+The head advertises no `generation`; the `ray.worker.cpu_generation` type (min 0, max 3, 2 teacher actors a
+node) does. `subq submit generate --actors 1,3` goes to the cluster's Jobs API against a local `subq
+teacher-server` (replay, latency so a backlog builds): the autoscaler launches generation nodes for the teacher
+actor pool, the pool grows past one actor, every problem is written exactly once, and the idle nodes are removed
+after the job. A second job loses one generation node mid-run (its raylet is killed) and still ends with every
+problem exactly once. The scenario prints a timeline (time, nodes by type, actors alive, rows done).
+
+Runs in its own interpreter: token authentication is process-global in Ray. Never `ray stop`:
+`AutoscalingCluster.start()` would run `ray stop --force` (every Ray on the machine), so the head is started here
+the same way, with its own temp dir and ports, and only its own processes are stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+N = 10  # problems per job
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("autoscale")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OPENAI_API_KEY")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    r = subprocess.run([sys.executable, __file__, str(tmp)], capture_output=True, text=True, env=env, timeout=1500)
+    print(r.stdout[-6000:])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
+    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))[7:])
+
+
+def test_generation_job_scales_nodes_and_actors_up_then_idle_nodes_down(report):
+    grow = report["grow"]
+    assert grow["status"] == "SUCCEEDED"
+    assert grow["max_generation_nodes"] >= 1 and grow["generation_nodes_at_start"] == 0  # launched for the pool
+    assert grow["max_actors"] >= 2  # the pool grew past one actor while there was a backlog
+    assert grow["exactly_once"] and grow["rows"] == N
+    assert grow["generation_nodes_at_end"] == 0  # idle generation nodes removed after the job
+    assert grow["teacher_401"] == 0  # the key reached the actors on the new nodes
+
+
+def test_generation_job_survives_losing_a_worker_node(report):
+    kill = report["kill"]
+    assert kill["killed_node"] and kill["rows_at_kill"] < N  # killed mid-job
+    assert kill["status"] == "SUCCEEDED" and kill["exactly_once"] and kill["rows"] == N
+
+
+# ---------------------------------------------------------------- the scenario (own interpreter)
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _own_pids(markers: list[str]) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if p.info["pid"] != os.getpid() and any(m in cmd for m in markers):
+            out.append(p.info["pid"])
+    return out
+
+
+def _stop(markers: list[str]) -> None:
+    import psutil
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _own_pids(markers)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
+
+
+def start_head(tmp: Path) -> dict:
+    """`ray start --head --autoscaling-config` like AutoscalingCluster.start(), minus its `ray stop --force`."""
+    import yaml
+
+    temp_dir = tempfile.mkdtemp(prefix="ras", dir="/tmp")  # short: AF_UNIX socket paths
+    gcs, dash = free_port(), free_port()
+    cfg = yaml.safe_load((ROOT / "cluster" / "ray_cluster.local.yaml").read_text())
+    cfg["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"
+    cfg["idle_timeout_minutes"] = 0.2
+    cfg["max_workers"] = 3
+    cfg["available_node_types"] = {
+        "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+        "ray.worker.cpu_generation": {"resources": {"CPU": 2, "generation": 2, "object_store_memory": 80 * 2 ** 20},
+                                      "node_config": {}, "min_workers": 0, "max_workers": 3},
+    }
+    cfg_path = tmp / "autoscaling.json"
+    cfg_path.write_text(json.dumps(cfg))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "SUBQ_AUTOSCALED_RESOURCES": "generation"}
+    cmd = ["ray", "start", "--head", f"--autoscaling-config={cfg_path}", f"--temp-dir={temp_dir}", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", "--num-cpus=2",
+           f"--object-store-memory={120 * 2 ** 20}", "--include-dashboard=true", "--disable-usage-stats"]
+    markers = [temp_dir, f"--gcs-address=127.0.0.1:{gcs}", f"gcs_address=127.0.0.1:{gcs}"]
+    for _ in range(3):  # a node has 30 s to register: retried on a loaded shared machine
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        if r.returncode == 0:
+            break
+        _stop(markers)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"gcs": f"127.0.0.1:{gcs}", "address": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir,
+            "markers": markers}
+
+
+def sample(out: Path) -> dict:
+    """Nodes by type, teacher actors alive, rows done (Parquet parts written so far)."""
+    import ray
+    from ray.util.state import list_actors
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    gen = [n for n in nodes if n["Resources"].get("generation")]
+    try:
+        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                  if "MapWorker" in (a.class_name or "")]
+    except Exception:  # noqa: BLE001 - the state API can time out under load; the sample then says -1
+        actors = None
+    rows = 0
+    if (out / "parts").is_dir():
+        import pyarrow.parquet as pq
+
+        for f in (out / "parts").glob("*.parquet"):
+            try:
+                rows += pq.read_metadata(f).num_rows
+            except Exception:  # noqa: BLE001 - a part being written
+                pass
+    return {"head": len(nodes) - len(gen), "cpu_generation": len(gen), "gen_node_ids": [n["NodeID"] for n in gen],
+            "actors": -1 if actors is None else len(actors),
+            "actor_nodes": [] if actors is None else [a.node_id for a in actors], "rows": rows}
+
+
+def submit(head: dict, ts, out: Path, key: str) -> str:
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    r = subprocess.run([str(BIN / "subq"), "submit", "generate", "--address", head["address"], "--",
+                        "--input", "gsm8k:test", "--limit", str(N), "--output", str(out), "--base-url", ts.base_url,
+                        "--actors", "1,3", "--batch-size", "1", "--n-sets", "1", "--n-feedback", "1",
+                        "--max-concurrency", "1", "--progress-interval-s", "5"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[0]
+
+
+def exactly_once(out: Path) -> tuple[bool, int]:
+    from subq.problems import load_problems
+    from subq.schema import read_parquet
+
+    ids = [row.problem_id for row in read_parquet(str(out / "parts"))]
+    return sorted(ids) == sorted(p.problem_id for p in load_problems("gsm8k:test", N)), len(ids)
+
+
+def kill_node(node_id: str) -> bool:
+    """Kill the raylet of one fake node (its workers die with it), as a lost cloud instance."""
+    import psutil
+    import ray
+
+    port = next(n["NodeManagerPort"] for n in ray.nodes() if n["NodeID"] == node_id)
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("raylet") and f"--node_manager_port={port}" in cmd:
+            os.kill(p.info["pid"], signal.SIGKILL)
+            return True
+    return False
+
+
+def scenario(tmp: Path) -> None:
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines.teacher_server import TeacherServer
+
+    head = start_head(tmp)
+    key = "sk-subq-test-" + secrets.token_hex(12)
+    report = {}
+    t0 = time.time()
+    timeline = []
+
+    def tick(out: Path, phase: str) -> dict:
+        s = sample(out)
+        timeline.append((round(time.time() - t0), phase, s["head"], s["cpu_generation"], s["actors"], s["rows"]))
+        print(f"{timeline[-1][0]:>5}s {phase:<6} nodes head={s['head']} cpu_generation={s['cpu_generation']} "
+              f"actors={s['actors']} rows={s['rows']}/{N}", flush=True)
+        return s
+
+    try:
+        ray.init(address=head["gcs"], log_to_driver=False)
+        client = JobSubmissionClient(head["address"],
+                                     headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+
+        def status(jid):
+            return str(client.get_job_status(jid).value)
+
+        with TeacherServer(api_key=key, latency_s=1.5, seed=5) as ts:
+            # 1. grow, then shrink
+            out = tmp / "grow"
+            s = tick(out, "start")
+            grow = {"generation_nodes_at_start": s["cpu_generation"]}
+            jid = submit(head, ts, out, key)
+            samples = []
+            while status(jid) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() - t0 < 900:
+                samples.append(tick(out, "job1"))
+                time.sleep(2)
+            grow["status"] = status(jid)
+            if grow["status"] != "SUCCEEDED":
+                print(client.get_job_logs(jid)[-4000:])
+            samples.append(tick(out, "job1"))
+            grow["max_generation_nodes"] = max(x["cpu_generation"] for x in samples)
+            grow["max_actors"] = max(x["actors"] for x in samples)
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                s = tick(out, "idle")
+                if s["cpu_generation"] == 0:
+                    break
+                time.sleep(3)
+            grow["generation_nodes_at_end"] = s["cpu_generation"]
+            grow["exactly_once"], grow["rows"] = exactly_once(out)
+            grow["teacher_401"] = ts.stats()["by_status"].get("401", 0)
+            report["grow"] = grow
+
+            # 2. a generation node is lost mid-job
+            out = tmp / "kill"
+            kill = {"killed_node": None, "rows_at_kill": None}
+            jid = submit(head, ts, out, key)
+            while status(jid) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() - t0 < 1300:
+                s = tick(out, "job2")
+                victims = [n for n in s["gen_node_ids"] if n in s["actor_nodes"]]
+                if kill["killed_node"] is None and victims and s["rows"] >= 1:
+                    if kill_node(victims[0]):
+                        kill["killed_node"], kill["rows_at_kill"] = victims[0][:8], s["rows"]
+                        print(f"killed generation node {victims[0][:8]} at rows={s['rows']}", flush=True)
+                time.sleep(2)
+            kill["status"] = status(jid)
+            if kill["status"] != "SUCCEEDED":
+                print(client.get_job_logs(jid)[-4000:])
+            tick(out, "job2")
+            kill["exactly_once"], kill["rows"] = exactly_once(out)
+            report["kill"] = kill
+        print("\n| t (s) | phase | head nodes | cpu_generation nodes | teacher actors alive | rows done |")
+        print("|---|---|---|---|---|---|")
+        for row in timeline:
+            print("| " + " | ".join(str(x) for x in row) + " |")
+        print("REPORT " + json.dumps(report), flush=True)
+    finally:
+        ray.shutdown()
+        _stop(head["markers"])
+        shutil.rmtree(head["temp_dir"], ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    scenario(Path(sys.argv[1]))
