@@ -127,3 +127,25 @@ def summarize(scores: Iterable[Score]) -> dict:
         "accuracy": correct / n if n else 0.0,
         "missing_final_answer": sum(s.missing_final_answer for s in scores),
     }
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (Wilson 1927); (0, 1) when n == 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for paired binary outcomes: b = only the first correct, c = only the second
+    correct (a binomial test of min(b, c) successes in b + c trials at p = 0.5); 1.0 when b + c == 0."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
