@@ -42,7 +42,7 @@ from subq.parsers import format_subquestions, parse_answers, parse_doc_subquesti
 from subq.problems import Problem
 from subq.prompts import messages, template_for
 from subq.schema import SubQRow, SubQuestionSet, write_paper
-from subq.scoring import MODES, Score, gold_number, score, summarize
+from subq.scoring import MODES, Score, gold_number, mcnemar_exact, score, summarize, wilson_interval
 
 STAGES = ("decompose", "solve")
 DOC_ANSWER = re.compile(r"the answer is:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
@@ -69,6 +69,7 @@ class SolverSettings(BaseModel):
     price_table: Optional[str] = Field(None, description="YAML price table adding/overriding subq.costs defaults.")
     price_input_per_1k: Optional[float] = Field(None, ge=0, description="Override: $ per 1K prompt tokens for this solver.")
     price_output_per_1k: Optional[float] = Field(None, ge=0, description="Override: $ per 1K completion tokens for this solver.")
+    cache_dir: Optional[str] = Field(None, description="Durable request cache of solver replies (actors.teacher.RequestCache): a re-run pays nothing. `subq eval` default: <out>/cache.")
 
     def price(self) -> Price:
         if self.price_input_per_1k is not None or self.price_output_per_1k is not None:
@@ -118,6 +119,7 @@ class StageUsage:
     cost_usd: float = 0.0
     latency_s: float = 0.0
     calls: int = 0
+    provenance: Optional[str] = None  # the upstream's x-subq-provenance (replay | synthetic | ...), None for real APIs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +157,9 @@ class ItemResult:
     latency_s: float = 0.0
     error: Optional[str] = None
     error_stage: Optional[str] = None
+    provenance: Optional[str] = None  # the solver upstream's x-subq-provenance header (replay/synthetic offline)
+    few_shot: bool = False  # a GSM8K test problem the paper's prompts quote as a few-shot example
+    fell_back: bool = False  # the decomposer wrote no sub-question: the solver answered single-stage
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -185,11 +190,13 @@ def final_answer_of(text: Optional[str]) -> Optional[str]:
 
 def new_item(index: int, problem: Problem, decomposer: str, solver: str) -> ItemResult:
     return ItemResult(index=index, problem_id=problem.problem_id, problem=problem.problem,
-                      gold_answer=paper_gold(problem.gold_answer), decomposer=decomposer, solver=solver)
+                      gold_answer=paper_gold(problem.gold_answer), decomposer=decomposer, solver=solver,
+                      few_shot=problem.is_few_shot_example)
 
 
 def finish_item(item: ItemResult, decomposition: Optional[Decomposition], answer: Optional[Answer]) -> ItemResult:
-    """Fill an item from its stages and score it in every mode (a failed stage scores as a miss)."""
+    """Fill an item from its stages and score it in every mode. A failed item (`error` set) gets no scores: it is
+    excluded from accuracy and counted as an error (a 503 under load is not a wrong answer)."""
     if decomposition is not None:
         item.sub_questions = list(decomposition.questions)
         item.decomposition_text = decomposition.text
@@ -197,8 +204,11 @@ def finish_item(item: ItemResult, decomposition: Optional[Decomposition], answer
     if answer is not None:
         item.answer_text = answer.text
         item.usage["solve"] = answer.usage.to_dict()
+    provs = [u.get("provenance") for u in item.usage.values() if u.get("provenance")]
+    item.provenance = item.usage.get("solve", {}).get("provenance") or (provs[0] if provs else None)
+    item.fell_back = item.decomposer != "none" and "decompose" in item.usage and not item.sub_questions
     item.final_answer = final_answer_of(item.answer_text)
-    item.scores = {m: score(item.answer_text, item.gold_answer, m).to_dict() for m in MODES}
+    item.scores = {} if item.error else {m: score(item.answer_text, item.gold_answer, m).to_dict() for m in MODES}
     item.latency_s = sum(u.get("latency_s", 0.0) for u in item.usage.values())
     return item
 
@@ -211,10 +221,32 @@ def fail_item(item: ItemResult, stage: str, message: str) -> ItemResult:
 # ---------------------------------------------------------------- summaries and paper files
 
 
+OFFLINE_PROVENANCE = ("replay", "synthetic", "malformed")  # what the local teacher server labels its replies
+
+
+def _accuracy(items: list[ItemResult]) -> dict:
+    out = {}
+    for m in MODES:
+        a = summarize(Score(**it.scores[m]) for it in items if it.scores)
+        a["ci95"] = list(wilson_interval(a["correct"], a["n"]))
+        out[m] = a
+    return out
+
+
+def error_reasons(items: list[ItemResult], top: int = 3) -> list[tuple[str, int]]:
+    """The most common failure reasons (digits folded so that 'after 5 attempts' and 'after 6' count together)."""
+    from collections import Counter
+
+    c = Counter(re.sub(r"\d+(\.\d+)?", "N", f"{it.error_stage}: {it.error}")[:200] for it in items if it.error)
+    return c.most_common(top)
+
+
 def summarize_items(items: list[ItemResult], total: Optional[int] = None) -> dict:
-    """Accuracy in every scoring mode, tokens/$ per stage (total and per problem), errors, sub-question counts."""
+    """Accuracy in every scoring mode over the items that did not fail (95% Wilson interval; also without the
+    few-shot problems), tokens/$ per stage (total and per problem), errors and their top reasons, sub-question
+    counts, single-stage fallbacks, and where the replies came from (provenance; `offline`)."""
     n = len(items)
-    accuracy = {m: summarize(Score(**it.scores[m]) for it in items if it.scores) for m in MODES}
+    accuracy = _accuracy(items)
     usage: dict[str, dict] = {}
     for stage in STAGES:
         us = [it.usage[stage] for it in items if stage in it.usage]
@@ -236,23 +268,37 @@ def summarize_items(items: list[ItemResult], total: Optional[int] = None) -> dic
     for c in counts:
         hist[str(c)] = hist.get(str(c), 0) + 1
     errors = [it for it in items if it.error]
+    prov: dict[str, int] = {}
+    for it in items:
+        if it.provenance:
+            prov[it.provenance] = prov.get(it.provenance, 0) + 1
+    few = [it for it in items if it.few_shot]
     return {
         "n": n,
         "total": total if total is not None else n,
+        "scored": n - len(errors),
         "accuracy": accuracy,
+        "few_shot_items": len(few),
+        "accuracy_without_few_shot": _accuracy([it for it in items if not it.few_shot]) if few else accuracy,
         "usage": usage,
         "errors": len(errors),
         "errors_by_stage": {s: sum(1 for e in errors if e.error_stage == s) for s in STAGES},
+        "error_reasons": [[r, k] for r, k in error_reasons(items)],
+        "fell_back_single_stage": sum(1 for it in items if it.fell_back),
+        "provenance": prov,
+        "offline": any(p in OFFLINE_PROVENANCE for p in prov),
         "sub_questions": {"mean": sum(counts) / n if n else 0.0, "histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0])))},
         "mean_latency_s": sum(it.latency_s for it in items) / n if n else 0.0,
     }
 
 
 def items_to_rows(items: list[ItemResult]) -> list[SubQRow]:
-    """Items as GSM8K-AI-SubQ rows: one set per problem (the decomposition and the solver's reply). A failed
-    solve is written as an empty reply so that `subq score` counts it as a miss, as the summary does."""
+    """Items as GSM8K-AI-SubQ rows: one set per problem (the decomposition and the solver's reply). Failed items
+    are left out, as the summary's accuracy leaves them out, so `subq score` on the file gives the same numbers."""
     rows = []
     for it in sorted(items, key=lambda i: i.index):
+        if it.error:
+            continue
         text = it.decomposition_text if it.sub_questions or it.decomposition_text else ""
         qtext = format_subquestions(it.sub_questions) if it.sub_questions else text
         s = SubQuestionSet.from_texts(qtext, it.answer_text or "", it.gold_answer)
@@ -342,9 +388,11 @@ class Solver:
         except Exception as e:  # network stack errors the client did not wrap
             raise UpstreamError(self._redact(f"{type(e).__name__}: {e}"), s.upstream()) from None
         cost = getattr(res, "cost_usd", None)
-        return res.text, _usage(s.name, self.price, res.prompt_tokens, res.completion_tokens, t0,
-                                calls=getattr(res, "attempts", 1) or 1,
-                                cost=None if cost is None or (cost == 0 and self.price.input_per_1k) else cost)
+        u = _usage(s.name, self.price, res.prompt_tokens, res.completion_tokens, t0,
+                   calls=getattr(res, "attempts", 1) or 0,
+                   cost=None if cost is None or (cost == 0 and self.price.input_per_1k) else cost)
+        u.provenance = provenance_of(res)
+        return res.text, u
 
     def _local_chat(self, msgs, temperature, max_tokens, t0) -> tuple[str, StageUsage]:
         import torch
@@ -377,6 +425,43 @@ class Solver:
         return Decomposition(parsed.questions, text, usage)
 
 
+def provenance_of(res) -> Optional[str]:
+    """Where a reply came from: the upstream's `x-subq-provenance` header (the local teacher server sets it), or
+    for a cached reply the `subq-<provenance>` system fingerprint it was stored with; None for real providers."""
+    hdr = (getattr(res, "raw_headers", None) or {}).get("x-subq-provenance")
+    if hdr:
+        return hdr
+    fp = getattr(res, "provenance", None) or ""
+    return fp[len("subq-"):] if fp.startswith("subq-") else None
+
+
+def check_solver(s: SolverSettings, timeout_s: float = 10.0) -> None:
+    """Before any work: the solver's key is set and its endpoint answers (GET /models). Raises SubqError naming
+    the variable or the URL. The local teacher server accepts any key (e.g. OPENAI_API_KEY=unused)."""
+    if s.backend != "openai":
+        return
+    from cluster.submit import load_secret
+
+    load_secret()
+    key = os.environ.get(s.api_key_env)
+    if not key:
+        raise ConfigError(f"no solver API key: the environment variable {s.api_key_env} is not set",
+                          field="solver.api_key_env",
+                          hint=f"export {s.api_key_env}=...; the local teacher server (subq teacher-server) accepts "
+                               f"any value, e.g. {s.api_key_env}=unused")
+    import httpx
+
+    url = s.upstream().rstrip("/") + "/models"
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout_s)
+    except httpx.HTTPError as e:
+        raise SubqError(f"the solver endpoint {s.upstream()} does not answer ({type(e).__name__})",
+                        field="solver.base_url", hint="start it (e.g. subq teacher-server) or fix --solver-base-url") from None
+    if r.status_code in (401, 403):
+        raise SubqError(f"the solver endpoint {s.upstream()} rejected the key in {s.api_key_env} (HTTP {r.status_code})",
+                        field="solver.api_key_env")
+
+
 def make_teacher_client(TeacherClient, s: SolverSettings, key: Optional[str]):
     """Build actors.teacher.TeacherClient from solver settings (only the arguments it declares)."""
     import inspect
@@ -385,7 +470,7 @@ def make_teacher_client(TeacherClient, s: SolverSettings, key: Optional[str]):
     wanted = {"model": s.name, "base_url": s.base_url, "api_key": key, "max_retries": s.max_retries,
               "timeout_s": s.timeout_s, "timeout": s.timeout_s, "rpm": s.rpm, "tpm": s.tpm,
               "price": s.price(), "api_key_env": s.api_key_env, "backoff_max_s": 5.0,
-              "accept_invalid": None}
+              "accept_invalid": None, "cache_dir": s.cache_dir}
     return TeacherClient(**{k: v for k, v in wanted.items() if k in params})
 
 
@@ -428,18 +513,118 @@ def pair_name(decomposer: str, solver: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{decomposer}__{solver}")
 
 
+OFFLINE_CAVEAT = ("OFFLINE: the solver is the local replay teacher server (x-subq-provenance: replay/synthetic): "
+                  "its replies are the release's recorded ChatGPT answers, so accuracy measures no decomposer.")
+
+
+def versions() -> dict:
+    """Versions a reader needs to trust a report: subq, ray, torch, transformers, openai, python."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("subq", "ray", "torch", "transformers", "openai"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_hash() -> Optional[str]:
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def is_offline(runs: list[dict]) -> bool:
+    return any(r["summary"].get("offline") for r in runs)
+
+
+def paired_vs_none(runs: list[dict], mode: str = "paper") -> list[dict]:
+    """Each decomposer against `none` on the problems both scored: accuracy difference, discordant pairs
+    (b = only `none` right, c = only this one right) and the exact McNemar p-value."""
+    base = next((r for r in runs if r["decomposer"] == "none"), None)
+    if base is None:
+        return []
+    ref = {it.problem_id: it.scores[mode]["correct"] for it in base["items"] if it.scores}
+    out = []
+    for r in runs:
+        if r is base:
+            continue
+        pairs = [(ref[it.problem_id], it.scores[mode]["correct"]) for it in r["items"]
+                 if it.scores and it.problem_id in ref]
+        n = len(pairs)
+        b = sum(1 for x, y in pairs if x and not y)
+        c = sum(1 for x, y in pairs if y and not x)
+        out.append({"decomposer": r["decomposer"], "solver": r["solver"], "mode": mode, "n_paired": n,
+                    "delta": (c - b) / n if n else 0.0, "only_none_correct": b, "only_this_correct": c,
+                    "mcnemar_p": mcnemar_exact(b, c)})
+    return out
+
+
+def _hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sample_record(it: ItemResult) -> dict:
+    """One line of samples_<decomposer>.jsonl, in lm-eval's layout (doc_id, doc, target, arguments, resps,
+    filtered_resps, filter, metrics, doc_hash, prompt_hash, target_hash, one key per metric) plus subq's fields."""
+    metrics = {f"acc_{m}": (float(it.scores[m]["correct"]) if it.scores else None) for m in MODES}
+    prompt = "\n".join(it.sub_questions)
+    return {
+        "doc_id": it.index,
+        "doc": {"problem_id": it.problem_id, "question": it.problem, "answer": it.gold_answer},
+        "target": it.gold_answer,
+        "arguments": {"sub_questions": it.sub_questions, "decomposer": it.decomposer, "solver": it.solver},
+        "resps": [[it.answer_text]] if it.answer_text is not None else [],
+        "filtered_resps": [it.final_answer],
+        "filter": "none",
+        "metrics": list(metrics),
+        "doc_hash": _hash(it.problem), "prompt_hash": _hash(prompt), "target_hash": _hash(it.gold_answer),
+        **metrics,
+        "missing_marker": {m: it.scores[m]["missing_final_answer"] for m in MODES} if it.scores else None,
+        "few_shot": it.few_shot, "fell_back_single_stage": it.fell_back, "provenance": it.provenance,
+        "error": it.error, "error_stage": it.error_stage, "usage": it.usage,
+    }
+
+
 def write_report(out: str, runs: list[dict], config: Optional[dict] = None) -> dict:
-    """Write results.json, report.md, the PNGs and one paper_raw file per pair. `runs` are
-    {"decomposer", "solver", "summary", "items": [ItemResult]}. Returns {name: location}."""
+    """Write results.json, report.md, the PNGs, one paper_raw file and one lm-eval style samples file per pair.
+    `runs` are {"decomposer", "solver", "summary", "items": [ItemResult]}. Returns {name: location}."""
+    import datetime
+
     written: dict[str, str] = {}
-    payload = {"config": config or {}, "runs": []}
+    offline = is_offline(runs)
+    payload: dict[str, Any] = {
+        "results": {}, "n-samples": {}, "config": config or {}, "versions": versions(), "git_hash": git_hash(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "offline": offline, "caveat": OFFLINE_CAVEAT if offline else None,
+        "paired_vs_none": paired_vs_none(runs), "runs": []}
     for r in runs:
         name = pair_name(r["decomposer"], r["solver"])
         raw = storage.join(out, f"{name}.paper_raw.jsonl")
         write_paper_raw(r["items"], raw)
         written[f"{name}.paper_raw.jsonl"] = raw
-        payload["runs"].append({"decomposer": r["decomposer"], "solver": r["solver"], "summary": r["summary"],
-                                "paper_raw": f"{name}.paper_raw.jsonl",
+        sname = f"samples_{pair_name(r['decomposer'], '')[:-2] or 'run'}.jsonl"
+        loc = storage.join(out, sname)
+        storage.write_bytes_atomic(loc, "".join(json.dumps(sample_record(it)) + "\n"
+                                                for it in sorted(r["items"], key=lambda i: i.index)).encode())
+        written[sname] = loc
+        s = r["summary"]
+        payload["results"][r["decomposer"]] = {
+            **{f"acc_{m},none": s["accuracy"][m]["accuracy"] for m in MODES},
+            **{f"acc_{m}_ci95,none": s["accuracy"][m]["ci95"] for m in MODES}, "alias": r["decomposer"]}
+        payload["n-samples"][r["decomposer"]] = {"original": s["n"], "effective": s.get("scored", s["n"])}
+        payload["runs"].append({"decomposer": r["decomposer"], "solver": r["solver"], "summary": s,
+                                "paper_raw": f"{name}.paper_raw.jsonl", "samples": sname,
                                 "items": [it.to_dict() for it in r["items"]]})
     loc = storage.join(out, "results.json")
     storage.write_bytes_atomic(loc, json.dumps(payload, indent=2).encode())
@@ -469,41 +654,107 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(a: dict) -> str:
+    lo, hi = a.get("ci95", (0.0, 1.0))
+    return f"{a['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def markdown_report(runs: list[dict]) -> str:
-    text = ["# subq evaluation report", "",
-            "Accuracy per scoring mode (`paper`, `strict`, `flexible`; see `subq.scoring`), tokens and $ per stage "
-            "(decompose = the decomposer, solve = the solver). `none` = single-stage (solver alone), `teacher` = the "
-            "solver endpoint's own decomposition (QG prompt).", "", markdown_table(runs), "",
-            "![accuracy vs cost](accuracy_vs_cost.png)", "", "![number of sub-questions](subquestions_hist.png)", ""]
+    text = ["# subq evaluation report", ""]
+    if is_offline(runs):
+        text += [f"**{OFFLINE_CAVEAT}**", ""]
+    text += ["Accuracy per scoring mode (`paper`, `strict`, `flexible`; see `subq.scoring`) over the items that did "
+             "not fail (failed items are errors, excluded from accuracy), tokens and $ per stage "
+             "(decompose = the decomposer, solve = the solver). `none` = single-stage (solver alone), `teacher` = the "
+             "solver endpoint's own decomposition (QG prompt).", "", markdown_table(runs), "",
+             "## 95% Wilson intervals, markers, fallbacks", "",
+             "| decomposer | scored | acc paper [95% CI] | acc strict [95% CI] | acc flexible [95% CI] | "
+             "no marker (paper/strict) | fell back to single-stage | few-shot items | acc paper w/o few-shot |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        s, acc = r["summary"], r["summary"]["accuracy"]
+        nofew = s.get("accuracy_without_few_shot", acc)["paper"]
+        fb = f"{s.get('fell_back_single_stage', 0)} of {s['n']}" if r["decomposer"] != "none" else "-"
+        text.append(f"| {r['decomposer']} | {s.get('scored', s['n'])} of {s['n']} | {_ci(acc['paper'])} | "
+                    f"{_ci(acc['strict'])} | {_ci(acc['flexible'])} | {acc['paper']['missing_final_answer']}/"
+                    f"{acc['strict']['missing_final_answer']} | {fb} | {s.get('few_shot_items', 0)} | {_ci(nofew)} |")
+    for r in runs:
+        k = r["summary"].get("fell_back_single_stage", 0)
+        if k and r["decomposer"] != "none":
+            text.append(f"\n`{r['decomposer']}` fell back to single-stage: {k} of {r['summary']['n']} problems (no "
+                        f"sub-question written; the solver answered alone, as `none` does).")
+    paired = paired_vs_none(runs)
+    if paired:
+        text += ["", "## Paired comparison against `none` (paper rule, same problems)", "",
+                 "| decomposer | paired n | accuracy - none | only none right | only this right | McNemar exact p |",
+                 "|---|---|---|---|---|---|"]
+        text += [f"| {p['decomposer']} | {p['n_paired']} | {p['delta']:+.3f} | {p['only_none_correct']} | "
+                 f"{p['only_this_correct']} | {p['mcnemar_p']:.3g} |" for p in paired]
+    errs = [(r["decomposer"], r["summary"]) for r in runs if r["summary"]["errors"]]
+    if errs:
+        text += ["", "## Errors (excluded from accuracy)", ""]
+        for name, s in errs:
+            reasons = "; ".join(f"{k}x {reason}" for reason, k in s.get("error_reasons", []))
+            text.append(f"- `{name}`: {s['errors']} of {s['n']} failed. Top reasons: {reasons}")
+    text += ["", "Per-sample results: `samples_<decomposer>.jsonl` (lm-eval's layout); versions, git commit, date and "
+             "the full config: `results.json`.", "",
+             "![accuracy vs cost](accuracy_vs_cost.png)", "", "![number of sub-questions](subquestions_hist.png)", ""]
     return "\n".join(text)
 
 
-def plot_report(runs: list[dict]) -> dict[str, bytes]:
-    import io
+def place_labels(ax, points: list[tuple[float, float]], labels: list[str], fontsize: int = 7) -> list:
+    """Annotate points so that no two labels overprint: each label starts at a small offset from its point and
+    moves down in steps of its own height until its box overlaps no label placed before it (deterministic: points
+    are placed in order of x, then y, then label)."""
+    from matplotlib.text import Text
 
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    placed_boxes, texts = [], []
+    for i in sorted(range(len(points)), key=lambda k: (points[k][0], points[k][1], labels[k])):
+        x, y = points[i]
+        dy = 3.0
+        for _ in range(200):
+            t = ax.annotate(labels[i], (x, y), fontsize=fontsize, xytext=(4, dy), textcoords="offset points",
+                            arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if dy != 3.0 else None)
+            box = Text.get_window_extent(t, renderer)  # the text alone (an Annotation's box includes its arrow)
+            if not any(box.overlaps(b) for b in placed_boxes):
+                break
+            t.remove()
+            dy -= box.height * 72.0 / fig.dpi + 1.0
+        placed_boxes.append(box)
+        texts.append(t)
+    return texts
+
+
+def report_figures(runs: list[dict]) -> dict:
+    """The report's matplotlib figures {file name: Figure}; each carries the offline caveat when the replies came
+    from the replay teacher server."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pngs = {}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    caveat = "OFFLINE replay teacher: accuracy measures no decomposer" if is_offline(runs) else None
+    figs = {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts, labels = [], []
     for r in runs:
         s = r["summary"]
         x, y = s["usage"]["total"]["per_problem_cost_usd"], s["accuracy"]["paper"]["accuracy"]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(f"{r['decomposer']} / {r['solver']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        lo, hi = s["accuracy"]["paper"].get("ci95", (y, y))
+        ax.errorbar([x], [y], yerr=[[max(0.0, y - lo)], [max(0.0, hi - y)]], fmt="o", ms=5, capsize=3, lw=0.8)
+        pts.append((x, y))
+        labels.append(f"{r['decomposer']} / {r['solver']}")
     ax.set_xlabel("$ per problem (decompose + solve)")
-    ax.set_ylabel("accuracy (paper rule)")
+    ax.set_ylabel("accuracy (paper rule, 95% Wilson CI)")
     ax.set_title("accuracy vs cost")
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    pngs["accuracy_vs_cost.png"] = buf.getvalue()
+    fig.tight_layout(rect=(0, 0.06 if caveat else 0, 1, 1))
+    place_labels(ax, pts, labels)
+    figs["accuracy_vs_cost.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     counts_all = [[len(it.sub_questions) for it in r["items"]] for r in runs]
     top = max([max(c) for c in counts_all if c] + [1])
     bins = [b - 0.5 for b in range(0, top + 2)]
@@ -513,11 +764,25 @@ def plot_report(runs: list[dict]) -> dict[str, bytes]:
     ax.set_ylabel("problems")
     ax.set_title("sub-questions per problem")
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    pngs["subquestions_hist.png"] = buf.getvalue()
+    fig.tight_layout(rect=(0, 0.06 if caveat else 0, 1, 1))
+    figs["subquestions_hist.png"] = fig
+    if caveat:
+        for f in figs.values():
+            f.text(0.5, 0.01, caveat, ha="center", va="bottom", fontsize=8, color="firebrick")
+    return figs
+
+
+def plot_report(runs: list[dict]) -> dict[str, bytes]:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    pngs = {}
+    for name, fig in report_figures(runs).items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        pngs[name] = buf.getvalue()
     return pngs
 
 

@@ -22,8 +22,14 @@ from importlib import resources
 from subq.errors import ConfigError
 from subq.parsers import format_subquestions
 
-# Appended to the QA instruction for open-weight answerers in the paper's evaluation.
+# For open-weight answerers the release's evaluation script appends this to the QA instruction's FIRST paragraph,
+# after "...without adding any additional comments after it." and one space (the few-shot examples follow unchanged).
 OPEN_MODEL_SUFFIX = "Do not come up with any additional problems and process only the last problem you are given."
+
+
+def _open_model_qa(text: str) -> str:
+    first, sep, rest = text.partition("\n\n")
+    return f"{first} {OPEN_MODEL_SUFFIX}{sep}{rest}"
 
 SOURCES = {
     "paper_qg": "Tarasov & Shridhar 2024, GSM8K-AI-SubQ release, chatgpt_qg.py (Apache-2.0)",
@@ -69,7 +75,7 @@ def render(template_id: str, problem: str, questions: list[str] | None = None, o
         if questions is None:
             raise ValueError(f"{template_id} needs the sub-questions")
         if open_model and template_id == "paper_qa":
-            text = f"{text}\n{OPEN_MODEL_SUFFIX}"
+            text = _open_model_qa(text)
         return f"{text}\n\nProblem: {problem}\n\n{format_subquestions(questions)}\n\n"
     if template_id == "doc_decompose":
         return f"{text}\n\nQuestion: {problem}"
@@ -94,11 +100,11 @@ def parse_prompt(text: str) -> tuple[str, str, list[str] | None] | None:
 
     for tid in SOURCES:
         head = instruction(tid)
+        if tid == "paper_qa" and text.startswith(_open_model_qa(head)):
+            head = _open_model_qa(head)
         if not text.startswith(head):
             continue
         rest = text[len(head):]
-        if tid == "paper_qa" and rest.startswith("\n" + OPEN_MODEL_SUFFIX):
-            rest = rest[len(OPEN_MODEL_SUFFIX) + 1:]
         if tid == "paper_qg" and rest.startswith("\n\nProblem: "):
             return tid, rest[len("\n\nProblem: "):].rstrip("\n"), None
         if tid in ("paper_qa", "paper_feedback") and rest.startswith("\n\nProblem: "):

@@ -50,16 +50,22 @@ def test_summary_scores_every_mode_and_counts_stages(problems):
     golds = [paper_gold(p.gold_answer).split()[-1] for p in problems]
     replies = [f"A1: ok\n\nFinal answer: {golds[0]}",  # right in every mode
                f"#### {golds[1]}",  # strict + flexible only
-               f"I think it is {golds[2]}",  # flexible only
+               f"I think it is {golds[2]}",  # flexible, and paper by the release's quirk (reply[12:] = "s N")
                "Final answer: -1",  # wrong everywhere
                None,  # solver failed
                f"Final answer: {golds[5]}"]
     items = _items(problems, replies)
     s = summarize_items(items)
     assert s["n"] == 6 and s["errors"] == 1 and s["errors_by_stage"]["solve"] == 1
-    assert s["accuracy"]["paper"]["correct"] == 2
+    assert s["accuracy"]["paper"]["correct"] == 3
     assert s["accuracy"]["strict"]["correct"] == 3
     assert s["accuracy"]["flexible"]["correct"] == 4
+    # the failed item is an error, not a miss: accuracy is over the 5 scored items
+    assert s["scored"] == 5 and all(s["accuracy"][m]["n"] == 5 for m in s["accuracy"])
+    assert s["accuracy"]["flexible"]["accuracy"] == pytest.approx(4 / 5)
+    lo, hi = s["accuracy"]["flexible"]["ci95"]
+    assert lo == pytest.approx(0.3755, abs=1e-3) and hi == pytest.approx(0.9638, abs=1e-3)  # Wilson 4/5
+    assert s["error_reasons"][0][1] == 1 and "solver upstream" in s["error_reasons"][0][0]
     assert s["usage"]["decompose"]["prompt_tokens"] == 600 and s["usage"]["decompose"]["calls"] == 6
     assert s["usage"]["solve"]["completion_tokens"] == 250 and s["usage"]["solve"]["calls"] == 5
     assert s["usage"]["total"]["cost_usd"] == pytest.approx(6 * 0.00014 + 5 * 0.0003)
@@ -75,7 +81,7 @@ def test_paper_raw_scores_the_same_with_subq_score(problems, tmp_path, subq_bin,
     path = tmp_path / "out.paper_raw.jsonl"
     write_paper_raw(items, str(path))
     rows = read_rows(str(path))
-    assert [r.problem for r in rows] == [p.problem for p in problems]
+    assert [r.problem for r in rows] == [p.problem for i, p in enumerate(problems) if i != 3]  # the failed one is out
     out = subprocess.run([subq_bin, "score", str(path), "--mode", mode], capture_output=True, text=True, check=True)
     scored = json.loads(out.stdout)
     s = summarize_items(items)["accuracy"][mode]
@@ -126,3 +132,73 @@ def test_eval_bad_input_is_one_line_naming_the_field(subq_bin, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "decomposers" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _run(name, items):
+    return {"decomposer": name, "solver": "gpt-3.5-turbo", "summary": summarize_items(items), "items": items}
+
+
+def test_report_trust_fields_samples_paired_and_caveat(problems, tmp_path):
+    from pipelines.evaluate import Decomposition, OFFLINE_CAVEAT, paired_vs_none
+
+    golds = [paper_gold(p.gold_answer).split()[-1] for p in problems]
+    none_items = _items(problems, [f"Final answer: {g}" if i < 3 else "Final answer: 0" for i, g in enumerate(golds)])
+    dec_items = []
+    for i, p in enumerate(problems):  # a distilled decomposer: no sub-question for the first 2 problems
+        it = new_item(i, p, "bc", "gpt-3.5-turbo")
+        qs = [] if i < 2 else ["What is x?"]
+        d = Decomposition(qs, "", StageUsage("bc", 10, 5 if qs else 1, 0.0, 0.01, 1))
+        a = Answer(f"Final answer: {golds[i] if i >= 1 else 0}", StageUsage("gpt-3.5-turbo", 200, 50, 0.0003, 0.2, 1,
+                                                                     provenance="replay"))
+        dec_items.append(finish_item(it, d, a))
+    runs = [_run("none", none_items), _run("bc", dec_items)]
+    s = runs[1]["summary"]
+    assert s["fell_back_single_stage"] == 2 and runs[0]["summary"]["fell_back_single_stage"] == 0
+    assert s["offline"] and s["provenance"] == {"replay": 6} and not runs[0]["summary"]["offline"]
+    assert s["few_shot_items"] == 3 and s["accuracy_without_few_shot"]["paper"]["n"] == 3  # gsm8k:test 0-2
+    paired = paired_vs_none(runs)[0]
+    assert paired["only_none_correct"] == 1 and paired["only_this_correct"] == 3 and paired["n_paired"] == 6
+    assert paired["delta"] == pytest.approx(2 / 6) and 0 < paired["mcnemar_p"] <= 1
+    write_report(str(tmp_path / "rep"), runs, {"data": "gsm8k:test", "limit": 6})
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert {"subq", "ray", "torch", "transformers"} <= set(res["versions"]) and res["versions"]["ray"]
+    assert res["date"] and res["config"]["limit"] == 6 and "git_hash" in res and res["offline"] is True
+    assert res["results"]["bc"]["acc_paper,none"] == s["accuracy"]["paper"]["accuracy"]
+    lines = [json.loads(x) for x in (tmp_path / "rep" / "samples_bc.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and [x["doc_id"] for x in lines] == list(range(6))
+    for key in ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash",
+                "prompt_hash", "target_hash", "acc_paper", "few_shot", "fell_back_single_stage", "provenance"):
+        assert key in lines[0], key
+    assert [x["few_shot"] for x in lines] == [True, True, True, False, False, False]
+    assert lines[0]["fell_back_single_stage"] and not lines[3]["fell_back_single_stage"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert OFFLINE_CAVEAT in md.split("\n\n")[1]  # the first paragraph
+    assert "fell back to single-stage: 2 of 6" in md and "McNemar" in md and "[" in md
+
+
+def test_plot_labels_never_overprint_and_carry_the_offline_caveat(problems):
+    from pipelines.evaluate import Answer, report_figures
+
+    runs = []
+    for name in ("none", "teacher", "bc", "filtered_bc", "ilql"):  # identical accuracy and cost: coinciding points
+        items = []
+        for i, p in enumerate(problems):
+            it = new_item(i, p, name, "gpt-3.5-turbo")
+            items.append(finish_item(it, None, Answer("Final answer: 0", StageUsage("gpt-3.5-turbo", 200, 50, 0.0003, 0.2,
+                                                                                     1, provenance="replay"))))
+        runs.append(_run(name, items))
+    figs = report_figures(runs)
+    fig = figs["accuracy_vs_cost.png"]
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, r) for t in ax.texts]
+    assert len(boxes) == 5
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(5) for j in range(i + 1, 5))
+    for f in figs.values():
+        assert any("OFFLINE" in t.get_text() for t in f.texts)
+    runs_online = [_run(r["decomposer"], [finish_item(new_item(i, p, r["decomposer"], "x"), None,
+                                                      Answer("Final answer: 0", StageUsage("x")))
+                                          for i, p in enumerate(problems)]) for r in runs[:2]]
+    assert not any("OFFLINE" in t.get_text() for f in report_figures(runs_online).values() for t in f.texts)

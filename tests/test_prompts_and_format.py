@@ -18,6 +18,19 @@ def test_templates_are_verbatim():
         assert prompts.instruction(tid) == block, tid
 
 
+@pytest.mark.skipif(not SHARED_PROMPTS.exists(), reason="shared/docs not beside the checkout")
+def test_open_weight_answerer_prompt_matches_release_byte_for_byte():
+    doc = SHARED_PROMPTS.read_text()
+    qa = re.findall(r"```text\n(.*?)\n```", doc, re.S)[1]
+    anchor = "without adding any additional comments after it."
+    assert anchor in doc and "follows one space and" in doc  # what the document says the release does
+    expected_instruction = qa.replace(anchor, anchor + " " + prompts.OPEN_MODEL_SUFFIX, 1)
+    rendered = prompts.render("paper_qa", "How many?", ["a?"], open_model=True)
+    assert rendered == expected_instruction + "\n\nProblem: How many?\n\nQ1: a?\n\n"
+    assert rendered.encode() == (expected_instruction + "\n\nProblem: How many?\n\nQ1: a?\n\n").encode()
+    assert prompts.parse_prompt(rendered) == ("paper_qa", "How many?", ["a?"])
+
+
 def test_render_appends_problem_as_released():
     qg = prompts.render("paper_qg", "How many?")
     assert qg.endswith("\n\nProblem: How many?\n\n") and qg.startswith("You are given mathematical problems")

@@ -34,9 +34,9 @@ def test_paper_gold_keeps_release_comma_quirk_but_strict_does_not():
     [
         ("A1: 3+4=7\n\nFinal answer: 7", True, True, True),
         ("A1: 3+4=7\n\nfinal answer: $7.", True, True, True),
-        ("A1: so 7 eggs", False, False, True),  # no marker: a paper/strict miss
+        ("A1: so 7 eggs", False, False, True),  # no marker, nothing after char 12: a paper/strict miss
         ("#### 7", False, True, True),
-        ("The answer is: 7", False, True, True),
+        ("The answer is: 7", True, True, True),  # paper: no marker -> the release reads reply[12:] = "s: 7"
         ("Final answer: 7 eggs, then 8", True, True, False),
         ("Final answer: 8", False, False, False),
     ],
@@ -45,6 +45,36 @@ def test_modes(reply, paper, strict, flexible):
     assert score(reply, "#### 7", "paper").correct is paper
     assert score(reply, "#### 7", "strict").correct is strict
     assert score(reply, "#### 7", "flexible").correct is flexible
+
+
+def test_paper_rule_without_marker_reads_after_the_12th_character():
+    # the release: idx = reply.lower().find("final answer:") == -1, then the first number of reply[12:]
+    s = score("The total is: 7 eggs", "#### 7", "paper")
+    assert s.missing_final_answer and s.predicted == 7.0 and s.correct  # "The total is" is 12 characters
+    s = score("We have 5 and 7", "#### 5", "paper")
+    assert s.missing_final_answer and s.predicted == 7.0 and not s.correct  # "We have 5 an" hides the 5
+    assert not score("The total is: 7 eggs", "#### 7", "strict").correct  # strict: no marker, a miss
+
+
+def test_strict_takes_the_first_marker_like_lm_eval():
+    reply = "A1: 2+3=5\nFinal answer: 5\n\nProblem: another one\nFinal answer: 9"
+    assert score(reply, "#### 5", "strict").correct and score(reply, "#### 5", "strict").predicted == 5.0
+    assert not score(reply, "#### 9", "strict").correct
+    assert score(reply, "#### 5", "paper").correct  # the release also reads the first marker
+    assert score(reply, "#### 9", "flexible").correct  # flexible: the last number
+
+
+def test_two_thousand_125_gold_per_mode():
+    reply = "A1: 2,000+125=2,125\nFinal answer: 2,125"
+    assert score(reply, "#### 2,125", "paper").predicted == 2.0 and score(reply, "#### 2,125", "paper").correct
+    assert score(reply, "#### 2,125", "strict").predicted == 2125.0 and score(reply, "#### 2,125", "strict").correct
+    assert score(reply, "#### 2,125", "flexible").correct
+
+
+@pytest.mark.parametrize("mode", ["paper", "strict", "flexible"])
+def test_every_mode_counts_replies_without_a_marker(mode):
+    s = summarize([score("nothing here 5", "#### 5", mode), score("Final answer: 5", "#### 5", mode)])
+    assert s["missing_final_answer"] == 1
 
 
 def test_missing_final_answer_is_counted():
