@@ -143,7 +143,8 @@ class RequestCache:
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             return set()
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        return {i.base_name[:-5] for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")}
+        return {i.base_name[:-5] for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+                and not storage.is_temp(i.base_name)}
 
 
 # ------------------------------------------------------------------ the client

@@ -308,21 +308,20 @@ def _write_table(table, location: str) -> None:
 # ------------------------------------------------------------------ driver side
 
 
-def read_done(output: str) -> tuple[dict, dict]:
-    """(rows by problem id, open failures by problem id) already in OUTPUT; a row wins over a failure."""
-    import pyarrow.parquet as pq
+def read_done(output: str) -> tuple[set, dict]:
+    """(ids of problems with a row, open failures by problem id) already in OUTPUT; a row wins over a failure.
+    Column reads of the finished parts only (writers' temps skipped): no row objects, so resuming a million
+    problems stays small and fast."""
+    from subq.schema import read_parquet_table
 
-    from subq.schema import read_parquet
-
-    rows, fails = {}, {}
+    rows: set = set()
     parts = storage.join(output, "parts")
     if storage.list_files(parts, ".parquet"):
-        for r in read_parquet(parts):
-            rows.setdefault(r.problem_id, r)
+        rows = set(read_parquet_table(parts, columns=["problem_id"]).column(0).to_pylist())
+    fails: dict = {}
     fdir = storage.join(output, "failures")
     if storage.list_files(fdir, ".parquet"):
-        fs, path = storage.resolve(fdir)
-        for f in pq.read_table(path, filesystem=fs, schema=FAILURE_SCHEMA).to_pylist():
+        for f in read_parquet_table(fdir, schema=FAILURE_SCHEMA).to_pylist():
             if f["problem_id"] not in rows and (f["problem_id"] not in fails or f["time"] > fails[f["problem_id"]]["time"]):
                 fails[f["problem_id"]] = f
     return rows, fails
@@ -393,19 +392,19 @@ def compact_parts(output: str) -> int:
     """Safety net for exactly-once: if any problem id appears in more than one part (it cannot in normal
     operation: a retried batch overwrites its own part), rewrite the parts as one part holding one row per id.
     Returns the number of duplicate rows removed."""
-    import pyarrow.parquet as pq
-
-    from subq.schema import rows_to_table, sort_rows
+    from subq.schema import read_parquet, read_parquet_table, rows_to_table, sort_rows
 
     parts_dir = storage.join(output, "parts")
     files = storage.list_files(parts_dir, ".parquet")
     if len(files) < 2:
         return 0
     fs, _ = storage.resolve(parts_dir)
-    ids = pq.read_table(storage.resolve(parts_dir)[1], filesystem=fs, columns=["problem_id"]).column(0).to_pylist()
+    ids = read_parquet_table(parts_dir, columns=["problem_id"]).column(0).to_pylist()
     if len(ids) == len(set(ids)):
         return 0
-    rows, _ = read_done(output)
+    rows: dict = {}
+    for r in read_parquet(parts_dir):
+        rows.setdefault(r.problem_id, r)
     ordered = sort_rows(list(rows.values()))
     name = "part-compacted-" + _part_name([r.problem_id for r in ordered])[5:]
     _write_table(rows_to_table(ordered), storage.join(parts_dir, name))
@@ -417,11 +416,12 @@ def compact_parts(output: str) -> int:
 
 def export(output: str) -> dict:
     """Write paper_raw.jsonl, paper_dataset.json and failures.jsonl from the parts; return counts and paths."""
-    from subq.schema import sort_rows, write_paper
+    from subq.schema import read_parquet, sort_rows, write_paper
 
     compact_parts(output)
-    rows, fails = read_done(output)
-    ordered = sort_rows(list(rows.values()))
+    ids, fails = read_done(output)
+    parts = storage.join(output, "parts")
+    ordered = sort_rows(read_parquet(parts)) if ids else []
     paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),
              "paper_dataset": storage.join(output, "paper_dataset.json"),
              "failures": storage.join(output, "failures.jsonl"), "parts": storage.join(output, "parts")}
