@@ -80,6 +80,13 @@ class TeacherServerConfig:
     malformed_rate: float = 0.0  # share answered 200 with a reply in no expected format
     timeout_rate: float = 0.0  # share that hang for timeout_hang_s, then 504
     timeout_hang_s: float = 30.0  # how long a "timeout" request hangs
+    batch_api: bool = True  # serve the Batch API (/v1/files, /v1/batches: pipelines.teacher_batch); False: 404
+    batch_delay_s: float = 1.0  # processing time of one batch
+    batch_error_rate: float = 0.0  # share of batch requests answered with a per-request 500 (error file)
+    batch_expire_first: int = 0  # the first N batches expire after half their requests
+    batch_bad_output_first: int = 0  # the first N completed batches get a bad output file ...
+    batch_bad_output: str = "malformed"  # ... "malformed" (a broken line) or "missing" (content 404)
+    batch_upload_fail_first: int = 0  # the first N file uploads answer 500
     api_key: Optional[str] = None  # if set, requests need `Authorization: Bearer <it>` (401 otherwise)
     models: Optional[list[str]] = None  # if set, other model names get 404 (None: any name is served)
     seed: int = 0  # RNG seed for faults, latency and unrecorded choices
@@ -239,6 +246,9 @@ def create_app(cfg: TeacherServerConfig):
     app = FastAPI(title="subq teacher server", docs_url=None, redoc_url=None)
     rng = random.Random(cfg.seed)
     replier = Replier(random.Random(cfg.seed + 1))
+    from pipelines.teacher_batch import batch_router
+
+    app.include_router(batch_router(cfg, replier))
     req_bucket, tok_bucket = _Bucket(cfg.rpm, cfg.burst_s), _Bucket(cfg.tpm, cfg.burst_s)
     lock = threading.Lock()
     stats = {"total": 0, "by_status": {}, "malformed": 0, "timeouts": 0, "in_flight": 0, "max_in_flight": 0,
