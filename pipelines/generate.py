@@ -162,6 +162,53 @@ def _validators(family: str):
     return qg, qa, feedback
 
 
+def calls_after_qg(family: str, problem: str, set_index: int, n_feedback: int, questions: list[str]) -> list[tuple]:
+    """The calls a set makes once its QG reply is parsed: [(stage, template id, sample index, messages)], QA
+    first, then the feedback calls (both read only the problem and the sub-questions). Online and batch mode use
+    the same sample indices, so both hit the same request-cache entries."""
+    from subq.prompts import messages, template_for
+
+    qa, fb = template_for(family, "qa"), template_for(family, "feedback")
+    return [("qa", qa, set_index, messages(qa, problem, questions))] + [
+        ("feedback", fb, set_index * n_feedback + j, messages(fb, problem, questions)) for j in range(n_feedback)]
+
+
+def split_qg(family: str, qg_text: str) -> tuple[list[str], str]:
+    """A QG reply -> (its sub-questions, the set's questions text as stored in the row)."""
+    from subq.parsers import format_subquestions, parse_doc_subquestions, parse_subquestions
+
+    if family == "doc":
+        qs = parse_doc_subquestions(qg_text).questions
+        return qs, format_subquestions(qs)
+    return parse_subquestions(qg_text).questions, qg_text
+
+
+def build_set(family: str, qtext: str, answer_text: str, gold: str, feedback_texts: list[str]):
+    """One SubQuestionSet from its replies, with the paper's rewards."""
+    from subq.schema import SubQuestionSet
+
+    sset = SubQuestionSet.from_texts(qtext, answer_text, gold, feedback_texts)
+    if family == "doc":  # DoC answers end "The answer is: X", which the paper rule cannot read; strict can
+        from subq.scoring import score
+
+        sset.answer_correctness = 1.0 if score(answer_text, gold, "strict").correct else 0.0
+    return sset
+
+
+def build_row(item: dict, sets: list, job: dict, acct: dict):
+    """A problem's SubQRow from its sets and its call accounting (prompt/completion tokens, cost, attempts)."""
+    from subq.schema import SubQRow
+    from subq.scoring import gold_number
+
+    gold = release_gold(item["gold_answer"])
+    return SubQRow(
+        problem_id=item["problem_id"], problem=item["problem"], gold_answer=gold,
+        true_answer=gold_number(gold, "paper"), sets=list(sets), source=item["source"],
+        source_index=item["source_index"], teacher_model=job["model"], template_id=job["template"],
+        prompt_tokens=acct["prompt_tokens"], completion_tokens=acct["completion_tokens"], cost_usd=acct["cost_usd"],
+        attempts=acct["attempts"], error=None)
+
+
 class GenerateActor(TeacherActor):
     """Ray Data UDF: a batch of problems -> their rows (written as one Parquet part) and per-problem summaries."""
 
@@ -177,14 +224,12 @@ class GenerateActor(TeacherActor):
         self.stopper = self.client.budget  # job-scoped; the shared rate limiter is never stopped by one job
 
     async def process(self, item: dict) -> dict:
-        from subq.parsers import format_subquestions, parse_doc_subquestions, parse_subquestions
         from subq.prompts import messages, template_for
-        from subq.schema import SubQRow, SubQuestionSet
-        from subq.scoring import gold_number
+        from subq.schema import SubQuestionSet
 
         job, c = self.job, self.client
         fam = job["template"]
-        qg_tid, qa_tid, fb_tid = (template_for(fam, r) for r in ("qg", "qa", "feedback"))
+        qg_tid = template_for(fam, "qg")
         v_qg, v_qa, v_fb = _validators(fam)
         acct = {"calls": 0, "cached": 0, "attempts": 0, "n_429": 0, "prompt_tokens": 0, "completion_tokens": 0,
                 "cost_usd": 0.0, "new_cost_usd": 0.0, "new_prompt_tokens": 0, "new_completion_tokens": 0}
@@ -210,19 +255,13 @@ class GenerateActor(TeacherActor):
 
         async def one_set(i: int) -> SubQuestionSet:
             q = await call(messages(qg_tid, problem), qg_tid, i, v_qg, False)
-            parsed = parse_doc_subquestions(q.text) if fam == "doc" else parse_subquestions(q.text)
-            qs, qtext = parsed.questions, (format_subquestions(parsed.questions) if fam == "doc" else q.text)
+            qs, qtext = split_qg(fam, q.text)
             stage["name"] = "qa"
-            a = await call(messages(qa_tid, problem, qs), qa_tid, i, v_qa, True)
+            (_, qa_t, qa_s, qa_m), *fb_calls = calls_after_qg(fam, problem, i, job["n_feedback"], qs)
+            a = await call(qa_m, qa_t, qa_s, v_qa, True)
             stage["name"] = "feedback"
-            fbs = await asyncio.gather(*(call(messages(fb_tid, problem, qs), fb_tid, i * job["n_feedback"] + j,
-                                              v_fb(len(qs)), True) for j in range(job["n_feedback"])))
-            sset = SubQuestionSet.from_texts(qtext, a.text, gold, [f.text for f in fbs])
-            if fam == "doc":  # DoC answers end "The answer is: X", which the paper rule cannot read; strict can
-                from subq.scoring import score
-
-                sset.answer_correctness = 1.0 if score(a.text, gold, "strict").correct else 0.0
-            return sset
+            fbs = await asyncio.gather(*(call(m, t, s, v_fb(len(qs)), True) for _, t, s, m in fb_calls))
+            return build_set(fam, qtext, a.text, gold, [f.text for f in fbs])
 
         base = {k: item[k] for k in ("problem_id", "source", "source_index")}
         try:
@@ -244,12 +283,7 @@ class GenerateActor(TeacherActor):
         except Exception as e:  # never lose a problem to an unexpected error: record it as a failure
             return {**base, "status": "failed", "error": c._redact(f"{type(e).__name__}: {e}")[:500],
                     "error_type": type(e).__name__, "stage": stage["name"], "row": None, **acct}
-        row = SubQRow(
-            problem_id=item["problem_id"], problem=problem, gold_answer=gold, true_answer=gold_number(gold, "paper"),
-            sets=list(sets), source=item["source"], source_index=item["source_index"], teacher_model=job["model"],
-            template_id=fam, prompt_tokens=acct["prompt_tokens"], completion_tokens=acct["completion_tokens"],
-            cost_usd=acct["cost_usd"], attempts=acct["attempts"], error=None)
-        return {**base, "status": "ok", "error": None, "row": row, **acct}
+        return {**base, "status": "ok", "error": None, "row": build_row(item, sets, job, acct), **acct}
 
     async def __call__(self, batch: dict) -> dict:
         from subq.schema import write_parquet
