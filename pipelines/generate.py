@@ -101,6 +101,16 @@ class GenerateConfig(BaseModel):
     progress_interval_s: float = Field(5.0, gt=0, description="Seconds between progress lines (stderr).")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join (None: RAY_ADDRESS or a local one).")
     ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray started by this job.")
+    api: Literal["online", "batch"] = Field("online", description="online: chat calls through rate-limited actors; "
+                                           "batch: the provider's Batch API at its batch price (pipelines.batch).")
+    cancel: bool = Field(False, description="Batch mode: cancel the batches this output has in flight, then stop.")
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="Requests per batch file (provider cap).")
+    batch_max_bytes: int = Field(200_000_000, ge=1, le=200_000_000, description="Bytes per batch file (provider "
+                                 "cap: 200 MB).")
+    batch_max_in_flight: int = Field(20, ge=1, description="Batches running at the provider at once.")
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status polls.")
+    batch_max_submissions: int = Field(3, ge=1, description="Times a request is submitted in a batch before it is "
+                                       "a recorded failure (expired, cancelled or failed batches resubmit).")
 
     @field_validator("actors", mode="before")
     @classmethod
@@ -486,10 +496,18 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     else:
         pending = [p for p in problems if p.problem_id not in rows and p.problem_id not in fails]
     if cfg.dry_run:
-        return {**estimate(cfg, pending, prices), "already_done": len(problems) - len(pending)}
+        from pipelines.batch import batch_estimate
+
+        est = estimate(cfg, pending, prices)
+        return {**est, **batch_estimate(est, prices, cfg.model), "api": cfg.api,
+                "already_done": len(problems) - len(pending)}
     if not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
                           hint="export the key (any non-empty value for a local server)")
+    if cfg.cancel:
+        from pipelines.batch import cancel_batches
+
+        return cancel_batches(cfg, prices)
     storage.makedirs(cfg.output)
     storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"),
                                __import__("yaml").safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
@@ -500,7 +518,12 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     interrupted = False
     if pending:
         try:
-            fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
+            if cfg.api == "batch":
+                from pipelines.batch import run_batch
+
+                fatal, limiter_stats = run_batch(cfg, pending, prices, progress)
+            else:
+                fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
         except KeyboardInterrupt:  # Ctrl-C: keep what is finished, export it, then stop; re-run to resume
             interrupted = True
     progress.print()
@@ -517,7 +540,8 @@ def run_generate(config: GenerateConfig | dict) -> dict:
                      "n_429": c["n_429"], "prompt_tokens": c["new_prompt_tokens"],
                      "completion_tokens": c["new_completion_tokens"], "cost_usd": round(c["new_cost_usd"], 6),
                      "actors_used": len(progress.actors), "elapsed_s": round(el, 2), "req_per_s": round(c["attempts"] / el, 3) if el else None},
-        "stopped": stopped, "limiter": limiter_stats, "paths": exp["paths"],
+        "stopped": stopped, "api": cfg.api, "batch": (limiter_stats or {}).pop("batch", None),
+        "limiter": limiter_stats, "paths": exp["paths"],
     }
     storage.write_bytes_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode())
     if fatal:
