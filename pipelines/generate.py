@@ -281,7 +281,10 @@ class GenerateActor(TeacherActor):
         except TeacherStopped as e:
             return {**base, "status": "stopped", "error": str(e), "row": None, **acct}
         except (TeacherAuthError, TeacherRequestError) as e:
-            # a bad key or request fails every call: stop this actor's other calls and (via the budget/limiter
+            if isinstance(e, TeacherRequestError) and not e.fatal:  # one odd request (context length, a filter):
+                return {**base, "status": "failed", "error": str(e), "error_type": type(e).__name__,  # recorded
+                        "stage": stage["name"], "row": None, **acct}
+            # a bad key or unknown model fails every call: stop this actor's other calls and (via the budget
             # actor when there is one) every other actor's, now
             self.client.fatal = f"stopped after a fatal error: {e}"
             if self.stopper is not None:

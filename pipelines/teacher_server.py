@@ -90,6 +90,8 @@ class TeacherServerConfig:
     api_key: Optional[str] = None  # if set, requests need `Authorization: Bearer <it>` (401 otherwise)
     models: Optional[list[str]] = None  # if set, other model names get 404 (None: any name is served)
     seed: int = 0  # RNG seed for faults, latency and unrecorded choices
+    reject_problems: Optional[list[str]] = None  # prompts containing any of these texts get a 400, as a provider
+    # answers a context-length or content-filter refusal of one request (tests: one odd problem in a run)
 
 
 # ------------------------------------------------------------------ replay data
@@ -322,6 +324,10 @@ def create_app(cfg: TeacherServerConfig):
             return error(400, "stream=true is not supported by the subq teacher server", "invalid_request_error")
         if cfg.models is not None and model not in cfg.models:
             return error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
+        if cfg.reject_problems and any(t in content for t in cfg.reject_problems):
+            return error(400, "This model's maximum context length is 4097 tokens; your messages resulted in 5000 "
+                         "tokens. Please reduce the length of the messages.", "invalid_request_error",
+                         "context_length_exceeded")
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
         prompt_tokens = estimate_tokens(content)
         with lock:
@@ -419,6 +425,7 @@ class TeacherServer:
 
     def __init__(self, startup_timeout_s: float = 60.0, **config):
         config.setdefault("host", "127.0.0.1")
+        self.fixed_port = "port" in config  # e.g. a restart on the same endpoint; else a free port
         self.config = TeacherServerConfig(**config)
         self.startup_timeout_s = startup_timeout_s
         self.proc: Optional[subprocess.Popen] = None
@@ -431,7 +438,8 @@ class TeacherServer:
         import httpx
 
         for _ in range(5):
-            self.config.port = free_port()
+            if not self.fixed_port:
+                self.config.port = free_port()
             env = dict(os.environ)
             env["SUBQ_TEACHER_SERVER_CONFIG"] = json.dumps(asdict(self.config))
             self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.teacher_server", "--from-env"], env=env,
