@@ -63,12 +63,14 @@ class BatchDriver:
         self.cache = RequestCache(storage.join(cfg.output, "cache"))
         self.state_path = storage.join(cfg.output, "batch", "state.json")
         self.run_tag = hashlib.sha256(str(cfg.output).encode()).hexdigest()[:16]
+        self.resumed = storage.exists(self.state_path)
         self.state = self._load_state()
         self.done: set[str] = set()  # cache keys with a reply
         self.fresh: dict[str, dict] = {}  # cache entries written by this run
         self.errors: dict[str, str] = {}  # custom_id -> reason (per-request errors)
         self.output_errors: list[str] = []
         self._adoptable: Optional[dict] = None
+        self._files: Optional[dict] = None
         self.last_line = 0.0
         from pipelines.generate import _validators
 
@@ -123,6 +125,14 @@ class BatchDriver:
         except openai.APIConnectionError as e:
             raise SubqError(f"cannot reach the endpoint ({type(e).__name__})", source=self.base_url) from None
 
+    def _adopt_file(self, name: str) -> Optional[str]:
+        if self._files is None:
+            self._files = {}
+            if self.resumed:
+                for f in self._api("listing files", self.client.files.list, purpose="batch"):
+                    self._files.setdefault(f.filename, f.id)
+        return self._files.get(name + ".jsonl")
+
     def _adopt(self, name: str) -> Optional[str]:
         """The id of a batch created for shard `name` whose id never reached the state file (driver killed)."""
         if self._adoptable is None:
@@ -169,6 +179,8 @@ class BatchDriver:
 
     def _submit(self, name: str) -> None:
         s = self.state["shards"][name]
+        if s["file_id"] is None:  # an upload whose id never reached the state file (driver killed) is re-used
+            s["file_id"] = self._adopt_file(name)
         if s["file_id"] is None:
             data = storage.read_bytes(storage.join(self.cfg.output, "batch", "requests", name + ".jsonl"))
             f = self._api(f"uploading {name}", self.client.files.create, file=(name + ".jsonl", data),

@@ -1,6 +1,7 @@
 """The teacher server's OpenAI Batch API: `/v1/files` and `/v1/batches`, mounted by pipelines.teacher_server.
 
     POST   /v1/files                  multipart upload (`purpose=batch`): a JSONL of requests -> FileObject
+    GET    /v1/files                  list (?purpose)
     GET    /v1/files/{id}             FileObject
     GET    /v1/files/{id}/content     the file's bytes (uploaded requests, or a batch's output / error file)
     DELETE /v1/files/{id}
@@ -101,6 +102,11 @@ def batch_router(cfg, replier, rng: Optional[random.Random] = None) -> APIRouter
             f = new_file(data, up.filename or "upload.jsonl", "batch")
         return file_obj(f)
 
+    @router.get("/v1/files")
+    async def list_files(purpose: Optional[str] = None):
+        data = [file_obj(f) for f in files.values() if purpose in (None, f["purpose"])]
+        return {"object": "list", "data": data, "has_more": False}
+
     @router.get("/v1/files/{file_id}")
     async def get_file(file_id: str):
         f = files.get(file_id)
@@ -149,7 +155,7 @@ def batch_router(cfg, replier, rng: Optional[random.Random] = None) -> APIRouter
                  "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
                  "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                  "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
-                 "_cancel": False}
+                 "_cancel": False, "_seq": stats["batches_created"]}
             batches[b["id"]] = b
             stats["batches_created"] += 1
             expire = counters["expired"] < cfg.batch_expire_first
@@ -164,7 +170,7 @@ def batch_router(cfg, replier, rng: Optional[random.Random] = None) -> APIRouter
 
     @router.get("/v1/batches")
     async def list_batches(limit: int = 20, after: Optional[str] = None):
-        items = sorted(batches.values(), key=lambda b: (b["created_at"], b["id"]), reverse=True)
+        items = sorted(batches.values(), key=lambda b: b["_seq"], reverse=True)
         if after:
             ids = [b["id"] for b in items]
             items = items[ids.index(after) + 1:] if after in ids else []
