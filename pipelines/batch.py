@@ -360,7 +360,9 @@ class BatchDriver:
             self.save()
             if open_:
                 time.sleep(min(self.cfg.batch_poll_s, 2.0))
-        return {"cancelled": sorted(final), "still_cancelling": sorted(s["batch_id"] for s in open_.values()),
+        return {"cancelled": sorted(b for b, st in final.items() if st == "cancelled"),
+                "finished_before_cancel": sorted(b for b, st in final.items() if st != "cancelled"),
+                "still_cancelling": sorted(s["batch_id"] for s in open_.values()),
                 "state": self.state_path,
                 "note": "re-run the same command without --cancel to collect what they answered and resubmit the rest"}
 

@@ -249,7 +249,9 @@ def batch_router(cfg, replier, rng: Optional[random.Random] = None) -> APIRouter
         done = 0
         ended = "completed"
         for start in range(0, len(lines), per_step):
-            await asyncio.sleep(cfg.batch_delay_s / steps)
+            until = time.monotonic() + cfg.batch_delay_s / steps
+            while time.monotonic() < until and not b["_cancel"]:  # a cancel is noticed within 0.1 s
+                await asyncio.sleep(min(0.1, until - time.monotonic()))
             if b["_cancel"]:
                 ended = "cancelled"
                 break

@@ -204,6 +204,7 @@ def test_per_request_errors_are_recorded_failures_and_a_bad_output_file_is_repor
     with TeacherServer(batch_delay_s=0.2, batch_error_rate=0.05, batch_bad_output_first=1, seed=3) as ts:
         s = gen(subq_bin, "--input", "gsm8k:test", "--limit", "8", "--output", str(out), "--base-url", ts.base_url)
         st = bstats(ts)
+        port = ts.config.port
     assert st["request_errors"] > 0
     assert s["rows_total"] + s["failures_open"] == 8 and s["failures_open"] > 0 and s["not_done"] == 0
     fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
@@ -214,7 +215,7 @@ def test_per_request_errors_are_recorded_failures_and_a_bad_output_file_is_repor
     # every good line of the broken file was kept: nothing was sent again
     assert st["submitted_twice"] == []
     # --retry-failed (batch) sends only the failed problems' requests that have no reply yet
-    with TeacherServer(batch_delay_s=0.2) as ts:
+    with TeacherServer(batch_delay_s=0.2, port=port) as ts:  # the same endpoint, without the faults
         s2 = gen(subq_bin, "--input", "gsm8k:test", "--limit", "8", "--output", str(out), "--base-url",
                  ts.base_url, "--retry-failed")
         st2 = bstats(ts)
@@ -228,7 +229,7 @@ def test_ctrl_c_leaves_batches_running_and_cancel_cancels_them(tmp_path, subq_bi
 
     out = tmp_path / "out"
     args = ["--input", "gsm8k:test", "--limit", "3", "--output", str(out)]
-    with TeacherServer(batch_delay_s=20.0) as ts:
+    with TeacherServer(batch_delay_s=300.0) as ts:
         env = {**os.environ, "OPENAI_API_KEY": "unused"}
         proc = subprocess.Popen([subq_bin, "generate", "--api", "batch", "--batch-poll-s", "0.2", *args,
                                  "--base-url", ts.base_url], env=env, stdout=subprocess.PIPE,
