@@ -101,6 +101,10 @@ class GenerateConfig(BaseModel):
     progress_interval_s: float = Field(5.0, gt=0, description="Seconds between progress lines (stderr).")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join (None: RAY_ADDRESS or a local one).")
     ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray started by this job.")
+    lease_timeout_s: float = Field(120.0, gt=0, description="A job's lease on OUTPUT is stale (taken over) after "
+                                   "this many seconds without a heartbeat.")
+    max_retry_after_s: float = Field(120.0, gt=0, description="Longest Retry-After honoured (seconds); a longer "
+                                     "one waits this long, is shown in the progress line and counted.")
     api: Literal["online", "batch"] = Field("online", description="online: chat calls through rate-limited actors; "
                                            "batch: the provider's Batch API at its batch price (pipelines.batch).")
     cancel: bool = Field(False, description="Batch mode: cancel the batches this output has in flight, then stop.")
@@ -408,6 +412,9 @@ class Progress:
         self.total, self.interval_s, self.stream = total, interval_s, stream or console.err()
         self.t0 = self.last = time.time()
         self.actors: set[str] = set()
+        from collections import Counter
+
+        self.reasons: Counter = Counter()  # this run's failure reasons (one line each)
         self.c = {"rows": 0, "failed": 0, "budget": 0, "stopped": 0, "fatal": 0, "calls": 0, "cached": 0,
                   "attempts": 0, "n_429": 0, "new_prompt_tokens": 0, "new_completion_tokens": 0, "new_cost_usd": 0.0}
 
@@ -415,6 +422,8 @@ class Progress:
         self.actors.update(batch["actor"])
         for i, status in enumerate(batch["status"]):
             self.c["rows" if status == "ok" else status] += 1
+            if status == "failed":
+                self.reasons[" ".join(str(batch["error"][i]).split())[:300]] += 1
             for k in ("calls", "cached", "attempts", "n_429", "new_prompt_tokens", "new_completion_tokens", "new_cost_usd"):
                 self.c[k] += batch[k][i] or 0
         if time.time() - self.last >= self.interval_s:
@@ -479,9 +488,151 @@ def export(output: str) -> dict:
     return {"rows": len(ordered), "failures": len(fails), "paths": paths}
 
 
+# ------------------------------------------------------------------ run manifest and lease
+
+# settings that change what a row holds: a re-run into the same OUTPUT with other values is refused
+MANIFEST_FIELDS = ("model", "base_url", "template", "n_sets", "n_feedback", "temperature", "max_tokens")
+
+
+def manifest_settings(cfg: GenerateConfig) -> dict:
+    from actors.teacher import normalize_endpoint
+
+    d = {k: getattr(cfg, k) for k in MANIFEST_FIELDS}
+    d["base_url"] = normalize_endpoint(cfg.base_url)
+    return d
+
+
+def check_manifest(cfg: GenerateConfig) -> Optional[dict]:
+    """Compare with OUTPUT/manifest.json (written by the first run): SubqError naming each differing field,
+    before any call. Returns the recorded settings (None: a new output)."""
+    loc = storage.join(cfg.output, "manifest.json")
+    if not storage.exists(loc):
+        return None
+    recorded = json.loads(storage.read_bytes(loc))["settings"]
+    now = manifest_settings(cfg)
+    diff = [f"{k} {recorded.get(k)!r} -> {now[k]!r}" for k in MANIFEST_FIELDS if recorded.get(k) != now[k]]
+    if diff:
+        raise SubqError("settings differ from the run that wrote this output: " + ", ".join(diff), source=cfg.output,
+                        hint=f"use another --output, or the recorded settings in {loc}")
+    return recorded
+
+
+def write_manifest(cfg: GenerateConfig) -> None:
+    loc = storage.join(cfg.output, "manifest.json")
+    if not storage.exists(loc):
+        storage.write_bytes_atomic(loc, json.dumps({"settings": manifest_settings(cfg), "created": time.time()},
+                                                   indent=2).encode())
+
+
+class OutputLease:
+    """OUTPUT/_lease.json = {host, pid, run_id, heartbeat}: one job writes an output at a time. A lease is stale
+    after `timeout_s` without a heartbeat (a thread renews it every timeout_s/4), or at once when its process is
+    gone from this host. A second job refuses with the holder named; the same process may re-enter."""
+
+    def __init__(self, output: str, timeout_s: float = 120.0):
+        self.output, self.timeout_s = output, timeout_s
+        self.path = storage.join(output, "_lease.json")
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "run_id": hashlib.sha256(f"{output}|{os.getpid()}|{time.time()}".encode()).hexdigest()[:12]}
+        self._stop = None
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(storage.read_bytes(self.path))
+        except (SubqError, ValueError):
+            return None
+
+    def _stale(self, info: dict) -> bool:
+        if time.time() - float(info.get("heartbeat", 0)) > self.timeout_s:
+            return True
+        if info.get("host") == self.me["host"]:
+            try:
+                os.kill(int(info["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, KeyError):
+                pass
+        return False
+
+    def _write(self) -> None:
+        storage.write_bytes_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time()}).encode())
+
+    def acquire(self) -> "OutputLease":
+        import threading
+
+        info = self._read()
+        mine = info is not None and info.get("host") == self.me["host"] and info.get("pid") == self.me["pid"]
+        if info is not None and not mine and not self._stale(info):
+            age = time.time() - float(info.get("heartbeat", 0))
+            raise SubqError(f"another job is writing this output (host {info.get('host')}, pid {info.get('pid')}, "
+                            f"heartbeat {age:.0f}s ago)", source=self.output,
+                            hint=f"wait for it to finish, or delete {self.path} if that job is gone")
+        self._write()
+        time.sleep(0.05)
+        got = self._read()
+        if got is None or got.get("run_id") != self.me["run_id"]:  # lost a race for a stale lease
+            raise SubqError("another job took this output's lease at the same moment", source=self.output)
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(self.timeout_s / 4):
+                try:
+                    self._write()
+                except Exception:  # a transient storage error: the next beat tries again
+                    pass
+
+        threading.Thread(target=beat, name="subq-lease", daemon=True).start()
+        return self
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        info = self._read()
+        if info is not None and info.get("run_id") == self.me["run_id"]:
+            fs, path = storage.resolve(self.path)
+            try:
+                fs.delete_file(path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "OutputLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def report_failures(c: dict, reasons, pending: int, where: str) -> None:
+    """Some problems failed: exit 0 with the count, where the reasons are and the 3 most common on the terminal.
+    Every problem of this run failed: SubqError (exit 2) naming the most common cause."""
+    from subq import console
+
+    if not c["failed"]:
+        return
+    top = reasons.most_common(3)
+    if c["rows"] == 0 and not c["budget"] and not c["stopped"]:
+        raise SubqError(f"all {c['failed']} problems of this run failed; most common reason ({top[0][1]}x): "
+                        f"{top[0][0]}", hint=f"reasons in {where}; --retry-failed retries them")
+    console.echo(f"{c['failed']} of {pending} problems failed; reasons in {where} (--retry-failed retries them). "
+                 "Most common:")
+    for reason, n in top:
+        console.echo(f"  {n} x {reason}")
+
+
 def run_generate(config: GenerateConfig | dict) -> dict:
-    """Run (or resume) a generation job; returns the summary dict (also written to OUTPUT/summary.json)."""
+    """Run (or resume) a generation job; returns the summary dict (also written to OUTPUT/summary.json). Holds
+    OUTPUT's lease while it writes."""
     cfg = config if isinstance(config, GenerateConfig) else load_config(GenerateConfig, None, config)
+    lease = OutputLease(cfg.output, cfg.lease_timeout_s)
+    try:
+        return _run_generate(cfg, lease)
+    finally:
+        lease.release()
+
+
+def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     from subq.problems import load_problems
 
     prices = cfg.prices()
@@ -493,6 +644,15 @@ def run_generate(config: GenerateConfig | dict) -> dict:
                 seen.add(p.problem_id)
                 uniq.append(p)
         problems = uniq
+    if not cfg.cancel:
+        check_manifest(cfg)  # drift: refused before anything is written or sent
+    if not cfg.dry_run and not cfg.cancel:
+        if not os.environ.get(cfg.api_key_env):
+            raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
+                              hint="export the key (any non-empty value for a local server)")
+        lease.acquire()  # another live job on this output: refused here
+        for sub in ("", "parts", "failures"):  # temps of writers killed earlier (we hold the lease: none is live)
+            storage.sweep_temps(storage.join(cfg.output, sub) if sub else cfg.output, recursive=False)
     rows, fails = read_done(cfg.output)
     if cfg.retry_failed:
         pending = [p for p in problems if p.problem_id in fails and p.problem_id not in rows]
@@ -511,7 +671,12 @@ def run_generate(config: GenerateConfig | dict) -> dict:
         from pipelines.batch import cancel_batches
 
         return cancel_batches(cfg, prices)
+    if pending and cfg.api == "online":
+        from actors.teacher import check_endpoint
+
+        check_endpoint(cfg.base_url)  # nothing answers there: one error line now, not a run of failures
     storage.makedirs(cfg.output)
+    write_manifest(cfg)
     storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"),
                                __import__("yaml").safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
     t0 = time.time()
@@ -549,6 +714,8 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     storage.write_bytes_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode())
     if fatal:
         raise fatal
+    if not interrupted:
+        report_failures(c, progress.reasons, len(pending), exp["paths"]["failures"])
     if interrupted:
         from subq import console
 
