@@ -11,11 +11,12 @@
 - Before each attempt it reserves capacity from the cluster limiter (actors.limiter): one RPC, then a sleep.
   A 429 is reported to the limiter, which backs every caller off until the provider's reset.
 - Retries: jittered exponential backoff (tenacity) for 429, 5xx, timeouts, connection errors and replies that
-  fail `validate` (re-sampled). 400/401/403/404/422 fail at once (`TeacherAuthError`, `TeacherRequestError`)
-  with a message naming the upstream and the status. After the attempts run out: `TeacherUnavailableError`.
+  fail `validate` (re-sampled). Other 4xx fail at once (`TeacherAuthError` for 401/403, `TeacherRequestError`
+  with the provider's message and code; `.fatal` only for an unknown model) naming the upstream and the status. After the attempts run out: `TeacherUnavailableError`.
 - The API key is read from the environment variable NAMED by `api_key_env`; it never appears in logs,
   exceptions, results or cache files (upstream messages are redacted before they are raised).
-- Durable cache: content-addressed (model, messages, temperature, max_tokens, sample index, template id) files
+- Durable cache: content-addressed (endpoint, model, messages, temperature, max_tokens, sample index, template id)
+  files; a hit is used only when its recorded endpoint and model match,
   `<cache_dir>/<key[:2]>/<key>.json`, written atomically after a good reply, so a resumed job pays only for the
   calls that were in flight. The key is also sent as header `x-subq-cache-key` (and the sample index as
   `x-subq-sample-index`), which the local teacher server counts and uses for replay; providers ignore them.
@@ -46,10 +47,12 @@ from subq.errors import DataError, SubqError
 class TeacherError(SubqError):
     """A teacher call failed. `upstream` is the base URL, `status` the HTTP status (None: no reply)."""
 
-    def __init__(self, message: str, *, upstream: str, status: Optional[int] = None, hint: Optional[str] = None):
+    def __init__(self, message: str, *, upstream: str, status: Optional[int] = None, hint: Optional[str] = None,
+                 code: Optional[str] = None):
         super().__init__(message, source=upstream, hint=hint)
         self.upstream = upstream
         self.status = status
+        self.code = code  # the provider's error code when it sent one (e.g. context_length_exceeded)
 
 
 class TeacherAuthError(TeacherError):
@@ -57,7 +60,12 @@ class TeacherAuthError(TeacherError):
 
 
 class TeacherRequestError(TeacherError):
-    """400/404/422: the request itself is wrong (model name, parameters). Not retried."""
+    """400/404/422 and other 4xx: the request itself was refused. Not retried. `fatal` (an unknown model: every
+    call would fail) stops a job; anything else (context length, a content filter) concerns one request only."""
+
+    @property
+    def fatal(self) -> bool:
+        return self.status == 404 or (self.code or "") == "model_not_found"
 
 
 class TeacherUnavailableError(TeacherError):
@@ -107,17 +115,63 @@ class ChatResult:
         return asdict(self)
 
 
+def normalize_endpoint(base_url: Optional[str]) -> str:
+    """An endpoint's identity: scheme://host[:port]/path, lower-case host, no credentials, query, fragment,
+    default port or trailing slash (None: the OpenAI API). `http://u:p@Host:80/v1/` -> `http://host/v1`."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit((base_url or "https://api.openai.com/v1").strip())
+    scheme = (u.scheme or "https").lower()
+    host = (u.hostname or "").lower()
+    port = u.port
+    if port and not ((scheme == "http" and port == 80) or (scheme == "https" and port == 443)):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{u.path.rstrip('/')}"
+
+
+def check_endpoint(base_url: Optional[str], timeout_s: float = 10.0) -> None:
+    """Fail at once (TeacherUnavailableError, naming the endpoint) when nothing answers at `base_url`; any HTTP
+    reply, even an error status, counts as reachable. Sends no key."""
+    import httpx
+
+    url = normalize_endpoint(base_url) + "/models"
+    try:
+        httpx.get(url, timeout=timeout_s)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        raise TeacherUnavailableError(f"cannot connect ({type(e).__name__}: {_KEYLIKE.sub('sk-***', str(e))[:200]})",
+                                      upstream=base_url or normalize_endpoint(None),
+                                      hint="is the server running? check --base-url") from None
+    except httpx.HTTPError:
+        pass
+
+
 def cache_key(model: str, messages: list[dict], temperature: float, max_tokens: int, sample_index: int,
-              template_id: Optional[str]) -> str:
-    """Content address of one call: sha256 over everything that determines what is paid for."""
-    blob = json.dumps({"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
-                       "sample_index": sample_index, "template_id": template_id}, sort_keys=True, ensure_ascii=False)
+              template_id: Optional[str], endpoint: Optional[str] = None) -> str:
+    """Content address of one call: sha256 over everything that determines what is paid for. The messages are
+    the rendered template, so a changed template text is a new key. `endpoint` (normalized with
+    `normalize_endpoint`, credentials stripped) makes replies of one endpoint invisible to another; None keeps
+    the endpoint-less key of older versions."""
+    d = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
+         "sample_index": sample_index, "template_id": template_id}
+    if endpoint is not None:
+        d["endpoint"] = normalize_endpoint(endpoint)
+    blob = json.dumps(d, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 class RequestCache:
     """Durable content-addressed cache of good replies: one small JSON file per call (atomic writes; local
-    paths or any pyarrow filesystem URI)."""
+    paths or any pyarrow filesystem URI).
+
+    Changed for issue 11 (API otherwise stable: get/put/path/keys as before): `cache_key(...)` takes an optional
+    `endpoint=` (TeacherClient always passes its base URL, so its keys differ from endpoint-less ones);
+    TeacherClient stores `endpoint` and `model` in each entry and uses a hit only when both match
+    (`RequestCache.matches`). Writes go through `storage.write_bytes_atomic` (a unique `_tmp-` temp, fsync)."""
+
+    @staticmethod
+    def matches(entry: dict, endpoint: Optional[str], model: str) -> bool:
+        """Provenance check of a hit: the entry was written by a call to this endpoint and model."""
+        return entry.get("endpoint") == normalize_endpoint(endpoint) and entry.get("model") == model
 
     def __init__(self, location: str):
         self.location = str(location)
@@ -143,7 +197,8 @@ class RequestCache:
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             return set()
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        return {i.base_name[:-5] for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")}
+        return {i.base_name[:-5] for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+                and not storage.is_temp(i.base_name)}
 
 
 # ------------------------------------------------------------------ the client
@@ -195,7 +250,7 @@ class TeacherClient:
         self._max_concurrency = max_concurrency
         self._client = None
         self.stats = {"calls": 0, "attempts": 0, "cache_hits": 0, "n_429": 0, "n_5xx": 0, "timeouts": 0,
-                      "connection_errors": 0, "malformed": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "connection_errors": 0, "malformed": 0, "cache_mismatch": 0, "prompt_tokens": 0, "completion_tokens": 0,
                       "cost_usd": 0.0}
 
     def _make_limiter(self, rpm, tpm):
@@ -272,10 +327,13 @@ class TeacherClient:
         """One chat completion. `validate(text)` returns None for a usable reply or a reason; unusable replies
         are re-sampled up to `max_resamples` times, then raise TeacherMalformedError (or, with
         `accept_invalid`, the last reply is returned with `invalid_reason` set)."""
-        key = cache_key(self.model, messages, temperature, max_tokens, sample_index, template_id)
+        key = cache_key(self.model, messages, temperature, max_tokens, sample_index, template_id, self.base_url)
         self.stats["calls"] += 1
         if self.cache is not None:
             hit = await asyncio.to_thread(self.cache.get, key)
+            if hit is not None and not RequestCache.matches(hit, self.base_url, self.model):
+                self.stats["cache_mismatch"] += 1
+                hit = None
             if hit is not None:
                 self.stats["cache_hits"] += 1
                 return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], hit["cost_usd"],
@@ -288,7 +346,8 @@ class TeacherClient:
                                                 accept_invalid)
         if self.cache is not None:
             entry = {k: v for k, v in res.to_dict().items() if k not in ("raw_headers", "cached", "attempts")}
-            entry.update(template_id=template_id, sample_index=sample_index, created=time.time())
+            entry.update(template_id=template_id, sample_index=sample_index, created=time.time(),
+                         endpoint=normalize_endpoint(self.base_url))
             await asyncio.to_thread(self.cache.put, key, entry)
         return res
 
@@ -401,7 +460,8 @@ class TeacherClient:
                 raise TeacherAuthError(f"HTTP {status} (authentication/permission): {msg}", upstream=self.base_url,
                                        status=status, hint=f"check the key in ${self.api_key_env}") from None
             raise TeacherRequestError(f"HTTP {status}: {msg}", upstream=self.base_url, status=status,
-                                      hint="check --model and the request parameters") from None
+                                      hint="check --model and the request parameters",
+                                      code=_upstream_code(e)) from None
         except openai.APIError as e:  # e.g. a reply body the SDK cannot validate: treat like a bad sample
             self.stats["malformed"] += 1
             raise _Retryable(self._redact(f"unusable response: {type(e).__name__}"), 200) from None
@@ -422,6 +482,13 @@ class TeacherClient:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _upstream_code(e) -> Optional[str]:
+    body = getattr(e, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return str(code) if code else None
 
 
 def _upstream_message(e) -> str:

@@ -102,6 +102,20 @@ class GenerateConfig(BaseModel):
     progress_interval_s: float = Field(5.0, gt=0, description="Seconds between progress lines (stderr).")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join (None: RAY_ADDRESS or a local one).")
     ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray started by this job.")
+    lease_timeout_s: float = Field(120.0, gt=0, description="A job's lease on OUTPUT is stale (taken over) after "
+                                   "this many seconds without a heartbeat.")
+    max_retry_after_s: float = Field(120.0, gt=0, description="Longest Retry-After honoured (seconds); a longer "
+                                     "one waits this long, is shown in the progress line and counted.")
+    api: Literal["online", "batch"] = Field("online", description="online: chat calls through rate-limited actors; "
+                                           "batch: the provider's Batch API at its batch price (pipelines.batch).")
+    cancel: bool = Field(False, description="Batch mode: cancel the batches this output has in flight, then stop.")
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="Requests per batch file (provider cap).")
+    batch_max_bytes: int = Field(200_000_000, ge=1, le=200_000_000, description="Bytes per batch file (provider "
+                                 "cap: 200 MB).")
+    batch_max_in_flight: int = Field(20, ge=1, description="Batches running at the provider at once.")
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status polls.")
+    batch_max_submissions: int = Field(3, ge=1, description="Times a request is submitted in a batch before it is "
+                                       "a recorded failure (expired, cancelled or failed batches resubmit).")
 
     @field_validator("actors", mode="before")
     @classmethod
@@ -163,6 +177,53 @@ def _validators(family: str):
     return qg, qa, feedback
 
 
+def calls_after_qg(family: str, problem: str, set_index: int, n_feedback: int, questions: list[str]) -> list[tuple]:
+    """The calls a set makes once its QG reply is parsed: [(stage, template id, sample index, messages)], QA
+    first, then the feedback calls (both read only the problem and the sub-questions). Online and batch mode use
+    the same sample indices, so both hit the same request-cache entries."""
+    from subq.prompts import messages, template_for
+
+    qa, fb = template_for(family, "qa"), template_for(family, "feedback")
+    return [("qa", qa, set_index, messages(qa, problem, questions))] + [
+        ("feedback", fb, set_index * n_feedback + j, messages(fb, problem, questions)) for j in range(n_feedback)]
+
+
+def split_qg(family: str, qg_text: str) -> tuple[list[str], str]:
+    """A QG reply -> (its sub-questions, the set's questions text as stored in the row)."""
+    from subq.parsers import format_subquestions, parse_doc_subquestions, parse_subquestions
+
+    if family == "doc":
+        qs = parse_doc_subquestions(qg_text).questions
+        return qs, format_subquestions(qs)
+    return parse_subquestions(qg_text).questions, qg_text
+
+
+def build_set(family: str, qtext: str, answer_text: str, gold: str, feedback_texts: list[str]):
+    """One SubQuestionSet from its replies, with the paper's rewards."""
+    from subq.schema import SubQuestionSet
+
+    sset = SubQuestionSet.from_texts(qtext, answer_text, gold, feedback_texts)
+    if family == "doc":  # DoC answers end "The answer is: X", which the paper rule cannot read; strict can
+        from subq.scoring import score
+
+        sset.answer_correctness = 1.0 if score(answer_text, gold, "strict").correct else 0.0
+    return sset
+
+
+def build_row(item: dict, sets: list, job: dict, acct: dict):
+    """A problem's SubQRow from its sets and its call accounting (prompt/completion tokens, cost, attempts)."""
+    from subq.schema import SubQRow
+    from subq.scoring import gold_number
+
+    gold = release_gold(item["gold_answer"])
+    return SubQRow(
+        problem_id=item["problem_id"], problem=item["problem"], gold_answer=gold,
+        true_answer=gold_number(gold, "paper"), sets=list(sets), source=item["source"],
+        source_index=item["source_index"], teacher_model=job["model"], template_id=job["template"],
+        prompt_tokens=acct["prompt_tokens"], completion_tokens=acct["completion_tokens"], cost_usd=acct["cost_usd"],
+        attempts=acct["attempts"], error=None)
+
+
 class GenerateActor(TeacherActor):
     """Ray Data UDF: a batch of problems -> their rows (written as one Parquet part) and per-problem summaries."""
 
@@ -178,14 +239,12 @@ class GenerateActor(TeacherActor):
         self.stopper = self.client.budget  # job-scoped; the shared rate limiter is never stopped by one job
 
     async def process(self, item: dict) -> dict:
-        from subq.parsers import format_subquestions, parse_doc_subquestions, parse_subquestions
         from subq.prompts import messages, template_for
-        from subq.schema import SubQRow, SubQuestionSet
-        from subq.scoring import gold_number
+        from subq.schema import SubQuestionSet
 
         job, c = self.job, self.client
         fam = job["template"]
-        qg_tid, qa_tid, fb_tid = (template_for(fam, r) for r in ("qg", "qa", "feedback"))
+        qg_tid = template_for(fam, "qg")
         v_qg, v_qa, v_fb = _validators(fam)
         acct = {"calls": 0, "cached": 0, "attempts": 0, "n_429": 0, "prompt_tokens": 0, "completion_tokens": 0,
                 "cost_usd": 0.0, "new_cost_usd": 0.0, "new_prompt_tokens": 0, "new_completion_tokens": 0}
@@ -211,19 +270,13 @@ class GenerateActor(TeacherActor):
 
         async def one_set(i: int) -> SubQuestionSet:
             q = await call(messages(qg_tid, problem), qg_tid, i, v_qg, False)
-            parsed = parse_doc_subquestions(q.text) if fam == "doc" else parse_subquestions(q.text)
-            qs, qtext = parsed.questions, (format_subquestions(parsed.questions) if fam == "doc" else q.text)
+            qs, qtext = split_qg(fam, q.text)
             stage["name"] = "qa"
-            a = await call(messages(qa_tid, problem, qs), qa_tid, i, v_qa, True)
+            (_, qa_t, qa_s, qa_m), *fb_calls = calls_after_qg(fam, problem, i, job["n_feedback"], qs)
+            a = await call(qa_m, qa_t, qa_s, v_qa, True)
             stage["name"] = "feedback"
-            fbs = await asyncio.gather(*(call(messages(fb_tid, problem, qs), fb_tid, i * job["n_feedback"] + j,
-                                              v_fb(len(qs)), True) for j in range(job["n_feedback"])))
-            sset = SubQuestionSet.from_texts(qtext, a.text, gold, [f.text for f in fbs])
-            if fam == "doc":  # DoC answers end "The answer is: X", which the paper rule cannot read; strict can
-                from subq.scoring import score
-
-                sset.answer_correctness = 1.0 if score(a.text, gold, "strict").correct else 0.0
-            return sset
+            fbs = await asyncio.gather(*(call(m, t, s, v_fb(len(qs)), True) for _, t, s, m in fb_calls))
+            return build_set(fam, qtext, a.text, gold, [f.text for f in fbs])
 
         base = {k: item[k] for k in ("problem_id", "source", "source_index")}
         try:
@@ -233,7 +286,10 @@ class GenerateActor(TeacherActor):
         except TeacherStopped as e:
             return {**base, "status": "stopped", "error": str(e), "row": None, **acct}
         except (TeacherAuthError, TeacherRequestError) as e:
-            # a bad key or request fails every call: stop this actor's other calls and (via the budget/limiter
+            if isinstance(e, TeacherRequestError) and not e.fatal:  # one odd request (context length, a filter):
+                return {**base, "status": "failed", "error": str(e), "error_type": type(e).__name__,  # recorded
+                        "stage": stage["name"], "row": None, **acct}
+            # a bad key or unknown model fails every call: stop this actor's other calls and (via the budget
             # actor when there is one) every other actor's, now
             self.client.fatal = f"stopped after a fatal error: {e}"
             if self.stopper is not None:
@@ -245,12 +301,7 @@ class GenerateActor(TeacherActor):
         except Exception as e:  # never lose a problem to an unexpected error: record it as a failure
             return {**base, "status": "failed", "error": c._redact(f"{type(e).__name__}: {e}")[:500],
                     "error_type": type(e).__name__, "stage": stage["name"], "row": None, **acct}
-        row = SubQRow(
-            problem_id=item["problem_id"], problem=problem, gold_answer=gold, true_answer=gold_number(gold, "paper"),
-            sets=list(sets), source=item["source"], source_index=item["source_index"], teacher_model=job["model"],
-            template_id=fam, prompt_tokens=acct["prompt_tokens"], completion_tokens=acct["completion_tokens"],
-            cost_usd=acct["cost_usd"], attempts=acct["attempts"], error=None)
-        return {**base, "status": "ok", "error": None, "row": row, **acct}
+        return {**base, "status": "ok", "error": None, "row": build_row(item, sets, job, acct), **acct}
 
     async def __call__(self, batch: dict) -> dict:
         from subq.schema import write_parquet
@@ -309,21 +360,20 @@ def _write_table(table, location: str) -> None:
 # ------------------------------------------------------------------ driver side
 
 
-def read_done(output: str) -> tuple[dict, dict]:
-    """(rows by problem id, open failures by problem id) already in OUTPUT; a row wins over a failure."""
-    import pyarrow.parquet as pq
+def read_done(output: str) -> tuple[set, dict]:
+    """(ids of problems with a row, open failures by problem id) already in OUTPUT; a row wins over a failure.
+    Column reads of the finished parts only (writers' temps skipped): no row objects, so resuming a million
+    problems stays small and fast."""
+    from subq.schema import read_parquet_table
 
-    from subq.schema import read_parquet
-
-    rows, fails = {}, {}
+    rows: set = set()
     parts = storage.join(output, "parts")
     if storage.list_files(parts, ".parquet"):
-        for r in read_parquet(parts):
-            rows.setdefault(r.problem_id, r)
+        rows = set(read_parquet_table(parts, columns=["problem_id"]).column(0).to_pylist())
+    fails: dict = {}
     fdir = storage.join(output, "failures")
     if storage.list_files(fdir, ".parquet"):
-        fs, path = storage.resolve(fdir)
-        for f in pq.read_table(path, filesystem=fs, schema=FAILURE_SCHEMA).to_pylist():
+        for f in read_parquet_table(fdir, schema=FAILURE_SCHEMA).to_pylist():
             if f["problem_id"] not in rows and (f["problem_id"] not in fails or f["time"] > fails[f["problem_id"]]["time"]):
                 fails[f["problem_id"]] = f
     return rows, fails
@@ -363,6 +413,9 @@ class Progress:
         self.total, self.interval_s, self.stream = total, interval_s, stream or console.err()
         self.t0 = self.last = time.time()
         self.actors: set[str] = set()
+        from collections import Counter
+
+        self.reasons: Counter = Counter()  # this run's failure reasons (one line each)
         self.c = {"rows": 0, "failed": 0, "budget": 0, "stopped": 0, "fatal": 0, "calls": 0, "cached": 0,
                   "attempts": 0, "n_429": 0, "new_prompt_tokens": 0, "new_completion_tokens": 0, "new_cost_usd": 0.0}
 
@@ -370,6 +423,8 @@ class Progress:
         self.actors.update(batch["actor"])
         for i, status in enumerate(batch["status"]):
             self.c["rows" if status == "ok" else status] += 1
+            if status == "failed":
+                self.reasons[" ".join(str(batch["error"][i]).split())[:300]] += 1
             for k in ("calls", "cached", "attempts", "n_429", "new_prompt_tokens", "new_completion_tokens", "new_cost_usd"):
                 self.c[k] += batch[k][i] or 0
         if time.time() - self.last >= self.interval_s:
@@ -394,19 +449,19 @@ def compact_parts(output: str) -> int:
     """Safety net for exactly-once: if any problem id appears in more than one part (it cannot in normal
     operation: a retried batch overwrites its own part), rewrite the parts as one part holding one row per id.
     Returns the number of duplicate rows removed."""
-    import pyarrow.parquet as pq
-
-    from subq.schema import rows_to_table, sort_rows
+    from subq.schema import read_parquet, read_parquet_table, rows_to_table, sort_rows
 
     parts_dir = storage.join(output, "parts")
     files = storage.list_files(parts_dir, ".parquet")
     if len(files) < 2:
         return 0
     fs, _ = storage.resolve(parts_dir)
-    ids = pq.read_table(storage.resolve(parts_dir)[1], filesystem=fs, columns=["problem_id"]).column(0).to_pylist()
+    ids = read_parquet_table(parts_dir, columns=["problem_id"]).column(0).to_pylist()
     if len(ids) == len(set(ids)):
         return 0
-    rows, _ = read_done(output)
+    rows: dict = {}
+    for r in read_parquet(parts_dir):
+        rows.setdefault(r.problem_id, r)
     ordered = sort_rows(list(rows.values()))
     name = "part-compacted-" + _part_name([r.problem_id for r in ordered])[5:]
     _write_table(rows_to_table(ordered), storage.join(parts_dir, name))
@@ -418,11 +473,12 @@ def compact_parts(output: str) -> int:
 
 def export(output: str) -> dict:
     """Write paper_raw.jsonl, paper_dataset.json and failures.jsonl from the parts; return counts and paths."""
-    from subq.schema import sort_rows, write_paper
+    from subq.schema import read_parquet, sort_rows, write_paper
 
     compact_parts(output)
-    rows, fails = read_done(output)
-    ordered = sort_rows(list(rows.values()))
+    ids, fails = read_done(output)
+    parts = storage.join(output, "parts")
+    ordered = sort_rows(read_parquet(parts)) if ids else []
     paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),
              "paper_dataset": storage.join(output, "paper_dataset.json"),
              "failures": storage.join(output, "failures.jsonl"), "parts": storage.join(output, "parts")}
@@ -433,9 +489,151 @@ def export(output: str) -> dict:
     return {"rows": len(ordered), "failures": len(fails), "paths": paths}
 
 
+# ------------------------------------------------------------------ run manifest and lease
+
+# settings that change what a row holds: a re-run into the same OUTPUT with other values is refused
+MANIFEST_FIELDS = ("model", "base_url", "template", "n_sets", "n_feedback", "temperature", "max_tokens")
+
+
+def manifest_settings(cfg: GenerateConfig) -> dict:
+    from actors.teacher import normalize_endpoint
+
+    d = {k: getattr(cfg, k) for k in MANIFEST_FIELDS}
+    d["base_url"] = normalize_endpoint(cfg.base_url)
+    return d
+
+
+def check_manifest(cfg: GenerateConfig) -> Optional[dict]:
+    """Compare with OUTPUT/manifest.json (written by the first run): SubqError naming each differing field,
+    before any call. Returns the recorded settings (None: a new output)."""
+    loc = storage.join(cfg.output, "manifest.json")
+    if not storage.exists(loc):
+        return None
+    recorded = json.loads(storage.read_bytes(loc))["settings"]
+    now = manifest_settings(cfg)
+    diff = [f"{k} {recorded.get(k)!r} -> {now[k]!r}" for k in MANIFEST_FIELDS if recorded.get(k) != now[k]]
+    if diff:
+        raise SubqError("settings differ from the run that wrote this output: " + ", ".join(diff), source=cfg.output,
+                        hint=f"use another --output, or the recorded settings in {loc}")
+    return recorded
+
+
+def write_manifest(cfg: GenerateConfig) -> None:
+    loc = storage.join(cfg.output, "manifest.json")
+    if not storage.exists(loc):
+        storage.write_bytes_atomic(loc, json.dumps({"settings": manifest_settings(cfg), "created": time.time()},
+                                                   indent=2).encode())
+
+
+class OutputLease:
+    """OUTPUT/_lease.json = {host, pid, run_id, heartbeat}: one job writes an output at a time. A lease is stale
+    after `timeout_s` without a heartbeat (a thread renews it every timeout_s/4), or at once when its process is
+    gone from this host. A second job refuses with the holder named; the same process may re-enter."""
+
+    def __init__(self, output: str, timeout_s: float = 120.0):
+        self.output, self.timeout_s = output, timeout_s
+        self.path = storage.join(output, "_lease.json")
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "run_id": hashlib.sha256(f"{output}|{os.getpid()}|{time.time()}".encode()).hexdigest()[:12]}
+        self._stop = None
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(storage.read_bytes(self.path))
+        except (SubqError, ValueError):
+            return None
+
+    def _stale(self, info: dict) -> bool:
+        if time.time() - float(info.get("heartbeat", 0)) > self.timeout_s:
+            return True
+        if info.get("host") == self.me["host"]:
+            try:
+                os.kill(int(info["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, KeyError):
+                pass
+        return False
+
+    def _write(self) -> None:
+        storage.write_bytes_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time()}).encode())
+
+    def acquire(self) -> "OutputLease":
+        import threading
+
+        info = self._read()
+        mine = info is not None and info.get("host") == self.me["host"] and info.get("pid") == self.me["pid"]
+        if info is not None and not mine and not self._stale(info):
+            age = time.time() - float(info.get("heartbeat", 0))
+            raise SubqError(f"another job is writing this output (host {info.get('host')}, pid {info.get('pid')}, "
+                            f"heartbeat {age:.0f}s ago)", source=self.output,
+                            hint=f"wait for it to finish, or delete {self.path} if that job is gone")
+        self._write()
+        time.sleep(0.05)
+        got = self._read()
+        if got is None or got.get("run_id") != self.me["run_id"]:  # lost a race for a stale lease
+            raise SubqError("another job took this output's lease at the same moment", source=self.output)
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(self.timeout_s / 4):
+                try:
+                    self._write()
+                except Exception:  # a transient storage error: the next beat tries again
+                    pass
+
+        threading.Thread(target=beat, name="subq-lease", daemon=True).start()
+        return self
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        info = self._read()
+        if info is not None and info.get("run_id") == self.me["run_id"]:
+            fs, path = storage.resolve(self.path)
+            try:
+                fs.delete_file(path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "OutputLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def report_failures(c: dict, reasons, pending: int, where: str) -> None:
+    """Some problems failed: exit 0 with the count, where the reasons are and the 3 most common on the terminal.
+    Every problem of this run failed: SubqError (exit 2) naming the most common cause."""
+    from subq import console
+
+    if not c["failed"]:
+        return
+    top = reasons.most_common(3)
+    if c["rows"] == 0 and not c["budget"] and not c["stopped"]:
+        raise SubqError(f"all {c['failed']} problems of this run failed; most common reason ({top[0][1]}x): "
+                        f"{top[0][0]}", hint=f"reasons in {where}; --retry-failed retries them")
+    console.echo(f"{c['failed']} of {pending} problems failed; reasons in {where} (--retry-failed retries them). "
+                 "Most common:")
+    for reason, n in top:
+        console.echo(f"  {n} x {reason}")
+
+
 def run_generate(config: GenerateConfig | dict) -> dict:
-    """Run (or resume) a generation job; returns the summary dict (also written to OUTPUT/summary.json)."""
+    """Run (or resume) a generation job; returns the summary dict (also written to OUTPUT/summary.json). Holds
+    OUTPUT's lease while it writes."""
     cfg = config if isinstance(config, GenerateConfig) else load_config(GenerateConfig, None, config)
+    lease = OutputLease(cfg.output, cfg.lease_timeout_s)
+    try:
+        return _run_generate(cfg, lease)
+    finally:
+        lease.release()
+
+
+def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     from subq.problems import load_problems
 
     prices = cfg.prices()
@@ -447,17 +645,39 @@ def run_generate(config: GenerateConfig | dict) -> dict:
                 seen.add(p.problem_id)
                 uniq.append(p)
         problems = uniq
+    if not cfg.cancel:
+        check_manifest(cfg)  # drift: refused before anything is written or sent
+    if not cfg.dry_run and not cfg.cancel:
+        if not os.environ.get(cfg.api_key_env):
+            raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
+                              hint="export the key (any non-empty value for a local server)")
+        lease.acquire()  # another live job on this output: refused here
+        for sub in ("", "parts", "failures"):  # temps of writers killed earlier (we hold the lease: none is live)
+            storage.sweep_temps(storage.join(cfg.output, sub) if sub else cfg.output, recursive=False)
     rows, fails = read_done(cfg.output)
     if cfg.retry_failed:
         pending = [p for p in problems if p.problem_id in fails and p.problem_id not in rows]
     else:
         pending = [p for p in problems if p.problem_id not in rows and p.problem_id not in fails]
     if cfg.dry_run:
-        return {**estimate(cfg, pending, prices), "already_done": len(problems) - len(pending)}
+        from pipelines.batch import batch_estimate
+
+        est = estimate(cfg, pending, prices)
+        return {**est, **batch_estimate(est, prices, cfg.model), "api": cfg.api,
+                "already_done": len(problems) - len(pending)}
     if not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
                           hint="export the key (any non-empty value for a local server)")
+    if cfg.cancel:
+        from pipelines.batch import cancel_batches
+
+        return cancel_batches(cfg, prices)
+    if pending and cfg.api == "online":
+        from actors.teacher import check_endpoint
+
+        check_endpoint(cfg.base_url)  # nothing answers there: one error line now, not a run of failures
     storage.makedirs(cfg.output)
+    write_manifest(cfg)
     storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"),
                                __import__("yaml").safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
     t0 = time.time()
@@ -467,7 +687,12 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     interrupted = False
     if pending:
         try:
-            fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
+            if cfg.api == "batch":
+                from pipelines.batch import run_batch
+
+                fatal, limiter_stats = run_batch(cfg, pending, prices, progress)
+            else:
+                fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
         except KeyboardInterrupt:  # Ctrl-C: keep what is finished, export it, then stop; re-run to resume
             interrupted = True
     progress.print()
@@ -484,11 +709,14 @@ def run_generate(config: GenerateConfig | dict) -> dict:
                      "n_429": c["n_429"], "prompt_tokens": c["new_prompt_tokens"],
                      "completion_tokens": c["new_completion_tokens"], "cost_usd": round(c["new_cost_usd"], 6),
                      "actors_used": len(progress.actors), "elapsed_s": round(el, 2), "req_per_s": round(c["attempts"] / el, 3) if el else None},
-        "stopped": stopped, "limiter": limiter_stats, "paths": exp["paths"],
+        "stopped": stopped, "api": cfg.api, "batch": (limiter_stats or {}).pop("batch", None),
+        "limiter": limiter_stats, "paths": exp["paths"],
     }
     storage.write_bytes_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode())
     if fatal:
         raise fatal
+    if not interrupted:
+        report_failures(c, progress.reasons, len(pending), exp["paths"]["failures"])
     if interrupted:
         from subq import console
 

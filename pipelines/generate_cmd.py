@@ -40,6 +40,13 @@ def register(app: typer.Typer) -> None:
         progress_interval_s: Optional[float] = typer.Option(None, "--progress-interval-s", help="Seconds between progress lines. [default: 5]"),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)."),
         ray_num_cpus: Optional[int] = typer.Option(None, "--ray-num-cpus", help="CPUs for a local Ray started by this job."),
+        api: Optional[str] = typer.Option(None, "--api", help="online | batch (the provider's Batch API at its batch price; resumable across days). [default: online]"),
+        cancel: bool = typer.Option(False, "--cancel", help="Batch mode: cancel the batches this output has in flight."),
+        batch_max_requests: Optional[int] = typer.Option(None, "--batch-max-requests", help="Requests per batch file. [default: 50000]"),
+        batch_max_bytes: Optional[int] = typer.Option(None, "--batch-max-bytes", help="Bytes per batch file. [default: 200 MB]"),
+        batch_max_in_flight: Optional[int] = typer.Option(None, "--batch-max-in-flight", help="Batches running at once. [default: 20]"),
+        batch_poll_s: Optional[float] = typer.Option(None, "--batch-poll-s", help="Seconds between batch polls. [default: 30]"),
+        batch_max_submissions: Optional[int] = typer.Option(None, "--batch-max-submissions", help="Submissions of a request before it is a failure. [default: 3]"),
     ) -> None:
         """Generate GSM8K-AI-SubQ rows (QG -> QA -> feedback -> rewards) with Ray Data over rate-limited teacher
         actors; resumable (durable request cache), exactly one row per problem, failures recorded. Prints
@@ -54,7 +61,10 @@ def register(app: typer.Typer) -> None:
                          dry_run=dry_run or None, retry_failed=retry_failed or None, max_retries=max_retries,
                          timeout_s=timeout_s, price_table=price_table, price_input_per_1k=price_input,
                          price_output_per_1k=price_output, progress_interval_s=progress_interval_s,
-                         ray_address=ray_address, ray_num_cpus=ray_num_cpus)
+                         ray_address=ray_address, ray_num_cpus=ray_num_cpus, api=api, cancel=cancel or None,
+                         batch_max_requests=batch_max_requests, batch_max_bytes=batch_max_bytes,
+                         batch_max_in_flight=batch_max_in_flight, batch_poll_s=batch_poll_s,
+                         batch_max_submissions=batch_max_submissions)
         cfg = load_config(GenerateConfig, config, overrides)
         from subq import console
 
@@ -78,6 +88,13 @@ def register(app: typer.Typer) -> None:
         require_key_env: Optional[str] = typer.Option(None, "--require-key-env", help="Require the key held in this env var (401 otherwise)."),
         model: Optional[list[str]] = typer.Option(None, "--model", help="Repeatable: serve only these model names (404 otherwise)."),
         seed: int = typer.Option(0, "--seed", help="RNG seed for faults and latency."),
+        batch_api: bool = typer.Option(True, "--batch-api/--no-batch-api", help="Serve the Batch API (/v1/files, /v1/batches)."),
+        batch_delay_s: float = typer.Option(1.0, "--batch-delay-s", help="Processing time of one batch."),
+        batch_error_rate: float = typer.Option(0.0, "--batch-error-rate", help="Share of batch requests answered with a per-request 500."),
+        batch_expire_first: int = typer.Option(0, "--batch-expire-first", help="The first N batches expire after half their requests."),
+        batch_bad_output_first: int = typer.Option(0, "--batch-bad-output-first", help="The first N completed batches get a bad output file."),
+        batch_bad_output: str = typer.Option("malformed", "--batch-bad-output", help="malformed | missing."),
+        batch_upload_fail_first: int = typer.Option(0, "--batch-upload-fail-first", help="The first N uploads answer 500."),
     ) -> None:
         """A local OpenAI-compatible teacher server: replays the released ChatGPT replies (GSM8K-AI-SubQ test),
         synthesises labelled replies from GSM8K gold solutions for everything else; rate limits with 429 +
@@ -92,6 +109,10 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("must be between 0 and 1", field=name)
         if fail_rate + malformed_rate + timeout_rate > 1:
             raise ConfigError("fault rates add up to more than 1", field="--fail-rate")
+        if not 0 <= batch_error_rate <= 1:
+            raise ConfigError("must be between 0 and 1", field="--batch-error-rate")
+        if batch_bad_output not in ("malformed", "missing"):
+            raise ConfigError("expected malformed or missing", field="--batch-bad-output")
         key = None
         if require_key_env:
             key = os.environ.get(require_key_env)
@@ -101,4 +122,7 @@ def register(app: typer.Typer) -> None:
         serve(TeacherServerConfig(host=host, port=port, rpm=rpm, tpm=tpm, burst_s=burst_s, latency_s=latency_ms / 1000,
                                   latency_jitter_s=latency_jitter_ms / 1000, fail_rate=fail_rate,
                                   malformed_rate=malformed_rate, timeout_rate=timeout_rate,
-                                  timeout_hang_s=timeout_hang_s, api_key=key, models=model or None, seed=seed))
+                                  timeout_hang_s=timeout_hang_s, api_key=key, models=model or None, seed=seed,
+                                  batch_api=batch_api, batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
+                                  batch_expire_first=batch_expire_first, batch_bad_output_first=batch_bad_output_first,
+                                  batch_bad_output=batch_bad_output, batch_upload_fail_first=batch_upload_fail_first))

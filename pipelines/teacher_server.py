@@ -80,9 +80,18 @@ class TeacherServerConfig:
     malformed_rate: float = 0.0  # share answered 200 with a reply in no expected format
     timeout_rate: float = 0.0  # share that hang for timeout_hang_s, then 504
     timeout_hang_s: float = 30.0  # how long a "timeout" request hangs
+    batch_api: bool = True  # serve the Batch API (/v1/files, /v1/batches: pipelines.teacher_batch); False: 404
+    batch_delay_s: float = 1.0  # processing time of one batch
+    batch_error_rate: float = 0.0  # share of batch requests answered with a per-request 500 (error file)
+    batch_expire_first: int = 0  # the first N batches expire after half their requests
+    batch_bad_output_first: int = 0  # the first N completed batches get a bad output file ...
+    batch_bad_output: str = "malformed"  # ... "malformed" (a broken line) or "missing" (content 404)
+    batch_upload_fail_first: int = 0  # the first N file uploads answer 500
     api_key: Optional[str] = None  # if set, requests need `Authorization: Bearer <it>` (401 otherwise)
     models: Optional[list[str]] = None  # if set, other model names get 404 (None: any name is served)
     seed: int = 0  # RNG seed for faults, latency and unrecorded choices
+    reject_problems: Optional[list[str]] = None  # prompts containing any of these texts get a 400, as a provider
+    # answers a context-length or content-filter refusal of one request (tests: one odd problem in a run)
 
 
 # ------------------------------------------------------------------ replay data
@@ -239,6 +248,9 @@ def create_app(cfg: TeacherServerConfig):
     app = FastAPI(title="subq teacher server", docs_url=None, redoc_url=None)
     rng = random.Random(cfg.seed)
     replier = Replier(random.Random(cfg.seed + 1))
+    from pipelines.teacher_batch import batch_router
+
+    app.include_router(batch_router(cfg, replier))
     req_bucket, tok_bucket = _Bucket(cfg.rpm, cfg.burst_s), _Bucket(cfg.tpm, cfg.burst_s)
     lock = threading.Lock()
     stats = {"total": 0, "by_status": {}, "malformed": 0, "timeouts": 0, "in_flight": 0, "max_in_flight": 0,
@@ -312,6 +324,10 @@ def create_app(cfg: TeacherServerConfig):
             return error(400, "stream=true is not supported by the subq teacher server", "invalid_request_error")
         if cfg.models is not None and model not in cfg.models:
             return error(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
+        if cfg.reject_problems and any(t in content for t in cfg.reject_problems):
+            return error(400, "This model's maximum context length is 4097 tokens; your messages resulted in 5000 "
+                         "tokens. Please reduce the length of the messages.", "invalid_request_error",
+                         "context_length_exceeded")
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
         prompt_tokens = estimate_tokens(content)
         with lock:
@@ -409,6 +425,7 @@ class TeacherServer:
 
     def __init__(self, startup_timeout_s: float = 60.0, **config):
         config.setdefault("host", "127.0.0.1")
+        self.fixed_port = "port" in config  # e.g. a restart on the same endpoint; else a free port
         self.config = TeacherServerConfig(**config)
         self.startup_timeout_s = startup_timeout_s
         self.proc: Optional[subprocess.Popen] = None
@@ -421,7 +438,8 @@ class TeacherServer:
         import httpx
 
         for _ in range(5):
-            self.config.port = free_port()
+            if not self.fixed_port:
+                self.config.port = free_port()
             env = dict(os.environ)
             env["SUBQ_TEACHER_SERVER_CONFIG"] = json.dumps(asdict(self.config))
             self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.teacher_server", "--from-env"], env=env,

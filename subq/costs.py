@@ -19,9 +19,14 @@ from subq.errors import ConfigError
 class Price:
     input_per_1k: float
     output_per_1k: float
+    batch_factor: float = 0.5  # Batch API price as a share of the online price (OpenAI: 50%)
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.input_per_1k + completion_tokens / 1000 * self.output_per_1k
+
+    def batch(self) -> "Price":
+        """The price of the same tokens sent through the provider's Batch API."""
+        return Price(self.input_per_1k * self.batch_factor, self.output_per_1k * self.batch_factor, 1.0)
 
 
 DEFAULT_PRICES: dict[str, Price] = {
@@ -50,10 +55,11 @@ class PriceTable:
             except (OSError, yaml.YAMLError) as e:
                 raise ConfigError(f"cannot read price table: {e}", source=path) from e
             if not isinstance(raw, dict):
-                raise ConfigError("expected a mapping model -> {input_per_1k, output_per_1k}", source=path)
+                raise ConfigError("expected a mapping model -> {input_per_1k, output_per_1k[, batch_factor]}", source=path)
             for model, p in raw.items():
                 try:
-                    table.prices[model] = Price(float(p["input_per_1k"]), float(p["output_per_1k"]))
+                    table.prices[model] = Price(float(p["input_per_1k"]), float(p["output_per_1k"]),
+                                                float(p.get("batch_factor", 0.5)))
                 except (KeyError, TypeError, ValueError) as e:
                     raise ConfigError(f"bad price entry: {e}", field=f"{model}", source=path) from e
         table.prices.update(extra or {})

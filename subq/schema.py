@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from subq import storage
@@ -161,13 +162,30 @@ def write_parquet(rows: Iterable[SubQRow] | pa.Table, location: str) -> None:
     storage.write_bytes_atomic(location, buf.getvalue())
 
 
-def read_parquet(location: str) -> list[SubQRow]:
-    """Read one Parquet file or a directory of Parquet parts (sorted by source order)."""
+def parquet_files(location: str) -> list[str]:
+    """The finished Parquet files of a part directory (writers' temps skipped), or [the file] itself."""
     fs, path = storage.resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        return storage.list_files(location, ".parquet")
+    return [path]
+
+
+def read_parquet_table(location: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    """One Parquet file or the finished parts of a directory as one table (only `columns` when given: a column
+    read, no row objects)."""
+    import pyarrow.dataset as pads
+
+    fs, _ = storage.resolve(location)
+    files = parquet_files(location)
     try:
-        table = pq.read_table(path, filesystem=fs)
+        return pads.dataset(files, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns)
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"cannot read Parquet: {e}", source=str(location)) from e
+
+
+def read_parquet(location: str) -> list[SubQRow]:
+    """Read one Parquet file or a directory of Parquet parts (sorted by source order)."""
+    table = read_parquet_table(location)
     rows = table_to_rows(table, str(location))
     return sort_rows(rows)
 

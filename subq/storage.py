@@ -47,19 +47,64 @@ def read_bytes(location: str) -> bytes:
         raise DataError(f"cannot read: {e}", source=str(location)) from e
 
 
+TEMP_PREFIX = "_tmp-"  # pyarrow's dataset discovery and `list_files` skip names starting with "_" or "."
+
+
 def write_bytes_atomic(location: str, data: bytes) -> None:
-    """Write a whole file; on local disk via a temp file + rename so readers never see half a file."""
+    """Write a whole file so readers never see half of it. On local disk: a temp file named `_tmp-<unique>-<name>`
+    beside it (unique per writer; skipped by every reader), fsync, rename, fsync of the directory. A kill between
+    the steps leaves only a temp that readers skip and `sweep_temps` removes. Object stores write atomically."""
+    import os
+    import uuid
+
     fs, path = resolve(location)
     parent = posixpath.dirname(path) if "://" in str(location) else str(Path(path).parent)
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = path + ".tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
+        tmp = str(Path(parent) / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{Path(path).name}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        try:
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:  # some filesystems cannot fsync a directory
+            pass
     else:  # object stores write objects atomically
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def is_temp(name: str) -> bool:
+    """A writer's temp (ours, or the `.tmp` suffix of older versions): never a finished file."""
+    base = posixpath.basename(name)
+    return base.startswith(TEMP_PREFIX) or base.endswith(".tmp")
+
+
+def sweep_temps(location: str, recursive: bool = True) -> int:
+    """Delete temps left by killed writers under a directory; returns how many. Call it only while holding the
+    output's lease (a live writer's temp would otherwise go)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return 0
+    n = 0
+    for i in fs.get_file_info(pafs.FileSelector(path, recursive=recursive)):
+        if i.type == pafs.FileType.File and is_temp(i.base_name):
+            try:
+                fs.delete_file(i.path)
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 def makedirs(location: str) -> None:
@@ -68,9 +113,11 @@ def makedirs(location: str) -> None:
 
 
 def list_files(location: str, suffix: str = "") -> list[str]:
-    """Files directly under a directory (sorted), as paths usable with `resolve`'s filesystem."""
+    """Finished files directly under a directory (sorted; temps and `_`/`.` names skipped), as paths usable with
+    `resolve`'s filesystem."""
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+                  and not i.base_name.startswith(("_", ".")) and not is_temp(i.base_name))

@@ -199,3 +199,30 @@ def test_tpm_limit_429_and_client_token_pacing_avoids_it():
 
         asyncio.run(go())
         assert ts.stats()["by_status"].get("429", 0) <= 1 and ts.stats()["by_status"]["200"] == 5
+
+
+def test_cache_knows_the_endpoint_a_reply_came_from(tmp_path, server):
+    """The same --output against another endpoint re-uses no reply; a hit whose recorded endpoint does not match
+    (a file copied from elsewhere) is not used either."""
+    from actors.teacher import TeacherClient, normalize_endpoint
+    from pipelines.teacher_server import TeacherServer
+
+    p = load_problems("gsm8k:test", 1)[0]
+    cache = str(tmp_path / "cache")
+    first = TeacherClient("gpt-3.5-turbo", server.base_url, api_key="unused", cache_dir=cache)
+    a = asyncio.run(first.chat(messages("paper_qg", p.problem), sample_index=0))
+    assert not a.cached
+    again = TeacherClient("gpt-3.5-turbo", server.base_url + "/", api_key="unused", cache_dir=cache)
+    assert asyncio.run(again.chat(messages("paper_qg", p.problem), sample_index=0)).cached  # same endpoint
+    with TeacherServer() as other:
+        c = TeacherClient("gpt-3.5-turbo", other.base_url, api_key="unused", cache_dir=cache)
+        b = asyncio.run(c.chat(messages("paper_qg", p.problem), sample_index=0))
+        assert not b.cached and other.stats()["completed"] == 1
+        # a cache entry whose provenance says another endpoint wrote it is a miss, and is paid for again
+        path = Path(c.cache.path(b.key))
+        entry = json.loads(path.read_text())
+        path.write_text(json.dumps({**entry, "endpoint": normalize_endpoint(server.base_url)}))
+        c2 = TeacherClient("gpt-3.5-turbo", other.base_url, api_key="unused", cache_dir=cache)
+        assert not asyncio.run(c2.chat(messages("paper_qg", p.problem), sample_index=0)).cached
+        assert other.stats()["completed_by_key"][b.key] == 2 and c2.stats["cache_mismatch"] == 1
+    assert normalize_endpoint("HTTP://user:pw@Example.COM:80/v1/?x=1") == "http://example.com/v1"
