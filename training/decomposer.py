@@ -63,14 +63,26 @@ def read_training_config(path: str | Path) -> dict:
     return yaml.safe_load(f.read_text()) or {}
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model directory as given, or for a `subq train` run directory its best/ (best validation BLEU, as the
+    release) if it has one, else its final/. The chosen directory is the returned Decomposer's `path`."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return p
+    for sub in ("best", "final"):
+        if (p / sub / "config.json").exists():
+            return p / sub
+    return p
+
+
 def load_decomposer(path: str, device: str = "cpu") -> Decomposer:
-    """Load model + tokenizer with `from_pretrained`, the ILQL heads if `ilql_heads.safetensors` is beside them,
+    """Load (a run directory: its best/, else final/; see resolve_checkpoint) model + tokenizer with `from_pretrained`, the ILQL heads if `ilql_heads.safetensors` is beside them,
     and the text format from the saved training config (default "paper")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.ilql import HEADS_FILE, load_heads
 
-    p = Path(path)
+    p = resolve_checkpoint(path)
     if not (p / "config.json").exists():
         raise ConfigError("not a model directory (no config.json); give a `subq train` final/ directory or an HF "
                           "causal LM saved with save_pretrained", field="decomposer.path", source=str(path))
