@@ -4,6 +4,12 @@ and by serving (prompts, parsing generations), so a model is served as it was tr
 `paper` (Tarasov & Shridhar 2024): prompt `problem + "\\n"`, target `" <QUE> q1 </QUE> <QUE> q2 </QUE>"`.
 `qlines` (ours): prompt `"Problem: {problem}\\nSub-questions:\\n"`, target `"Q1: q1\\nQ2: q2\\n"`.
 Both end with the tokenizer's EOS token, appended by the training code.
+
+Token ids (`prompt_ids`, `special_prefix`): the one text contract of training and serving. A prompt is the
+tokenizer's own special prefix (BOS for Llama/Mistral-style tokenizers, nothing for GPT-2), then the prompt text
+tokenized WITHOUT special tokens, cut from the LEFT when it is longer than its budget (a GSM8K problem ends with its
+question, which must survive). The target follows, tokenized without special tokens, then EOS. Serving stops at EOS;
+a decomposition that reached its token budget first is reported as "no EOS".
 """
 
 from __future__ import annotations
@@ -49,6 +55,27 @@ class DecomposerFormat:
     def stop(self) -> str | None:
         """A string after which generation may stop early (None: stop at EOS only)."""
         return None
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts in front of a text when asked for special tokens ([BOS] or [])."""
+    with_sp = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for i in range(len(with_sp) - len(plain) + 1):
+        if with_sp[i:i + len(plain)] == plain:
+            return with_sp[:i]
+    return []
+
+
+def prompt_ids(tokenizer, fmt: "DecomposerFormat", problem: str, max_tokens: int | None = None) -> list[int]:
+    """The prompt's token ids, identical in training and serving: special prefix + prompt text (no special
+    tokens), the text cut from the left so that the whole fits `max_tokens` (None: no limit)."""
+    prefix = special_prefix(tokenizer)
+    ids = list(tokenizer(fmt.prompt(problem), add_special_tokens=False)["input_ids"])
+    if max_tokens is not None:
+        keep = max(1, max_tokens - len(prefix))
+        ids = ids[-keep:]
+    return prefix + ids
 
 
 FORMATS = {"paper": DecomposerFormat("paper"), "qlines": DecomposerFormat("qlines")}

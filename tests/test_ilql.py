@@ -132,6 +132,44 @@ def _sequence_scores(d, problem: str, question: str, beta: float) -> float:
     return sum(scores[len(pr) - 1 + i, t].item() for i, t in enumerate(tg))
 
 
+def test_ilql_init_from_an_ilql_checkpoint_keeps_its_target_heads(tmp_path):
+    """Resuming ILQL from an ILQL final/ restores the saved target heads (not a copy of the online heads)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from training.config import TrainConfig
+    from training.ilql import load_heads, save_heads
+    from training.init_model import create_tiny_model
+    from training.train import _build_module
+
+    src = create_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=32, vocab_size=400, max_texts=200)
+    ckpt = tmp_path / "ilql_final"
+    shutil.copytree(src, ckpt)
+    torch.manual_seed(1)
+    heads = ILQLHeads(32, AutoTokenizer.from_pretrained(src).vocab_size)
+    target = TargetQHeads(heads)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(torch.randn_like(p))  # the target lags the online heads, as after Polyak syncs
+    save_heads(ckpt, heads, target)
+    cfg = TrainConfig(algo="ilql", data="x", model=src, init_from=str(ckpt))
+    module, restored = _build_module(cfg, AutoTokenizer.from_pretrained(src))
+    saved_heads, saved_target = load_heads(ckpt)
+    assert restored is not None
+    for a, b in zip(restored.state_dict().values(), saved_target.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(module.heads.state_dict().values(), saved_heads.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not torch.equal(restored.q1[0].weight, module.heads.q1[0].weight)
+
+
+def test_ilql_policy_mode_is_validated():
+    assert ILQLConfig().policy == "frozen"
+    with pytest.raises(ValueError, match="policy"):
+        ILQLConfig(policy="sometimes")
+
+
 @pytest.mark.slow
 def test_ilql_guided_decoding_picks_rewarded_continuation(tmp_path, ray_local):
     from subq.problems import problem_id

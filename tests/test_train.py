@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -100,8 +101,12 @@ def test_deepspeed_config_cpu_and_gpu():
     cpu = deepspeed_config(TrainConfig(data="x", model="m", deepspeed="zero3", batch_size=4, grad_accum=2), 2)
     assert cpu["zero_optimization"]["stage"] == 3 and cpu["bf16"]["enabled"] is False
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["train_batch_size"] == 16
-    gpu = deepspeed_config(TrainConfig(data="x", model="m", deepspeed="zero2", use_gpu=True), 8)
-    assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]
+    gpu_cfg = TrainConfig(data="x", model="m", deepspeed="zero2", use_gpu=True)
+    gpu = deepspeed_config(gpu_cfg, 8, bf16_supported=True)
+    assert gpu["bf16"]["enabled"] is True
+    assert gpu["optimizer"]["params"]["torch_adam"] is True  # no FusedAdam: it needs nvcc on the nodes
+    # bf16 "auto" follows the worker's GPU (torch.cuda.is_bf16_supported()), not use_gpu
+    assert deepspeed_config(gpu_cfg, 8, bf16_supported=False)["bf16"]["enabled"] is False
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path, tiny, subq_bin):
@@ -166,10 +171,18 @@ def ray_local():
     ray.shutdown()
 
 
+def _weights(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(str(path), "model.safetensors"))
+
+
 @pytest.mark.slow
 def test_bc_two_workers_zero2_overfits_32_examples(tmp_path, tiny, ray_local):
     import matplotlib.image as mpimg
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
 
     from subq.schema import write_paper
     from training.decomposer import generate_subquestions, load_decomposer
@@ -196,16 +209,33 @@ def test_bc_two_workers_zero2_overfits_32_examples(tmp_path, tiny, ray_local):
     assert not d.has_heads and d.text_format.name == "paper"
     gens = generate_subquestions(d, [row.problem for row in _rows(2)], max_new_tokens=48)
     assert all(g.completion_tokens > 0 for g in gens)
-    # --resume continues the finished run from its last checkpoint (step 100) to the new step budget
-    r2 = run_train(dict(algo="bc", data=str(tmp_path / "b32.json"), model=tiny, steps=104, batch_size=8, lr=3e-3,
-                        num_workers=2, deepspeed="zero2", storage_path=str(tmp_path / "runs"), name="bc", resume=True,
-                        checkpoint_every=50, log_every=2, eval_problems=0, val_fraction=0))
-    assert r2["metrics"]["resumed_from_step"] == 100 and r2["metrics"]["step"] == 104
-    assert r2["metrics"]["loss"] < 1.5  # the weights came back, not a fresh model (loss > 5)
+    assert r["best_dir"] and json.loads(open(os.path.join(r["best_dir"], "checkpoint.json")).read())["step"] == 100
+    assert "val_no_eos_frac" in m
+    shutil.copytree(final, tmp_path / "final_at_100")
+    # --resume continues the finished run from its last checkpoint (step 100) to the new step budget, here on
+    # other data (every sub-question "Banana banana banana?"): validation BLEU falls, so best/ stays at step 100
+    banana = _rows(32)
+    for row in banana:
+        for st in row.sets:
+            st.questions = ["Banana banana banana?"]
+    write_paper(banana, str(tmp_path / "banana.json"), "paper_dataset")
+    r2 = run_train(dict(algo="bc", data=str(tmp_path / "banana.json"), val_data=str(tmp_path / "b32.json"),
+                        model=tiny, steps=110, batch_size=8, lr=3e-3, num_workers=2, deepspeed="zero2",
+                        storage_path=str(tmp_path / "runs"), name="bc", resume=True, checkpoint_every=50, log_every=2,
+                        eval_problems=4, eval_max_new_tokens=48))
+    assert r2["metrics"]["resumed_from_step"] == 100 and r2["metrics"]["step"] == 110
+    assert r2["metrics"]["val_bleu"] < m["val_bleu"] and r2["metrics"]["best_step"] == 100
+    assert json.loads(open(os.path.join(r2["best_dir"], "checkpoint.json")).read())["step"] == 100
+    best_w = _weights(r2["best_dir"])
+    assert all(torch.equal(v, best_w[k]) for k, v in _weights(tmp_path / "final_at_100").items())  # weights came back
+    assert any(not torch.equal(v, best_w[k]) for k, v in _weights(r2["final_dir"]).items())  # final/ is step 110
+    assert load_decomposer(str(tmp_path / "runs" / "bc")).path == r2["best_dir"]  # a run dir loads its best/
 
 
 @pytest.mark.slow
 def test_ilql_dense_zero3_worker_killed_resumes_from_checkpoint(tmp_path, tiny, ray_local, monkeypatch):
+    import torch
+
     from subq.schema import write_parquet
     from training.decomposer import generate_subquestions, load_decomposer
     from training.ilql import load_heads
@@ -216,7 +246,7 @@ def test_ilql_dense_zero3_worker_killed_resumes_from_checkpoint(tmp_path, tiny, 
     r = run_train(dict(algo="ilql", rewards="dense", data=str(tmp_path / "rows.parquet"), model=tiny, steps=6,
                        batch_size=4, num_workers=2, deepspeed="zero3", storage_path=str(tmp_path / "runs"),
                        name="ilql", checkpoint_every=2, log_every=1, max_failures=1, val_fraction=0.1,
-                       eval_problems=2, eval_max_new_tokens=8))
+                       eval_problems=2, eval_max_new_tokens=8, ilql={"policy": "shared"}))
     m = r["metrics"]
     assert m["step"] == 6 and m["zero_stage"] == 3
     # restarted from a checkpoint (step 4, or step 2 if the controller had not yet registered step 4's report
@@ -230,3 +260,25 @@ def test_ilql_dense_zero3_worker_killed_resumes_from_checkpoint(tmp_path, tiny, 
     heads, target = load_heads(final)
     assert heads.q1[2].weight.shape[0] == d.model.config.vocab_size
     assert generate_subquestions(d, ["Tom has 3 apples. How many?"], max_new_tokens=6, beta=1.0)[0].completion_tokens > 0
+    assert r["label"] == "ilql-dense"
+    base = _weights(tiny)
+    assert any(not torch.equal(v, base[k]) for k, v in _weights(final).items())  # shared: the LM moved
+
+
+@pytest.mark.slow
+def test_ilql_policy_frozen_leaves_the_policy_bit_identical(tmp_path, tiny, ray_local):
+    from training.ilql import load_heads
+    from training.train import run_train
+
+    from subq.schema import write_parquet
+
+    write_parquet(_rows(16, correct_every=2), str(tmp_path / "rows.parquet"))
+    r = run_train(dict(algo="ilql", rewards="sparse", data=str(tmp_path / "rows.parquet"), model=tiny, steps=4,
+                       batch_size=4, lr=1e-2, num_workers=1, deepspeed="zero2", storage_path=str(tmp_path / "runs"),
+                       name="ilqlf", checkpoint_every=4, val_fraction=0, eval_problems=0,
+                       ilql={"policy": "frozen", "lm_weight": 1.0}))
+    assert r["label"] == "ilql-sparse" and r["metrics"]["step"] == 4
+    base, after = _weights(tiny), _weights(r["final_dir"])
+    assert base.keys() == after.keys() and all(torch.equal(v, base[k]) for k, v in after.items())
+    heads, target = load_heads(r["final_dir"])  # the heads did learn (the Polyak target lags them)
+    assert not torch.equal(heads.q1[0].weight, target.q1[0].weight)

@@ -3,8 +3,11 @@
 
 DeepSpeed: `deepspeed` is a preset name (`zero0`..`zero3`, files in training/deepspeed_configs/) or a path to a
 DeepSpeed JSON config. Batch sizes, optimizer and bf16 are filled in by `deepspeed_config()`: the micro batch is
-`batch_size`, `grad_accum` micro-steps make one optimizer step, bf16 `"auto"` means on with a GPU, off on CPU.
-On CPU the optimizer is torch's AdamW (`"torch_adam": true`), since DeepSpeed's fused/CPU Adam need a compiler.
+`batch_size`, `grad_accum` micro-steps make one optimizer step. bf16 `"auto"` means on when the worker's GPU
+supports it (`torch.cuda.is_bf16_supported()`, decided on the worker), off on CPU; an explicit `true` is honoured
+on CPU too (DeepSpeed's CPU accelerator runs bf16) and refused on a GPU without bf16. The optimizer is torch's
+AdamW (`"torch_adam": true`) on CPU and GPU alike: DeepSpeed's FusedAdam/CPUAdam are compiled at start-up and
+need nvcc / a C++ toolchain that cluster nodes do not have.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
     eval_every: int = Field(0, ge=0, description="Optimizer steps between validations (0: only at the end).")
     eval_problems: int = Field(16, ge=0, description="Validation problems decoded for BLEU / sub-question count (0: loss only).")
-    eval_max_new_tokens: int = Field(64, gt=0, description="Max new tokens when decoding validation problems.")
+    eval_max_new_tokens: int = Field(256, gt=0, description="Max new tokens when decoding validation problems (the release allowed the reference length + 200; val_no_eos_frac reports how many hit this budget).")
 
     @field_validator("deepspeed")
     @classmethod
@@ -69,33 +72,63 @@ class TrainConfig(BaseModel):
             raise ValueError(f"neither a preset ({', '.join(PRESETS)}) nor an existing JSON file: {v!r}")
         return v
 
+    @property
+    def label(self) -> str:
+        """The run's name in reports: bc, filtered_bc, ilql-sparse or ilql-dense."""
+        return f"ilql-{self.rewards}" if self.algo == "ilql" else self.algo
+
     def ilql_dict(self) -> dict:
         return asdict(self.ilql) if not isinstance(self.ilql, dict) else dict(self.ilql)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict for this run (preset or file + our batch sizes, optimizer, bf16)."""
+def _read_ds(cfg: TrainConfig) -> dict:
     src = PRESETS.get(cfg.deepspeed, Path(cfg.deepspeed))
     try:
-        ds = json.loads(Path(src).read_text())
+        return json.loads(Path(src).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read DeepSpeed config: {e}", field="deepspeed", source=str(src)) from e
+
+
+def bf16_requested(cfg: TrainConfig) -> bool | str:
+    """The DeepSpeed config's bf16.enabled as written: True, False or "auto"."""
+    v = (_read_ds(cfg).get("bf16") or {}).get("enabled", False)
+    return "auto" if v == "auto" else bool(v)
+
+
+def gpu_bf16_supported() -> bool:
+    """Whether this process's GPU does bf16 (Ampere or newer); False without a GPU."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, bf16_supported: bool | None = None) -> dict:
+    """The DeepSpeed config dict for this run (preset or file + our batch sizes, optimizer, bf16).
+    bf16_supported: whether the GPU does bf16 (None: ask torch here; the driver may have no GPU, so workers
+    pass what they see and the driver's pre-flight checks the cluster's GPU types)."""
+    ds = _read_ds(cfg)
+    src = cfg.deepspeed
     stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ZeRO stage {stage} is not 0-3", field="deepspeed.zero_optimization.stage", source=str(src))
-    bf16 = ds.get("bf16", {}).get("enabled", False)
-    ds["bf16"] = {"enabled": bool(cfg.use_gpu) if bf16 == "auto" else bool(bf16)}
-    if not cfg.use_gpu and ds["bf16"]["enabled"]:
-        raise ConfigError("bf16 needs a GPU here (set bf16.enabled to auto or false, or --use-gpu)", field="deepspeed.bf16")
-    ds.pop("fp16", None) if not cfg.use_gpu else None
+    bf16 = (ds.get("bf16") or {}).get("enabled", False)
+    if cfg.use_gpu and (bf16 is True or bf16 == "auto"):
+        supported = gpu_bf16_supported() if bf16_supported is None else bf16_supported
+        if bf16 is True and bf16_supported is not None and not supported:
+            raise ConfigError("bf16 is enabled but this GPU does not support it (needs compute capability 8.0+)",
+                              field="deepspeed.bf16.enabled", hint='set it to "auto" (fp32 on such GPUs) or false')
+        bf16 = supported if bf16 == "auto" else True
+    ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": bool(bf16) if bf16 != "auto" else False}
+    if not cfg.use_gpu:
+        ds.pop("fp16", None)  # fp16 loss scaling is a GPU feature
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * world_size
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = ds["optimizer"].setdefault("params", {})
     params.update({"lr": cfg.lr, "weight_decay": cfg.weight_decay})
-    if not cfg.use_gpu:
-        params["torch_adam"] = True  # DeepSpeed's FusedAdam/CPUAdam need a CUDA/C++ build
+    if ds["optimizer"].get("type", "").lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # FusedAdam/CPUAdam are JIT-compiled (nvcc / C++ toolchain)
     ds.setdefault("steps_per_print", 10**6)
     return ds
 

@@ -1,8 +1,8 @@
 """Training data: GSM8K-AI-SubQ rows -> per-set examples -> token tensors with the loss mask and per-token rewards.
 
 Rows come from `subq.schema.read_rows` (our Parquet or the paper's files). The text is built ONLY with
-`subq.textformat` (prompt + target_with_spans); the prompt and the target are tokenized separately, as the
-decomposer sees them at inference (prompt tokens, then generated tokens), and EOS is appended.
+`subq.textformat` (prompt_ids + target_with_spans); the prompt and the target are tokenized separately, as the
+decomposer sees them at inference (the same prompt ids, then generated tokens), and EOS is appended.
 - target_mask: 1 on sub-question tokens and the EOS, 0 on the problem and on padding.
 - rewards (ILQL): sparse = answer_correctness on EOS; dense = usefulness[i] on the last token of sub-question i
   (from the character spans) + answer_correctness on EOS.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from subq.errors import DataError
 from subq.schema import SubQRow, read_rows
+from subq import textformat
 from subq.textformat import DecomposerFormat
 
 
@@ -110,15 +111,15 @@ def val_problems(rows: list[SubQRow], limit: int) -> list[ValProblem]:
 def encode(ex: Example, tokenizer, fmt: DecomposerFormat, max_length: int, rewards: str | None = None) -> dict | None:
     """Example -> {input_ids, target_mask, rewards} (python lists), or None if the target alone exceeds max_length.
     rewards None: all zeros (BC)."""
-    prompt_ids = tokenizer(fmt.prompt(ex.problem), add_special_tokens=False)["input_ids"]
     target, spans = fmt.target_with_spans(ex.questions)
     enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
     tgt_ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     eos = tokenizer.eos_token_id
     tgt_ids.append(eos)
-    if len(tgt_ids) + 1 > max_length:
+    # the problem's end (its question) is kept next to the target; BOS stays in front (subq.textformat)
+    prompt_ids = textformat.prompt_ids(tokenizer, fmt, ex.problem, max_length - len(tgt_ids))
+    if len(prompt_ids) + len(tgt_ids) > max_length:
         return None
-    prompt_ids = prompt_ids[-(max_length - len(tgt_ids)):]  # keep the end of the problem next to the target
     r = [0.0] * len(tgt_ids)
     if rewards is not None:
         if rewards == "dense":

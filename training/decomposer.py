@@ -3,7 +3,7 @@ and evaluation layers call.
 
     from training.decomposer import load_decomposer, generate_subquestions
     d = load_decomposer("runs/bc/final")                 # HF model + tokenizer (+ ILQL heads if saved beside it)
-    gens = generate_subquestions(d, ["Natalia sold clips ..."], max_new_tokens=128)
+    gens = generate_subquestions(d, ["Natalia sold clips ..."], max_new_tokens=256)
     gens[0].questions                                     # parsed with subq.textformat (the format it was trained in)
 
 A checkpoint directory is what `subq train` writes as `final/`: `save_pretrained` model + tokenizer, the training
@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from subq.errors import ConfigError
-from subq.textformat import DecomposerFormat, get_format
+from subq.textformat import DecomposerFormat, get_format, prompt_ids
 
 CONFIG_FILE = "training_config.yaml"
+# Decode budget: the release allowed the reference length + 200 tokens; 9% of the released test sub-question sets
+# are longer than 128 tokens of the tiny tokenizer, so every default (validation, serving, evaluation) is >= 256.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Generation:
     text: str  # the generated continuation (after the prompt), special tokens removed
     prompt_tokens: int
     completion_tokens: int  # generated tokens, EOS included when produced
+    eos: bool = True  # False: the token budget ended the decomposition before EOS (its last sub-question may be cut)
 
 
 @dataclass
@@ -59,14 +63,26 @@ def read_training_config(path: str | Path) -> dict:
     return yaml.safe_load(f.read_text()) or {}
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model directory as given, or for a `subq train` run directory its best/ (best validation BLEU, as the
+    release) if it has one, else its final/. The chosen directory is the returned Decomposer's `path`."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return p
+    for sub in ("best", "final"):
+        if (p / sub / "config.json").exists():
+            return p / sub
+    return p
+
+
 def load_decomposer(path: str, device: str = "cpu") -> Decomposer:
-    """Load model + tokenizer with `from_pretrained`, the ILQL heads if `ilql_heads.safetensors` is beside them,
+    """Load (a run directory: its best/, else final/; see resolve_checkpoint) model + tokenizer with `from_pretrained`, the ILQL heads if `ilql_heads.safetensors` is beside them,
     and the text format from the saved training config (default "paper")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.ilql import HEADS_FILE, load_heads
 
-    p = Path(path)
+    p = resolve_checkpoint(path)
     if not (p / "config.json").exists():
         raise ConfigError("not a model directory (no config.json); give a `subq train` final/ directory or an HF "
                           "causal LM saved with save_pretrained", field="decomposer.path", source=str(path))
@@ -83,10 +99,28 @@ def load_decomposer(path: str, device: str = "cpu") -> Decomposer:
     return Decomposer(model, tok, fmt, device, heads, target, str(p), cfg)
 
 
-def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_new_tokens: int = 128,
+def encode_prompts(decomposer: Decomposer, problems: list[str], max_prompt_tokens: int):
+    """Left-padded (input_ids, attention_mask) of the prompts, built with the training text contract."""
+    import torch
+
+    tok = decomposer.tokenizer
+    rows = [prompt_ids(tok, decomposer.text_format, p, max_prompt_tokens) for p in problems]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        attn[i, T - len(r):] = 1
+    return ids, attn
+
+
+def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                           do_sample: bool = False, temperature: float = 1.0, beta: float | None = None,
-                          seed: int | None = None, fixed_steps: bool = False) -> list[Generation]:
-    """Sub-questions for each problem (one batched decode). beta: ILQL guidance weight (None: the config's
+                          seed: int | None = None, fixed_steps: bool = False,
+                          max_prompt_tokens: int | None = None) -> list[Generation]:
+    """Sub-questions for each problem (one batched decode). Prompts are `subq.textformat.prompt_ids` (as in
+    training), left-padded; max_prompt_tokens: their budget (default: the context left after max_new_tokens).
+    beta: ILQL guidance weight (None: the config's
     ilql beta, or 1; 0: plain LM decoding); ignored without heads. seed: sampling seed. fixed_steps: always run
     max_new_tokens steps (keeps ZeRO-3 ranks in lockstep during training-time validation)."""
     import torch
@@ -106,11 +140,9 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
     tok, model = d.tokenizer, d.model
     eos = tok.eos_token_id
     max_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
-    prompts = [d.text_format.prompt(p) for p in problems]
-    enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-              max_length=max(1, max_ctx - max_new_tokens))
-    ids = enc["input_ids"].to(d.device)
-    attn = enc["attention_mask"].to(d.device)
+    budget = max_prompt_tokens or max(1, max_ctx - max_new_tokens)
+    ids, attn = encode_prompts(d, problems, budget)
+    ids, attn = ids.to(d.device), attn.to(d.device)
     prompt_tokens = attn.sum(1).tolist()
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     B = ids.shape[0]
@@ -150,5 +182,5 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
     gens = []
     for i in range(B):
         text = tok.decode(out[i], skip_special_tokens=True)
-        gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), len(out[i])))
+        gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), len(out[i]), bool(finished[i])))
     return gens

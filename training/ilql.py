@@ -20,6 +20,10 @@ Target Q heads are fp32 Polyak copies held OUTSIDE the DeepSpeed engine (replica
 from the online heads gathered with `deepspeed.zero.GatheredParameters`; so they update under ZeRO-3 and
 bf16 (a bf16 target with polyak 0.005 would round most updates away).
 
+Policy modes (`ILQLConfig.policy`): "frozen" (the release: decode with the frozen BC policy, learn Q/V on its
+features; the LM's weights stay bit-identical) or "shared" (trlx: one backbone for policy and heads; lm_weight keeps
+the BC loss as the anchor).
+
 Guided decoding (`guided_logits`): argmax/sample of log pi(a|s) + beta * (min_j Qtarget_j(s,a) - V(s)).
 """
 
@@ -35,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HEADS_FILE = "ilql_heads.safetensors"
+POLICY_MODES = ("frozen", "shared")
 
 
 @dataclass
@@ -48,8 +53,16 @@ class ILQLConfig:
     lm_weight: float = 1.0  # weight of the LM (BC) loss kept during ILQL (0 = heads only)
     awac_temperature: float | None = None  # None: plain BC LM loss; else AWAC weights exp(adv / temperature)
     awac_max_weight: float = 20.0  # clip of the AWAC weights
-    target_sync_every: int = 1  # optimizer steps between Polyak syncs
+    target_sync_every: int = 1  # optimizer steps between Polyak syncs (the rate is rescaled: polyak_rate)
     beta: float = 1.0  # guidance weight used by validation decoding (paper: 1)
+    # "frozen" (release-faithful): the LM (policy) is frozen, the heads learn on its detached features; lm_weight
+    # then has no effect. "shared" (trlx-style): Q/V/CQL gradients also flow into the LM, and lm_weight (the BC
+    # loss) is the only thing anchoring the policy (lm_weight=0 lets it drift).
+    policy: str = "frozen"
+
+    def __post_init__(self):
+        if self.policy not in POLICY_MODES:
+            raise ValueError(f"ilql.policy must be one of {', '.join(POLICY_MODES)}, got {self.policy!r}")
 
 
 def _mlp(hidden: int, out: int) -> nn.Sequential:
@@ -86,6 +99,19 @@ class TargetQHeads(nn.Module):
         h = hidden.float()
         return self.q1(h), self.q2(h)
 
+    @torch.no_grad()
+    def action_values(self, hidden: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """min_j Qtarget_j(s_t, a_t) for the taken actions only: hidden [B,T,H], actions [B,T] -> [B,T] fp32.
+        Gathers the output layer's rows of the actions instead of computing [B,T,V] and picking one entry
+        (two [B,T,V] fp32 tensors are ~800 MB per micro-batch at GPT-2 size)."""
+        h = hidden.float()
+        vals = []
+        for q in (self.q1, self.q2):
+            z = q[1](q[0](h))  # [B,T,2H]
+            out = q[2]
+            vals.append((z * out.weight[actions]).sum(-1) + out.bias[actions])
+        return torch.minimum(vals[0], vals[1])
+
 
 def _gathered(params):
     """Context that materialises ZeRO-3 partitioned params (a no-op for ordinary tensors)."""
@@ -96,6 +122,12 @@ def _gathered(params):
 
         return deepspeed.zero.GatheredParameters(params)
     return contextlib.nullcontext()
+
+
+def polyak_rate(alpha: float, every: int) -> float:
+    """The Polyak rate for a sync every `every` steps that moves the target as far as `every` per-step syncs at
+    rate `alpha` would: 1 - (1 - alpha)^every (fewer gathers of the online heads under ZeRO-3, same time scale)."""
+    return 1.0 - (1.0 - alpha) ** max(1, int(every))
 
 
 @torch.no_grad()
@@ -135,14 +167,19 @@ def td_target(r: torch.Tensor, v_next: torch.Tensor, done: torch.Tensor, gamma: 
     return r + gamma * (1.0 - done) * v_next.detach()
 
 
-def ilql_losses(logits, q1, q2, tq1, tq2, v, input_ids, target_mask, rewards, cfg: ILQLConfig) -> tuple[torch.Tensor, dict]:
-    """All ILQL losses for one batch. logits/q1/q2/tq1/tq2: [B,T,V]; v: [B,T]; the rest [B,T].
-    Returns (total loss, dict of floats for logging)."""
+def ilql_losses(logits, q1, q2, tq1, tq2, v, input_ids, target_mask, rewards, cfg: ILQLConfig, *,
+                host_stats: bool = True) -> tuple[torch.Tensor, dict]:
+    """All ILQL losses for one batch. logits/q1/q2/tq1/tq2: [B,T,V]; v: [B,T]; the rest [B,T]. Or tq2=None and
+    tq1 = min_j Qtarget_j(s_t, a_t) already computed for the actions, [B,T-1] (TargetQHeads.action_values).
+    Returns (total loss, stats): floats, or with host_stats=False detached 0-d tensors (no device->host sync)."""
     actions, m, r, done = shift_actions(input_ids, target_mask, rewards)
     a = actions.unsqueeze(-1)
     q1_all, q2_all = q1[:, :-1].float(), q2[:, :-1].float()
     q1_sa, q2_sa = q1_all.gather(-1, a).squeeze(-1), q2_all.gather(-1, a).squeeze(-1)
-    tq_sa = torch.minimum(tq1[:, :-1].float().gather(-1, a), tq2[:, :-1].float().gather(-1, a)).squeeze(-1).detach()
+    if tq2 is None:
+        tq_sa = tq1.float().detach()
+    else:
+        tq_sa = torch.minimum(tq1[:, :-1].float().gather(-1, a), tq2[:, :-1].float().gather(-1, a)).squeeze(-1).detach()
     v = v.float()
     v_s, v_next = v[:, :-1], v[:, 1:]
 
@@ -158,9 +195,10 @@ def ilql_losses(logits, q1, q2, tq1, tq2, v, input_ids, target_mask, rewards, cf
         ce = ce * w
     lm = _masked_mean(ce, m)
     loss = cfg.td_weight * td + cfg.v_weight * expectile + cfg.cql_weight * cql + cfg.lm_weight * lm
-    stats = {"loss": loss.item(), "td_loss": td.item(), "expectile_loss": expectile.item(), "cql_loss": cql.item(),
-             "lm_loss": lm.item(), "q_mean": _masked_mean(q1_sa, m).item(), "v_mean": _masked_mean(v_s, m).item()}
-    return loss, stats
+    stats = {"loss": loss, "td_loss": td, "expectile_loss": expectile, "cql_loss": cql, "lm_loss": lm,
+             "q_mean": _masked_mean(q1_sa, m), "v_mean": _masked_mean(v_s, m)}
+    stats = {k: x.detach() for k, x in stats.items()}
+    return loss, ({k: x.item() for k, x in stats.items()} if host_stats else stats)
 
 
 # ---------------------------------------------------------------- guided decoding

@@ -37,14 +37,21 @@ def _corpus(corpus: str, max_texts: int | None) -> list[str]:
     return texts
 
 
+ARCHS = ("gpt2", "llama")
+
+
 def create_tiny_model(out_dir: str, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 2, vocab_size: int = 2048,
                       n_positions: int = 512, seed: int = 0, corpus: str = "gsm8k:train",
-                      max_texts: int | None = 2000) -> str:
-    """Create a random-init GPT-2 + byte-level BPE tokenizer in `out_dir` (HF format); return out_dir.
+                      max_texts: int | None = 2000, arch: str = "gpt2") -> str:
+    """Create a random-init causal LM + byte-level BPE tokenizer in `out_dir` (HF format); return out_dir.
 
+    arch: "gpt2" (GPT-2, one `<|endoftext|>` token for BOS/EOS/pad, nothing added when tokenizing) or "llama"
+    (Llama architecture with a Llama-style tokenizer: `<s>` BOS added in front of every text, `</s>` EOS);
     n_layer/n_embd/n_head: transformer depth, width and heads (n_embd % n_head == 0); vocab_size: BPE vocabulary;
     n_positions: context length; seed: weight init; corpus: problems the tokenizer is trained on
     (a subq.problems name or path); max_texts: cap on texts used (speed)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}", field="arch")
     for name, v in (("layers", n_layer), ("width", n_embd), ("heads", n_head), ("vocab_size", vocab_size),
                     ("n_positions", n_positions)):
         if v <= 0:
@@ -61,20 +68,42 @@ def create_tiny_model(out_dir: str, *, n_layer: int = 2, n_embd: int = 64, n_hea
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
+    specials = [EOS] if arch == "gpt2" else ["<unk>", "<s>", "</s>"]
     bpe.train_from_iterator(_corpus(corpus, max_texts), vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=[EOS], show_progress=False)
+                            special_tokens=specials, show_progress=False)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return _save_llama(out, bpe, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                   pad_token=EOS, model_max_length=n_positions)
     tok.padding_side = "left"  # decoder-only generation pads on the left
     tok.save_pretrained(str(out))
 
-    torch.manual_seed(seed)
     eos_id = tok.convert_tokens_to_ids(EOS)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     model = GPT2LMHeadModel(cfg)
     model.generation_config.pad_token_id = eos_id
     model.save_pretrained(str(out))
+    return str(out)
+
+
+def _save_llama(out: Path, bpe, *, n_layer: int, n_embd: int, n_head: int, n_positions: int) -> str:
+    """A Llama-architecture model whose tokenizer adds `<s>` in front of every text (as Llama/Mistral do), no pad
+    token (as Llama): the case where train/serve special-token handling differs."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = bpe._tokenizer
+    bos_id = tk.token_to_id("<s>")
+    tk.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=n_positions)
+    tok.save_pretrained(str(out))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=n_embd, intermediate_size=2 * n_embd, num_hidden_layers=n_layer,
+                      num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=n_positions,
+                      bos_token_id=bos_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
     return str(out)
 
 
@@ -86,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="gpt2", choices=ARCHS)
     a = p.parse_args(argv)
-    print(create_tiny_model(a.out, n_layer=a.layers, n_embd=a.width, n_head=a.heads, vocab_size=a.vocab_size, seed=a.seed))
+    print(create_tiny_model(a.out, n_layer=a.layers, n_embd=a.width, n_head=a.heads, vocab_size=a.vocab_size, seed=a.seed,
+                            arch=a.arch))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ with ScalingConfig(num_workers, use_gpu), RunConfig(storage_path, name, FailureC
 (3) per worker: DS_ACCELERATOR=cpu + gloo (CPU) or cuda + NCCL (GPU), tokenize, `deepspeed.initialize`, resume
 from `ray.train.get_checkpoint()` if any, then a flat loop: forward, loss (training.bc / training.ilql),
 engine.backward, engine.step, Polyak sync of the ILQL target heads, periodic metrics + DeepSpeed checkpoints
-reported with `ray.train.report`; (4) final: weights consolidated from ZeRO shards (ZeRO-3: the engine's
-consolidated 16-bit state dict) and saved by rank 0 in HF format.
+reported with `ray.train.report`; (4) final: the fp32 master weights gathered from the optimizer's shards (every
+ZeRO stage; never the bf16 compute copy) and saved by rank 0 in HF format.
+Host syncs: the loop reads device values once per logging step; metrics files are written by a helper thread.
 
 Outputs under <storage_path>/<name>/: Ray Train's checkpoint_* dirs, metrics.json, metrics.csv, metrics.png
 and final/ (config.json, model.safetensors, tokenizer files, training_config.yaml, and for ILQL
@@ -27,6 +28,7 @@ ilql_heads.safetensors). final/ loads with AutoModelForCausalLM and with trainin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -39,7 +41,7 @@ from typing import Any
 
 from subq import storage
 from subq.errors import ConfigError, DataError
-from training.config import TrainConfig, deepspeed_config, zero_stage
+from training.config import TrainConfig, deepspeed_config, gpu_bf16_supported, zero_stage
 
 FAULT_ENV = "SUBQ_TRAIN_FAULT_AT_STEP"  # tests: rank 1 exits at this optimizer step on the first attempt
 
@@ -106,6 +108,7 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
             run_config=RunConfig(
                 name=cfg.name, storage_path=_ray_storage(cfg.storage_path),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                worker_runtime_env={"env_vars": network_env()},
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             ),
         )
@@ -116,8 +119,20 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
     if result.error:
         raise result.error
     rd = run_dir(cfg)
-    return {"run_dir": rd, "final_dir": storage.join(rd, "final"), "metrics": result.metrics, "data": counts,
+    best = storage.join(rd, "best")
+    return {"run_dir": rd, "final_dir": storage.join(rd, "final"),
+            "best_dir": best if storage.exists(storage.join(best, "config.json")) else None,
+            "label": cfg.label, "metrics": result.metrics, "data": counts,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+NETWORK_ENV_PREFIXES = ("NCCL_", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
+
+
+def network_env() -> dict:
+    """The driver's NCCL_* / GLOO_SOCKET_IFNAME settings, passed to every training worker (e.g.
+    NCCL_SOCKET_IFNAME=eth0 on TCP-only clusters, where NCCL would otherwise pick a wrong interface)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(NETWORK_ENV_PREFIXES)}
 
 
 def _fit_interruptibly(trainer):
@@ -162,7 +177,8 @@ def _ray_storage(path: str) -> str:
 
 
 def _build_module(cfg: TrainConfig, tokenizer):
-    """The engine's module: the LM, plus ILQL heads (V, twin Q) for ilql."""
+    """(the engine's module: the LM, plus ILQL heads (V, twin Q) for ilql; the saved target heads of an ILQL
+    init_from, else None). ilql policy=frozen: the LM gets no gradient."""
     import torch
     import torch.nn as nn
     from transformers import AutoModelForCausalLM
@@ -172,30 +188,38 @@ def _build_module(cfg: TrainConfig, tokenizer):
     base = cfg.init_from or cfg.model
     lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
+    frozen = cfg.algo == "ilql" and cfg.ilql_dict().get("policy", "frozen") == "frozen"
+
     class Policy(nn.Module):
         def __init__(self, lm, heads):
             super().__init__()
             self.lm, self.heads = lm, heads
 
         def forward(self, input_ids, attention_mask):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                          output_hidden_states=self.heads is not None, use_cache=False)
+            if frozen:
+                self.lm.eval()  # no dropout: the heads learn on the features decoding will see
+            with torch.no_grad() if frozen else contextlib.nullcontext():  # frozen: heads learn on fixed features
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=self.heads is not None, use_cache=False)
             if self.heads is None:
                 return out.logits, None, None, None, None
             h = out.hidden_states[-1]
             q1, q2, v = self.heads(h.to(self.heads.v_head[0].weight.dtype))
             return out.logits, h, q1, q2, v
 
-    heads = None
+    heads = target = None
     if cfg.algo == "ilql":
         torch.manual_seed(cfg.seed)
+        if frozen:
+            lm.requires_grad_(False)
         if cfg.init_from and (Path(cfg.init_from) / HEADS_FILE).exists():
-            heads, _ = load_heads(cfg.init_from)
+            heads, target = load_heads(cfg.init_from)  # an ILQL checkpoint: its target heads come back too
+            heads.train()
         else:
             emb = lm.get_output_embeddings().weight
             vocab = emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]  # ZeRO-3: partitioned at init
             heads = ILQLHeads(lm.config.hidden_size, vocab)
-    return Policy(lm, heads)
+    return Policy(lm, heads), target
 
 
 def train_loop(loop_cfg: dict) -> None:
@@ -213,7 +237,7 @@ def train_loop(loop_cfg: dict) -> None:
     from training.bc import bc_loss
     from training.data import (batches, collate, encode, read_training_rows, select_examples, split_problems,
                                val_problems)
-    from training.ilql import ILQLConfig, TargetQHeads, ilql_losses, polyak_update
+    from training.ilql import ILQLConfig, TargetQHeads, ilql_losses, polyak_rate, polyak_update
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -226,6 +250,7 @@ def train_loop(loop_cfg: dict) -> None:
     tok = AutoTokenizer.from_pretrained(cfg.init_from or cfg.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # validation decoding pads prompts on the left (training batches: collate, right)
     rows = read_training_rows(cfg.data)
     train_rows, val_rows = (rows, read_training_rows(cfg.val_data, "val_data")) if cfg.val_data else \
         split_problems(rows, cfg.val_fraction)
@@ -239,54 +264,65 @@ def train_loop(loop_cfg: dict) -> None:
     val_probs = val_problems(val_rows, cfg.eval_problems)
 
     # engine
-    ds_cfg = deepspeed_config(cfg, world)
-    stage = zero_stage(ds_cfg)
+    ds_cfg = deepspeed_config(cfg, world, gpu_bf16_supported() if cfg.use_gpu else None)
+    stage, bf16 = zero_stage(ds_cfg), ds_cfg["bf16"]["enabled"]
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray Train's process group
     if stage == 3:  # from_pretrained then builds the LM under deepspeed.zero.Init: each rank holds only its shard
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_cfg = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (transformers keeps a weakref; keep it alive)
-    module = _build_module(cfg, tok)
-    # fp32 target heads, copied before ZeRO-3 partitions the online heads; they stay outside the engine
-    target = TargetQHeads(module.heads).to(device) if module.heads is not None else None
+    module, target = _build_module(cfg, tok)
+    if module.heads is not None and stage == 3 and bf16:
+        # the LM was built in bf16 under zero.Init; ZeRO-3 neither casts the heads nor accepts mixed dtypes
+        module.heads.to(torch.bfloat16)
+    # fp32 target heads (restored from an ILQL init_from, else copied before ZeRO-3 partitions the online heads);
+    # they stay outside the engine
+    if module.heads is not None:
+        target = (target if target is not None else TargetQHeads(module.heads)).float().to(device)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
                                            config=ds_cfg)
 
     # resume
     start_step, history = 0, []
+    best = {"step": None, "val_bleu": float("-inf")}  # the release keeps the checkpoint with the best val BLEU
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ds", load_module_strict=True)
-            state = torch.load(Path(d) / "trainer_state.pt", map_location="cpu", weights_only=False)
+            # weights_only: a writable storage path must not mean code execution on every worker
+            state = torch.load(Path(d) / "trainer_state.pt", map_location="cpu", weights_only=True)
         start_step, history = state["step"], state["history"]
+        best = state.get("best") or best
         if target is not None:
             target.load_state_dict(state["target"])
     resumed_from = start_step
     fault_at = int(loop_cfg["fault_at_step"]) if loop_cfg.get("fault_at_step") else None
 
     data = batches(encoded, cfg.batch_size, rank, world, cfg.seed, start_batch=start_step * cfg.grad_accum)
+    sync_rate = polyak_rate(ilql_cfg.polyak, ilql_cfg.target_sync_every)
+    writer = _MetricsWriter(run_dir(cfg)) if rank == 0 else None
     t0, tokens, window = time.perf_counter(), 0, []
     step = start_step
     while step < cfg.steps:
         engine.train()
         for _ in range(cfg.grad_accum):
-            b = {k: v.to(device) for k, v in collate(next(data), tok.pad_token_id).items()}
+            items = next(data)
+            tokens += sum(len(x["input_ids"]) for x in items)  # from the host lists: no device sync
+            b = {k: v.to(device, non_blocking=True) for k, v in collate(items, tok.pad_token_id).items()}
             logits, h, q1, q2, v = engine(b["input_ids"], b["attention_mask"])
             if cfg.algo == "ilql":
-                tq1, tq2 = target(h.detach())
-                loss, stats = ilql_losses(logits, q1, q2, tq1, tq2, v, b["input_ids"], b["target_mask"],
-                                          b["rewards"], ilql_cfg)
+                tq = target.action_values(h[:, :-1].detach(), b["input_ids"][:, 1:])  # the actions' target Q only
+                loss, stats = ilql_losses(logits, q1, q2, tq, None, v, b["input_ids"], b["target_mask"],
+                                          b["rewards"], ilql_cfg, host_stats=False)
             else:
                 loss = bc_loss(logits, b["input_ids"], b["target_mask"])
-                stats = {"loss": loss.item()}
+                stats = {"loss": loss.detach()}
             engine.backward(loss)
             engine.step()
-            tokens += int(b["attention_mask"].sum())
-            window.append(stats)
+            window.append(stats)  # device tensors: read once per logging step
         step += 1
         if target is not None and step % ilql_cfg.target_sync_every == 0:
-            polyak_update(target, engine.module.heads, ilql_cfg.polyak)
+            polyak_update(target, engine.module.heads, sync_rate)
         if fault_at is not None and step == fault_at and rank == 1 and resumed_from == 0:
             os._exit(1)  # test hook: a worker dies mid-training on the first attempt only
 
@@ -296,27 +332,51 @@ def train_loop(loop_cfg: dict) -> None:
         if not (do_eval or do_ckpt or step % cfg.log_every == 0):
             continue
         elapsed = time.perf_counter() - t0
-        metrics = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+        keys = list(window[0])
+        means = torch.stack([torch.stack([s[k].float() for k in keys]) for s in window]).mean(0)
+        metrics = dict(zip(keys, means.tolist()))  # the one device->host copy of this logging step
         metrics.update(step=step, tokens_per_s_rank=tokens / max(elapsed, 1e-9), resumed_from_step=resumed_from,
-                       world_size=world, zero_stage=stage)
+                       world_size=world, zero_stage=stage, bf16=bool(bf16))
         window, tokens, t0 = [], 0, time.perf_counter()
         if do_eval:
             metrics.update(_validate(engine, tok, fmt, val_encoded, val_probs, cfg, target, stage, device))
         history.append(metrics)
-        if rank == 0:
-            _write_metrics(run_dir(cfg), history)
+        if _improves_best(metrics, best, device):
+            best = {"step": step, "val_bleu": float(metrics["val_bleu"])}
+            _save_final(engine, tok, cfg, target, stage, rank, dest_name="best", info=best)
+        metrics["best_step"] = best["step"]
+        if writer is not None:
+            writer.submit(history)  # json/csv/png written by a helper thread, off the training loop
         if do_ckpt:
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="ds")
                 if rank == 0:
-                    torch.save({"step": step, "history": history,
+                    torch.save({"step": step, "history": history, "best": best,
                                 "target": target.state_dict() if target is not None else None},
                                Path(d) / "trainer_state.pt")
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
 
-    _save_final(engine, tok, cfg, target, stage, rank)
+    _save_final(engine, tok, cfg, target, stage, rank, info={"step": step, "best_step": best["step"]})
+    if writer is not None:
+        writer.close()  # the last metrics files are written (and a write error surfaces) before the run ends
+
+
+def _improves_best(metrics: dict, best: dict, device) -> bool:
+    """Whether this validation's BLEU beats the best so far (ties keep the earlier step). Rank 0 decides and
+    broadcasts, so every rank takes part in the (ZeRO-3 collective) save or none does."""
+    import torch
+    import torch.distributed as dist
+
+    if "val_bleu" not in metrics:  # every rank validates alike: no broadcast (a host sync) at plain log steps
+        return False
+    better = float(metrics["val_bleu"]) > best["val_bleu"]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(better)], device=device)
+        dist.broadcast(flag, 0)
+        better = bool(flag.item())
+    return better
 
 
 def _validate(engine, tok, fmt, val_encoded, val_probs, cfg, target, stage, device) -> dict:
@@ -354,8 +414,34 @@ def _validate(engine, tok, fmt, val_encoded, val_probs, cfg, target, stage, devi
             out["val_num_subq"] = sum(len(g.questions) for g in gens) / len(gens)
             out["val_ref_num_subq"] = sum(len(p.references[0]) for p in val_probs) / len(val_probs)
             out["val_parsed_frac"] = sum(1 for g in gens if g.questions) / len(gens)
+            out["val_no_eos_frac"] = sum(1 for g in gens if not g.eos) / len(gens)  # cut by eval_max_new_tokens
     engine.train()
     return out
+
+
+class _MetricsWriter:
+    """Rank 0's metrics files, written by one helper thread so that matplotlib and storage uploads never stall
+    the training loop; each submit supersedes a pending one (only the latest history matters)."""
+
+    def __init__(self, rd: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.rd, self.pool, self.pending = rd, ThreadPoolExecutor(1, thread_name_prefix="subq-metrics"), []
+
+    def submit(self, history: list[dict]) -> None:
+        for f in self.pending:
+            f.cancel()  # not started yet: superseded by this newer history
+        self.pending = [f for f in self.pending if not f.cancelled()]
+        self.pending.append(self.pool.submit(_write_metrics, self.rd, [dict(h) for h in history]))
+        for f in [f for f in self.pending if f.done()]:
+            f.result()  # re-raise a failed write in the loop
+            self.pending.remove(f)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for f in self.pending:
+            if not f.cancelled():
+                f.result()
 
 
 def _write_metrics(rd: str, history: list[dict]) -> None:
@@ -391,8 +477,31 @@ def _write_metrics(rd: str, history: list[dict]) -> None:
     storage.write_bytes_atomic(storage.join(rd, "metrics.png"), png.getvalue())
 
 
-def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int) -> None:
-    """Consolidate weights (ZeRO-3: gathered 16-bit state dict; else rank 0's full module) and save HF format."""
+def _fp32_state_dict(engine, rank: int) -> dict | None:
+    """The full fp32 master weights (the optimizer's copy, not the bf16 compute copy) on rank 0, through
+    DeepSpeed's public `safe_get_full_fp32_param` (ZeRO 1-3 and the bf16 optimizer); parameters without an
+    optimizer copy (frozen, or fp32 without ZeRO) are the parameters themselves, gathered under ZeRO-3.
+    Every rank must call it (collectives); other ranks get None."""
+    import contextlib
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext():
+                full = p.detach().clone()
+        if rank == 0:
+            out[name] = full.float().cpu()
+    return out if rank == 0 else None
+
+
+def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int, dest_name: str = "final",
+                info: dict | None = None) -> None:
+    """Consolidate the fp32 master weights (every ZeRO stage, bf16 or not) and save HF format to
+    <run>/<dest_name> (final/ or best/), with checkpoint.json = info (step, val BLEU)."""
     import torch
     import yaml
     from transformers import AutoModelForCausalLM
@@ -400,8 +509,7 @@ def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int) ->
     from training.decomposer import CONFIG_FILE
     from training.ilql import save_heads
 
-    sd = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else (
-        engine.module.state_dict() if rank == 0 else None)
+    sd = _fp32_state_dict(engine, rank)  # collective: every rank takes part
     if rank != 0:
         return
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -423,7 +531,8 @@ def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int) ->
             save_heads(d, module.heads, target, state=heads_sd)
         saved = cfg.model_dump()
         Path(d, CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
-        dest = storage.join(run_dir(cfg), "final")
+        Path(d, "checkpoint.json").write_text(json.dumps({"kind": dest_name, **(info or {})}))
+        dest = storage.join(run_dir(cfg), dest_name)
         for f in sorted(Path(d).iterdir()):
             storage.write_bytes_atomic(storage.join(dest, f.name), f.read_bytes())
 
