@@ -79,8 +79,9 @@ class DemoConfig(BaseModel):
     teacher_latency_s: float = Field(0.1, ge=0, description="Replay server: mean reply latency (seconds).")
     # decomposer training
     model: Optional[str] = Field(None, description="Base decomposer (HF causal LM directory). None: `subq init-model`.")
-    algos: list[Literal["bc", "filtered_bc", "ilql"]] = Field(["bc", "filtered_bc"], description="Algorithms to "
-                                                              "train, in order; FBC/ILQL start from BC when BC is listed.")
+    algos: list[Literal["bc", "filtered_bc", "ilql"]] = Field(["bc", "filtered_bc", "ilql"], description="Algorithms "
+                                                              "to train, in order; FBC/ILQL start from BC when BC is "
+                                                              "listed. ILQL runs are labelled ilql-sparse / ilql-dense.")
     ilql_rewards: Literal["sparse", "dense"] = Field("dense", description="ILQL rewards.")
     steps: int = Field(150, ge=1, description="Optimizer steps for BC; FBC and ILQL get half (they start from BC).")
     batch_size: int = Field(8, ge=1, description="Micro batch per training worker.")
@@ -88,7 +89,8 @@ class DemoConfig(BaseModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="Train and serve on GPUs.")
     deepspeed: str = Field("zero2", description="DeepSpeed preset (zero0..zero3) or JSON config path.")
-    max_new_tokens: int = Field(64, ge=1, description="Decomposer tokens per decomposition (validation and serving).")
+    max_new_tokens: int = Field(256, ge=1, description="Decomposer tokens per decomposition (validation and serving); "
+                                "the release allowed the reference length + 200 (subq.textformat).")
     beta: float = Field(1.0, description="ILQL guidance weight when serving an ILQL decomposer.")
     # cluster
     ray_address: Optional[str] = Field(None, description="Join this Ray cluster (default: RAY_ADDRESS, else start one).")
@@ -239,6 +241,7 @@ def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: st
     runs: dict[str, dict] = {}
     storage_path = out / "runs"
     for algo in cfg.algos:
+        label = f"ilql-{cfg.ilql_rewards}" if algo == "ilql" else algo  # reports never leave sparse/dense implicit
         init_from = runs["bc"]["final_dir"] if algo != "bc" and "bc" in runs else None
         steps = cfg.steps if algo == "bc" or init_from is None else max(1, cfg.steps // 2)
         # a run is re-used only for the same data, base model and settings: they name its directory
@@ -249,8 +252,8 @@ def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: st
         rd = storage_path / name
         final = rd / "final"
         if (final / "config.json").is_file():
-            entry = times.record(f"train {algo}", 0.0, reused=True) if times else None
-            say(f"      {algo}: " + (StageTimes.describe(entry) if entry else "finished earlier, re-used") + f" ({final})")
+            entry = times.record(f"train {label}", 0.0, reused=True) if times else None
+            say(f"      {label}: " + (StageTimes.describe(entry) if entry else "finished earlier, re-used") + f" ({final})")
         else:
             resume = rd.exists() and any(rd.glob("checkpoint_*"))
             if rd.exists() and not resume:
@@ -263,15 +266,15 @@ def stage_train(cfg: DemoConfig, out: Path, model: str, data: str, data_hash: st
                 eval_every=max(1, steps // 2), eval_problems=4, eval_max_new_tokens=cfg.max_new_tokens,
                 val_fraction=0.1, max_length=384, max_failures=1)
             t0 = time.time()
-            say(f"      {algo}: {steps} steps, {cfg.num_workers} Ray Train workers, DeepSpeed {cfg.deepspeed}"
+            say(f"      {label}: {steps} steps, {cfg.num_workers} Ray Train workers, DeepSpeed {cfg.deepspeed}"
                 + (f", from {Path(init_from).parent.name}" if init_from else "") + (", resuming" if resume else ""))
-            with _progress_bar(f"      {algo}", steps, resumed=_last_step(rd), step_of=lambda: _last_step(rd)):
+            with _progress_bar(f"      {label}", steps, resumed=_last_step(rd), step_of=lambda: _last_step(rd)):
                 res = run_train(tcfg, ray_init={})
             if times:
-                times.record(f"train {algo}", time.time() - t0)
-            say(f"      {algo}: done in {time.time() - t0:.0f}s -> {res['final_dir']}")
+                times.record(f"train {label}", time.time() - t0)
+            say(f"      {label}: done in {time.time() - t0:.0f}s -> {res['final_dir']}")
         history = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").is_file() else []
-        runs[algo] = {"name": name, "run_dir": str(rd), "final_dir": str(final), "steps": steps,
+        runs[label] = {"algo": algo, "name": name, "run_dir": str(rd), "final_dir": str(final), "steps": steps,
                       "init_from": init_from, "history": history, "end": _end_points(history)}
     return runs
 

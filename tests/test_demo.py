@@ -86,12 +86,13 @@ def test_demo_killed_while_generating_resumes_without_regenerating_and_reports(t
     report = json.loads((out / "report.json").read_text())
     assert report["offline"] is True
     assert report["generation"]["rows"] == N and report["generation"]["teacher_calls"] >= N * 3
-    assert set(report["training"]) == {"bc", "filtered_bc"}
-    assert report["training"]["filtered_bc"]["init_from"] == report["training"]["bc"]["final_dir"]
+    assert list(report["training"]) == ["bc", "filtered_bc", "ilql-dense"]  # offline RL by default, labelled
+    for label in ("filtered_bc", "ilql-dense"):
+        assert report["training"][label]["init_from"] == report["training"]["bc"]["final_dir"]
     for algo, t in report["training"].items():
         assert t["end"]["step"] == t["steps"] and t["end"]["loss_last"] is not None, (algo, t)
     evals = {e["decomposer"]: e for e in report["evaluation"]}
-    assert list(evals) == ["none", "teacher", "bc", "filtered_bc"]
+    assert list(evals) == ["none", "teacher", "bc", "filtered_bc", "ilql-dense"]
     assert all(e["n"] == M and e["errors"] == 0 for e in evals.values())
     assert evals["none"]["usage"]["decompose"]["calls"] == 0
     assert evals["teacher"]["usage"]["decompose"]["cost_usd"] > 0
@@ -126,7 +127,7 @@ def test_demo_killed_while_generating_resumes_without_regenerating_and_reports(t
     assert json.loads((out / "generate" / "summary.json").read_text())["pending_at_start"] == 0
     # honest re-runs: re-used stages say so and keep the timings of the run that did the work
     report3 = json.loads((out / "report.json").read_text())
-    for stage in ("generate", "model", "train bc", "train filtered_bc", "serve+evaluate"):
+    for stage in ("generate", "model", "train bc", "train filtered_bc", "train ilql-dense", "serve+evaluate"):
         assert report3["stages"][stage]["reused"] is True, (stage, report3["stages"])
     for stage in ("train bc", "train filtered_bc", "serve+evaluate"):
         assert report3["stages"][stage]["took_s"] == report["stages"][stage]["took_s"] > 0, stage
