@@ -136,15 +136,11 @@ def start_head(tmp: Path) -> dict:
 def sample(out: Path) -> dict:
     """Nodes by type, teacher actors alive, rows done (Parquet parts written so far)."""
     import ray
-    from ray.util.state import list_actors
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
     gen = [n for n in nodes if n["Resources"].get("generation")]
-    try:
-        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                  if "MapWorker" in (a.class_name or "")]
-    except Exception:  # noqa: BLE001 - the state API can time out under load; the sample then says -1
-        actors = None
+    actors = [a for a in ray._private.state.actors().values()
+              if a["State"] == "ALIVE" and "MapWorker" in a.get("ActorClassName", "")]
     rows = 0
     if (out / "parts").is_dir():
         import pyarrow.parquet as pq
@@ -155,8 +151,7 @@ def sample(out: Path) -> dict:
             except Exception:  # noqa: BLE001 - a part being written
                 pass
     return {"head": len(nodes) - len(gen), "cpu_generation": len(gen), "gen_node_ids": [n["NodeID"] for n in gen],
-            "actors": -1 if actors is None else len(actors),
-            "actor_nodes": [] if actors is None else [a.node_id for a in actors], "rows": rows}
+            "actors": len(actors), "actor_nodes": [a["Address"]["NodeID"] for a in actors], "rows": rows}
 
 
 def submit(head: dict, ts, out: Path, key: str) -> str:
@@ -266,8 +261,9 @@ def scenario(tmp: Path) -> None:
             report["kill"] = kill
         print("\n| t (s) | phase | head nodes | cpu_generation nodes | teacher actors alive | rows done |")
         print("|---|---|---|---|---|---|")
-        for row in timeline:
-            print("| " + " | ".join(str(x) for x in row) + " |")
+        for i, row in enumerate(timeline):  # the samples where something changed
+            if i == 0 or i == len(timeline) - 1 or row[1:] != timeline[i - 1][1:]:
+                print("| " + " | ".join(str(x) for x in row) + " |")
         print("REPORT " + json.dumps(report), flush=True)
     finally:
         ray.shutdown()
