@@ -1,8 +1,11 @@
 """Decomposer serving benchmark: throughput and p50/p99 latency of `POST /v1/decompose` over real HTTP at 1, 8 and
-32 concurrent clients, with `@serve.batch` (max_batch_size=32) vs max_batch_size=1, on the tiny model.
+32 concurrent clients, with `@serve.batch` (max_batch_size=32) vs max_batch_size=1, on the tiny model; then the
+cost of API-key auth: the same app with keys off and on (`Authorization: Bearer`, SHA-256 + constant-time compare
+in the ingress middleware), p50/p99 of `GET /v1/models` (no model work: the overhead shows) and `POST /v1/decompose`.
 
     .venv/bin/python benchmarks/bench_serve.py                  # tiny random GPT-2 made on the fly
     .venv/bin/python benchmarks/bench_serve.py --model ckpt/bc --requests 128 --max-new-tokens 32
+    .venv/bin/python benchmarks/bench_serve.py --auth-only --requests 200    # only the auth off/on rows
     ray job submit --working-dir . -- python benchmarks/bench_serve.py --requests 256
 
 One decomposer replica (autoscaling pinned to 1) so the comparison isolates batching. Greedy decoding, fixed
@@ -23,22 +26,25 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
 
 
-async def drive(base: str, problems: list[str], n_requests: int, concurrency: int, max_new_tokens: int) -> dict:
+async def drive(base: str, problems: list[str], n_requests: int, concurrency: int, max_new_tokens: int,
+                route: str = "/v1/decompose", headers: dict | None = None) -> dict:
     import httpx
 
     lat: list[float] = []
     errors = 0
     queue = list(range(n_requests))
-    batch_sizes = []
 
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=600, headers=headers or {}) as client:
         async def worker():
             nonlocal errors
             while queue:
                 i = queue.pop()
                 t0 = time.perf_counter()
-                r = await client.post("/v1/decompose", json={"problem": problems[i % len(problems)],
-                                                             "max_new_tokens": max_new_tokens})
+                if route == "/v1/models":
+                    r = await client.get(route)
+                else:
+                    r = await client.post(route, json={"problem": problems[i % len(problems)],
+                                                       "max_new_tokens": max_new_tokens})
                 lat.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     errors += 1
@@ -57,8 +63,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--batch-sizes", default="32,1", help="max_batch_size settings to compare.")
-    ap.add_argument("--port", type=int, default=18555)
+    ap.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one).")
+    ap.add_argument("--auth-only", action="store_true", help="Only the API-key auth off/on rows.")
+    ap.add_argument("--auth-clients", type=int, default=8, help="Concurrent clients of the auth rows.")
     args = ap.parse_args()
+    if not args.port:
+        from pipelines.teacher_server import free_port
+
+        args.port = free_port()
 
     import ray
     from ray import serve
@@ -77,9 +89,11 @@ def main() -> None:
     conc = [int(c) for c in args.concurrency.split(",")]
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    rows = []
+    rows, auth_rows = [], []
+    import os
+
     try:
-        for mbs in [int(b) for b in args.batch_sizes.split(",")]:
+        for mbs in ([] if args.auth_only else [int(b) for b in args.batch_sizes.split(",")]):
             cfg = ServeConfig(port=args.port, decomposer={"path": model, "max_new_tokens": args.max_new_tokens},
                               max_batch_size=mbs, batch_wait_timeout_s=0.01 if mbs > 1 else 0.0,
                               decomposer_max_ongoing_requests=max(32, mbs), decomposer_min_replicas=1,
@@ -91,6 +105,22 @@ def main() -> None:
                 r = asyncio.run(drive(base, problems, max(args.requests, c), c, args.max_new_tokens))
                 rows.append({"max_batch_size": mbs, "clients": c, **r})
             serve.delete("bench")
+        key = "sk-bench-" + os.urandom(12).hex()
+        os.environ["SUBQ_BENCH_API_KEYS"] = key  # read by build_app in this driver; only its digest is deployed
+        for auth in (False, True):
+            cfg = ServeConfig(port=args.port, decomposer={"path": model, "max_new_tokens": args.max_new_tokens},
+                              decomposer_min_replicas=1, decomposer_max_replicas=1, max_queued_requests=1024,
+                              ingress_max_ongoing_requests=256, api_keys_env="SUBQ_BENCH_API_KEYS" if auth else None,
+                              results_root=f"{tmp}/results")
+            serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
+            base = f"http://127.0.0.1:{args.port}"
+            hdrs = {"Authorization": f"Bearer {key}"} if auth else {}
+            asyncio.run(drive(base, problems, 8, 4, args.max_new_tokens, headers=hdrs))  # warm-up
+            for route in ("/v1/models", "/v1/decompose"):
+                n = args.requests if route == "/v1/models" else max(16, args.requests // 4)
+                r = asyncio.run(drive(base, problems, n, args.auth_clients, args.max_new_tokens, route, hdrs))
+                auth_rows.append({"auth": auth, "route": route, "n": n, **r})
+            serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -100,9 +130,21 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['max_batch_size']} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
+    print(f"\nAPI-key auth off vs on, {args.auth_clients} clients (GET /v1/models: no model work; /v1/decompose: "
+          f"the tiny model)\n")
+    print("| route | auth | requests | req/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in auth_rows:
+        print(f"| {r['route']} | {'on' if r['auth'] else 'off'} | {r['n']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['errors']} |")
+    for route in ("/v1/models", "/v1/decompose"):
+        off = next(r for r in auth_rows if r["route"] == route and not r["auth"])
+        on = next(r for r in auth_rows if r["route"] == route and r["auth"])
+        print(f"\nauth overhead on {route}: p50 {on['p50_ms'] - off['p50_ms']:+.1f} ms, "
+              f"p99 {on['p99_ms'] - off['p99_ms']:+.1f} ms")
     by = {(r["max_batch_size"], r["clients"]): r["rps"] for r in rows}
     bs = [int(b) for b in args.batch_sizes.split(",")]
-    if len(bs) == 2:
+    if len(bs) == 2 and rows:
         print("\nthroughput ratio batched / unbatched: " + ", ".join(
             f"{c} clients {by[(bs[0], c)] / by[(bs[1], c)]:.2f}x" for c in conc))
 

@@ -803,6 +803,8 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="Problems per Ray Data batch (decomposer batch size).")
     concurrency: int = Field(8, gt=0, description="Solver calls in flight per solver actor.")
     num_actors: int = Field(1, gt=0, description="Ray Data actors per stage.")
+    cache_dir: Optional[str] = Field(None, description="Durable cache of solver replies (default <out>/cache): a re-run, or a resumed killed run, only calls what is not cached.")
+    exclude_few_shot: bool = Field(False, description="Drop the GSM8K test problems the paper's prompts quote as few-shot examples (kept and marked by default, as the release kept them).")
 
 
 def parse_decomposer_spec(spec: str) -> tuple[str, Optional[str]]:
@@ -892,16 +894,41 @@ class _SolveStage:
         return await asyncio.gather(*(one(it) for it in items))
 
 
+def failure_verdict(runs: list[dict], out: str) -> tuple[Optional[str], Optional[str]]:
+    """(fatal, warning): fatal when every item of every run failed (one line naming the most common cause);
+    a warning with the count, where the reasons are and the 3 most common ones when some failed."""
+    items = [it for r in runs for it in r["items"]]
+    failed = [it for it in items if it.error]
+    if not failed:
+        return None, None
+    where = storage.join(out, "results.json")
+    top = error_reasons(failed)
+    if len(failed) == len(items):
+        return (f"every item failed ({len(failed)} of {len(items)}); cause: {top[0][0]} (all reasons in {where})",
+                None)
+    reasons = "; ".join(f"{k}x {reason}" for reason, k in top)
+    return None, (f"warning: {len(failed)} of {len(items)} items failed (excluded from accuracy; reasons in {where}); "
+                  f"most common: {reasons}")
+
+
 def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     """The batch job: for each decomposer spec, Ray Data over the split -> decompose -> solve -> score; then the
-    report directory. Returns {"out", "runs": [{decomposer, solver, summary}], "files"}."""
+    report directory. Solver calls go through the durable request cache (<out>/cache by default), so a re-run
+    pays nothing and a killed run resumes with only the unfinished calls. Returns {"out", "runs", "files"};
+    raises SubqError (after writing the report) when every item failed."""
     import ray
 
+    from subq import console
     from subq.problems import load_problems
 
     problems = load_problems(cfg.data, cfg.limit)
+    if cfg.exclude_few_shot:
+        problems = [p for p in problems if not p.is_few_shot_example]
     specs = [parse_decomposer_spec(s) for s in cfg.decomposers]
     cfg.solver.price()  # unknown price -> ConfigError before any work
+    check_solver(cfg.solver)  # no key / endpoint down -> one error line before any work
+    solver = cfg.solver.model_copy(update={"cache_dir": cfg.solver.cache_dir or cfg.cache_dir
+                                           or storage.join(cfg.out, "cache")})
     if not ray.is_initialized():
         from cluster.connect import init_ray
         init_ray(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
@@ -912,25 +939,47 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     for name, path in specs:
         kind = name if path is None else "distilled"
         t0 = time.perf_counter()
-        seed = [json.dumps(new_item(i, p, name, cfg.solver.name).to_dict()) for i, p in enumerate(problems)]
+        seed = [json.dumps(new_item(i, p, name, solver.name).to_dict()) for i, p in enumerate(problems)]
         ds = ray.data.from_items([{"item": s} for s in seed], override_num_blocks=max(1, len(seed) // cfg.batch_size))
         dec_settings = cfg.decomposer.model_copy(update={"path": path, "name": name}).model_dump()
         ds = ds.map_batches(_DecomposeStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                             fn_constructor_kwargs=dict(kind=kind, name=name, settings=dec_settings,
-                                                       solver=cfg.solver.model_dump(), concurrency=cfg.concurrency),
+                                                       solver=solver.model_dump(), concurrency=cfg.concurrency),
                             num_cpus=1 if kind == "distilled" else 0.25)
         ds = ds.map_batches(_SolveStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                            fn_constructor_kwargs=dict(solver=cfg.solver.model_dump(), concurrency=cfg.concurrency),
+                            fn_constructor_kwargs=dict(solver=solver.model_dump(), concurrency=cfg.concurrency),
                             num_cpus=0.25)
-        items = sorted((ItemResult.from_dict(json.loads(r["item"])) for r in ds.take_all()), key=lambda i: i.index)
+        items: list[ItemResult] = []
+        correct = cost = 0.0
+        with console.progress_bar(total=len(seed), desc=f"eval {name}", unit="item") as bar:
+            for row in ds.iter_rows():  # streaming: items arrive as their batches finish
+                it = ItemResult.from_dict(json.loads(row["item"]))
+                items.append(it)
+                correct += bool(it.scores and it.scores["paper"]["correct"])
+                cost += sum(u.get("cost_usd", 0.0) for u in it.usage.values())
+                scored = sum(1 for x in items if x.scores)
+                bar.set_postfix_str(f"acc {correct / scored if scored else 0:.3f} ${cost:.4f} "
+                                    f"errors {len(items) - scored}", refresh=False)
+                bar.update(1)
+        items.sort(key=lambda i: i.index)
         summary = summarize_items(items)
         summary["wall_s"] = time.perf_counter() - t0
-        runs.append({"decomposer": name, "solver": cfg.solver.name, "summary": summary, "items": items})
-        progress(f"eval {name} x {cfg.solver.name}: n={summary['n']} acc(paper)={summary['accuracy']['paper']['accuracy']:.3f} "
-                 f"cost=${summary['usage']['total']['cost_usd']:.5f} errors={summary['errors']}")
+        runs.append({"decomposer": name, "solver": solver.name, "summary": summary, "items": items})
+        fb = (f" fell back to single-stage: {summary['fell_back_single_stage']} of {summary['n']}"
+              if name != "none" else "")
+        progress(f"eval {name} x {solver.name}: n={summary['n']} acc(paper)={summary['accuracy']['paper']['accuracy']:.3f} "
+                 f"cost=${summary['usage']['total']['cost_usd']:.5f} solver calls={summary['usage']['solve']['calls']} "
+                 f"errors={summary['errors']}{fb}")
+    if is_offline(runs):
+        progress(f"warning: {OFFLINE_CAVEAT}")
     config = cfg.model_dump()
     files = write_report(cfg.out, runs, config)
-    return {"out": cfg.out, "files": files,
+    fatal, warning = failure_verdict(runs, cfg.out)
+    if fatal:
+        raise SubqError(fatal)
+    if warning:
+        progress(warning)
+    return {"out": cfg.out, "files": files, "offline": is_offline(runs),
             "runs": [{"decomposer": r["decomposer"], "solver": r["solver"], "summary": r["summary"]} for r in runs]}
 
 

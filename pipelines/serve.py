@@ -15,7 +15,18 @@ Deployments (one application, default name `subq`):
   OpenAI-compatible endpoint (actors.teacher.TeacherClient: openai SDK, retries, cluster limiter) or a local HF model.
 - `Ingress`: FastAPI. `POST /v1/decompose`, `POST /v1/solve`, `POST /v1/evaluations`, `GET /v1/evaluations/{id}`,
   `GET /v1/evaluations/{id}/paper_raw`, `GET /healthz`, OpenAI-compatible `POST /v1/chat/completions` and
-  `GET /v1/models` for the locally served models. Errors are `{"error": {"type", "message", "field"?, "upstream"?}}`.
+  `GET /v1/models` for the locally served models; `GET /v1/evaluations`, `DELETE /v1/evaluations/{id}` (cancels).
+  Errors are OpenAI's error object `{"error": {"message", "type", "param", "code"}}` (+ `upstream` for 502s);
+  `stream=true` chat completions are server-sent `chat.completion.chunk` events ending with `data: [DONE]`.
+
+Exposed to a team (pipelines.serve_auth): API keys (`Authorization: Bearer`, SHA-256 digests compared in constant
+time) on every route but /healthz; a non-loopback host needs keys or `insecure`; bodies capped on bytes actually
+read; every text field length-checked; non-finite numbers 422. Evaluations name a dataset from the registry
+(built-in splits + `datasets`) or carry problems inline, never a path or URI; results go under `results_root` by
+evaluation id (pipelines.eval_store: items written as they finish; after an ingress restart finished evaluations
+are served and running ones marked interrupted); limits on running evaluations (429 + Retry-After), items and $
+per evaluation, TTL eviction; a deployment's 503/429 or the solver's 429/5xx is retried inside an evaluation, and an
+item that still fails is an error, excluded from accuracy.
 
 Python API: `ServeConfig`, `build_app(config) -> Application`, `app_builder(args)` (for `serve deploy`),
 `start_serve(config) -> base_url`, `stop_serve()`.
@@ -26,17 +37,21 @@ Python API: `ServeConfig`, `build_app(config) -> Application`, `app_builder(args
 import asyncio
 import json
 import os
+import re
 import sys
-import tempfile
 import time
 import uuid
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.eval_store import EvalStore
+from pipelines.serve_auth import GuardMiddleware, check_exposure, digest, error_body, guard, load_api_keys, set_guard
 
 from pipelines.evaluate import (
     Answer, Decomposition, DecomposerSettings, ItemResult, LocalDecomposer, Solver, SolverSettings, StageUsage,
@@ -76,8 +91,33 @@ class ServeConfig(BaseModel):
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds sent with 503 (overload).")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Bodies larger than this get HTTP 413.")
     max_problem_chars: int = Field(8000, ge=1, description="Longer problems / messages get HTTP 422 naming the field.")
-    max_eval_problems: int = Field(2000, ge=1, description="Largest `limit` an evaluation may ask for.")
+    max_eval_problems: int = Field(2000, ge=1, description="Largest `limit` an evaluation may ask for (items per evaluation).")
     eval_concurrency: int = Field(8, ge=1, description="Items in flight per running evaluation.")
+    max_answer_chars: int = Field(2000, ge=1, description="Longer gold answers (solve, inline records) get HTTP 422.")
+    max_sub_questions: int = Field(20, ge=1, description="Most sub-questions a /v1/solve request may give.")
+    max_sub_question_chars: int = Field(1000, ge=1, description="Longer given sub-questions get HTTP 422.")
+    max_inline_problems: int = Field(500, ge=1, description="Most problems an evaluation may carry inline (`records`).")
+    max_running_evaluations: int = Field(4, ge=1, description="Evaluations running at once per server; more get HTTP 429 + Retry-After.")
+    eval_retry_after_s: float = Field(30.0, ge=1, description="Retry-After seconds sent with that 429.")
+    max_eval_cost_usd: float = Field(5.0, gt=0, allow_inf_nan=False, description="$ cap per evaluation: no new item starts once it is spent.")
+    eval_ttl_s: float = Field(7 * 86400, gt=0, description="Finished evaluations older than this are evicted (memory and results root).")
+    eval_retries: int = Field(5, ge=0, description="Retries (jittered exponential backoff) of an item's call that got 503/429 from a deployment or 429/5xx from the solver; an item that still fails is an error, excluded from accuracy.")
+    eval_retry_backoff_s: float = Field(0.5, ge=0, description="Backoff multiplier of those retries.")
+    datasets: dict[str, str] = Field(default_factory=dict, description="Datasets clients may name, beside the built-in splits: NAME -> local path or URI (read by the server; clients only ever send NAME).")
+    results_root: str = Field("~/.cache/subq/serve-evaluations", description="Where evaluations are written (one directory per evaluation id; survives an ingress restart).")
+    api_keys_env: Optional[str] = Field("SUBQ_API_KEYS", description="Env var with the API keys clients must send as `Authorization: Bearer` (comma-separated). No keys: no auth.")
+    api_keys_file: Optional[str] = Field(None, description="File with API keys, one a line (added to api_keys_env's).")
+    insecure: bool = Field(False, description="Allow a non-loopback host without API keys (e.g. behind an authenticating proxy).")
+
+    @field_validator("datasets")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        from subq.problems import NAMED_SOURCES
+
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", name) or name in NAMED_SOURCES:
+                raise ValueError(f"dataset name {name!r} must be letters, digits, '_.:-' and not a built-in name")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -94,13 +134,17 @@ class ServeConfig(BaseModel):
 
 
 def _chat_response(model: str, content: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }
+    """A chat.completion built from the openai package's types."""
+    from openai.types.chat import ChatCompletion, ChatCompletionMessage
+    from openai.types.chat.chat_completion import Choice
+    from openai.types.completion_usage import CompletionUsage
+
+    return ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex[:24]}", object="chat.completion", created=int(time.time()), model=model,
+        choices=[Choice(index=0, message=ChatCompletionMessage(role="assistant", content=content), finish_reason="stop")],
+        usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens),
+    ).model_dump(mode="json", exclude_none=True)
 
 
 def problem_from_messages(msgs: list[dict]) -> str:
@@ -212,29 +256,30 @@ class SolverDeployment:
 
 
 class ApiError(Exception):
+    """An HTTP error in OpenAI's error shape. `upstream_status`: the solver upstream's HTTP status, if any."""
+
     def __init__(self, status: int, message: str, *, field: Optional[str] = None, type_: str = "invalid_request_error",
-                 upstream: Optional[str] = None, headers: Optional[dict] = None):
-        self.status, self.message, self.field, self.type = status, message, field, type_
-        self.upstream, self.headers = upstream, headers or {}
-
-
-def _error_body(status: int, message: str, field: Optional[str] = None, type_: str = "invalid_request_error",
-                upstream: Optional[str] = None) -> dict:
-    err: dict[str, Any] = {"type": type_, "message": message, "code": status}
-    if field:
-        err["field"] = field
-    if upstream:
-        err["upstream"] = upstream
-    return {"error": err}
+                 code: Optional[str] = None, upstream: Optional[str] = None, headers: Optional[dict] = None,
+                 upstream_status: Optional[int] = None):
+        self.status, self.message, self.field, self.type, self.code = status, message, field, type_, code
+        self.upstream, self.headers, self.upstream_status = upstream, headers or {}, upstream_status
 
 
 api = FastAPI(title="subq", description="Distilled decomposer + solver, on Ray Serve.")
-api.state.max_request_bytes = 1_000_000
+api.add_middleware(GuardMiddleware)
 
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, e: ApiError):
-    return JSONResponse(_error_body(e.status, e.message, e.field, e.type, e.upstream), status_code=e.status, headers=e.headers)
+    return JSONResponse(error_body(e.message, e.type, e.field, e.code, upstream=e.upstream), status_code=e.status,
+                        headers=e.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, code), status_code=e.status_code,
+                        headers=getattr(e, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -245,23 +290,14 @@ async def _validation_error(_: Request, e: RequestValidationError):
     field = ".".join(loc) or "body"
     if first.get("type") == "json_invalid":
         msg = f"malformed JSON: {first.get('msg')} (at {first.get('ctx', {}).get('error', '')})".strip()
-        return JSONResponse(_error_body(400, msg, "body"), status_code=400)
+        return JSONResponse(error_body(msg, "invalid_request_error", "body", "invalid_json"), status_code=400)
     msg = first.get("msg", "invalid value")
-    return JSONResponse(_error_body(422, f"field '{field}': {msg}", field), status_code=422)
-
-
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    limit = int(os.environ.get("SUBQ_MAX_REQUEST_BYTES", "1000000"))  # set by Ingress.__init__ in this replica
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return JSONResponse(_error_body(413, f"request body is {length} bytes; the limit is {limit} (max_request_bytes)", "body"),
-                            status_code=413)
-    return await call_next(request)
+    return JSONResponse(error_body(f"field '{field}': {msg}", "invalid_request_error", field, "invalid_value"),
+                        status_code=422)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _nonempty(v: str, field: str) -> str:
@@ -272,9 +308,9 @@ def _nonempty(v: str, field: str) -> str:
 
 class DecomposeRequest(_Strict):
     problem: str = Field(..., description="The math word problem.")
-    beta: Optional[float] = Field(None, description="ILQL guidance weight (default: the server's).")
+    beta: Optional[float] = Field(None, ge=-100, le=100, description="ILQL guidance weight (default: the server's).")
     do_sample: Optional[bool] = Field(None, description="Sample instead of greedy.")
-    temperature: Optional[float] = Field(None, gt=0, description="Sampling temperature.")
+    temperature: Optional[float] = Field(None, gt=0, le=10, description="Sampling temperature.")
     max_new_tokens: Optional[int] = Field(None, gt=0, le=4096, description="Max generated tokens.")
 
     _p = field_validator("problem")(lambda v: _nonempty(v, "problem"))
@@ -292,77 +328,184 @@ class SolveRequest(_Strict):
     _p = field_validator("problem")(lambda v: _nonempty(v, "problem"))
 
 
+class InlineProblem(_Strict):
+    """One uploaded problem: a text (`question` or `problem`) and a gold answer (`answer`, `gold_answer` or
+    `true_answer`: GSM8K's '... #### N' or a number)."""
+
+    question: Optional[str] = None
+    problem: Optional[str] = None
+    answer: Optional[Union[str, float]] = None
+    gold_answer: Optional[Union[str, float]] = None
+    true_answer: Optional[Union[str, float]] = None
+
+    @model_validator(mode="after")
+    def _need(self) -> "InlineProblem":
+        if not (self.question or self.problem or "").strip():
+            raise ValueError("each record needs a non-empty `question` (or `problem`)")
+        if self.gold() is None:
+            raise ValueError("each record needs a gold answer (`answer`, `gold_answer` or `true_answer`)")
+        return self
+
+    def text(self) -> str:
+        return self.question if self.question is not None else self.problem or ""
+
+    def gold(self):
+        for g in (self.answer, self.gold_answer, self.true_answer):
+            if g is not None:
+                return g
+        return None
+
+
 class EvaluationRequest(_Strict):
-    dataset: Optional[str] = Field("gsm8k:test", description="Split name (gsm8k:test) or a .jsonl/.json/.parquet path or URI readable by the server.")
-    records: Optional[list[dict]] = Field(None, description="Uploaded problems instead of `dataset`: [{question, answer}, ...].")
+    dataset: Optional[str] = Field("gsm8k:test", max_length=200, description="A dataset NAME from the server's registry: the built-in splits (gsm8k:test, gsm8k:train, gsm8k:test_socratic, gsm8k-ai-subq:test) and the operator's `datasets`. Never a path or URI.")
+    records: Optional[list[InlineProblem]] = Field(None, description="Problems inline instead of `dataset` (at most max_inline_problems).")
     decomposer: Decomposer = Field("distilled", description="distilled | teacher | none.")
-    solver: Optional[str] = Field(None, description="Solver model id (must be the served solver's name; default: it).")
+    solver: Optional[str] = Field(None, max_length=200, description="Solver model id (must be the served solver's name; default: it).")
     scoring_mode: Literal["paper", "strict", "flexible"] = Field("paper", description="Headline mode; all modes are reported.")
-    limit: int = Field(20, gt=0, description="Evaluate the first N problems.")
-    out: Optional[str] = Field(None, description="Also write the report directory here (server-side path or URI).")
+    limit: int = Field(20, gt=0, description="Evaluate the first N problems (at most max_eval_problems).")
+    max_cost_usd: Optional[float] = Field(None, gt=0, description="Stop once this much is spent (at most the server's max_eval_cost_usd).")
+    exclude_few_shot: bool = Field(False, description="Drop the GSM8K test problems the paper's prompts quote as few-shot examples.")
 
 
 class ChatMessage(BaseModel):
-    role: str
+    model_config = ConfigDict(allow_inf_nan=False)
+    role: str = Field(..., max_length=32)
     content: Any = None
 
 
 class ChatRequest(BaseModel):
-    model: str
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    model_config = ConfigDict(allow_inf_nan=False)  # unknown OpenAI fields are ignored, non-finite numbers are not
+    model: str = Field(..., max_length=200)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=64)
     temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
     max_tokens: Optional[int] = Field(None, gt=0, le=4096)
     max_completion_tokens: Optional[int] = Field(None, gt=0, le=4096)
     stream: Optional[bool] = False
+    stream_options: Optional[dict] = None
     n: Optional[int] = Field(1, ge=1)
 
 
+def _limit(text: Optional[str], limit: int, field: str, setting: str = "max_problem_chars") -> None:
+    if text is not None and len(text) > limit:
+        raise ApiError(422, f"field '{field}': {len(text)} characters; the limit is {limit} ({setting})", field=field,
+                       code="string_too_long")
+
+
 def _problem_limit(text: str, limit: int, field: str) -> None:
-    if len(text) > limit:
-        raise ApiError(422, f"field '{field}': {len(text)} characters; the limit is {limit} (max_problem_chars)", field=field)
+    _limit(text, limit, field)
+
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth retrying inside an evaluation: a deployment's 503/429 (back-pressure) or a solver upstream's 429/5xx."""
+    return isinstance(e, ApiError) and (e.status in (429, 503) or e.upstream_status in RETRY_STATUSES)
 
 
 class Evaluation:
-    """A running evaluation: an asyncio task in the ingress replica, polled by id."""
+    """An evaluation held by the ingress replica (an asyncio task), polled by id, persisted by EvalStore."""
 
-    def __init__(self, eid: str, req: EvaluationRequest, items: list[ItemResult]):
-        self.id, self.req, self.pending = eid, req, items
-        self.total = len(items)
-        self.items: list[ItemResult] = []
-        self.status = "running"
+    def __init__(self, eid: str, req: dict, total: int, decomposer: str, solver: str, *, status: str = "running",
+                 created: Optional[float] = None, cap_usd: float = 0.0):
+        self.id, self.req, self.total = eid, req, total
+        self.decomposer, self.solver = decomposer, solver
+        self.items: dict[int, ItemResult] = {}
+        self.status = status
         self.error: Optional[str] = None
-        self.created = time.time()
+        self.created = created or time.time()
         self.finished: Optional[float] = None
-        self.report: Optional[dict] = None
+        self.report: Optional[list[str]] = None
         self.task: Optional[asyncio.Task] = None
+        self.cap_usd = cap_usd
+
+    @property
+    def spent_usd(self) -> float:
+        return sum(u.get("cost_usd", 0.0) for it in self.items.values() for u in it.usage.values())
+
+    def meta(self) -> dict:
+        return {"id": self.id, "request": self.req, "total": self.total, "decomposer": self.decomposer,
+                "solver": self.solver, "status": self.status, "error": self.error, "created": self.created,
+                "finished": self.finished, "report": self.report, "cap_usd": self.cap_usd}
+
+    @classmethod
+    def from_meta(cls, meta: dict, items: list[dict]) -> "Evaluation":
+        ev = cls(meta["id"], meta["request"], meta["total"], meta["decomposer"], meta["solver"], status=meta["status"],
+                 created=meta.get("created"), cap_usd=meta.get("cap_usd", 0.0))
+        ev.error, ev.finished, ev.report = meta.get("error"), meta.get("finished"), meta.get("report")
+        for d in items:
+            it = ItemResult.from_dict(d)
+            ev.items[it.index] = it
+        return ev
 
     def view(self, with_items: bool) -> dict:
-        summary = summarize_items(self.items, self.total)
+        items = sorted(self.items.values(), key=lambda i: i.index)
+        summary = summarize_items(items, self.total)
+        mode = self.req.get("scoring_mode", "paper")
         out = {
-            "id": self.id, "status": self.status, "done": len(self.items), "total": self.total,
-            "progress": len(self.items) / self.total if self.total else 1.0,
-            "decomposer": self.req.decomposer, "solver": self.items[0].solver if self.items else self.req.solver,
-            "dataset": self.req.dataset if self.req.records is None else "uploaded", "scoring_mode": self.req.scoring_mode,
-            "accuracy": summary["accuracy"][self.req.scoring_mode]["accuracy"],
-            "summary": summary, "error": self.error, "created": self.created, "finished": self.finished,
+            "id": self.id, "status": self.status, "done": len(items), "total": self.total,
+            "progress": len(items) / self.total if self.total else 1.0,
+            "decomposer": self.req.get("decomposer"), "decomposer_name": self.decomposer, "solver": self.solver,
+            "dataset": self.req.get("dataset") if self.req.get("records") is None else "uploaded",
+            "scoring_mode": mode, "accuracy": summary["accuracy"][mode]["accuracy"],
+            "summary": summary, "spent_usd": round(self.spent_usd, 8), "max_cost_usd": self.cap_usd,
+            "offline": summary["offline"], "error": self.error, "created": self.created, "finished": self.finished,
             "report": self.report,
         }
         if with_items:
-            out["items"] = [it.to_dict() for it in sorted(self.items, key=lambda i: i.index)]
+            out["items"] = [it.to_dict() for it in items]
         return out
+
+
+def _sse_chunks(completion: dict, include_usage: bool):
+    """A finished chat.completion as server-sent `chat.completion.chunk` events (role, content word by word,
+    finish_reason, optional usage), then `data: [DONE]`, built from the openai package's types."""
+    from openai.types.chat import ChatCompletionChunk
+    from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
+    from openai.types.completion_usage import CompletionUsage
+
+    base = {"id": completion["id"], "created": completion["created"], "model": completion["model"],
+            "object": "chat.completion.chunk"}
+    text = completion["choices"][0]["message"]["content"] or ""
+
+    def event(choices, **extra) -> str:
+        chunk = ChatCompletionChunk(**base, choices=choices, **extra)
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    yield event([Choice(index=0, delta=ChoiceDelta(role="assistant", content=""), finish_reason=None)])
+    for piece in re.findall(r"\S*\s*", text):
+        if piece:
+            yield event([Choice(index=0, delta=ChoiceDelta(content=piece), finish_reason=None)])
+    yield event([Choice(index=0, delta=ChoiceDelta(), finish_reason=completion["choices"][0]["finish_reason"])])
+    if include_usage:
+        yield event([], usage=CompletionUsage(**completion["usage"]))
+    yield "data: [DONE]\n\n"
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    """Composes the decomposer and the solver through DeploymentHandles; owns the evaluations (asyncio tasks)."""
+    """Composes the decomposer and the solver through DeploymentHandles; owns the evaluations (asyncio tasks,
+    persisted under `results_root` so they survive a restart of this replica)."""
 
-    def __init__(self, decomposer, solver, config: dict):
+    def __init__(self, decomposer, solver, config: dict, key_digests: Optional[list[str]] = None):
         self.cfg = ServeConfig(**config)
         self.decomposer = decomposer  # DeploymentHandle or None (no distilled decomposer configured)
         self.solver = solver
+        set_guard(key_digests or [], self.cfg.max_request_bytes)
+        self.store = EvalStore(self.cfg.results_root)
         self.evals: dict[str, Evaluation] = {}
-        os.environ["SUBQ_MAX_REQUEST_BYTES"] = str(self.cfg.max_request_bytes)
+        for eid in self.store.ids():  # what a previous replica left: finished ones served, running ones interrupted
+            loaded = self.store.load(eid)
+            if loaded is None:
+                continue
+            ev = Evaluation.from_meta(*loaded)
+            if ev.status == "running":
+                ev.status, ev.finished = "interrupted", time.time()
+                ev.error = f"the ingress restarted; {len(ev.items)} of {ev.total} items had finished and are kept"
+                self.store.save_meta(eid, ev.meta())
+            self.evals[eid] = ev
 
     # -- composition
     async def _call(self, handle, method: str, *args) -> dict:
@@ -371,14 +514,15 @@ class Ingress:
         try:
             return await getattr(handle, method).remote(*args)
         except BackPressureError as e:
-            raise ApiError(503, f"overloaded: {e}", type_="overloaded",
+            raise ApiError(503, f"overloaded: {e}", type_="server_error", code="overloaded",
                            headers={"Retry-After": str(max(1, int(self.cfg.retry_after_s + 0.999)))}) from None
 
     def _upstream_error(self, res: dict) -> ApiError:
         if res.get("upstream"):
             return ApiError(502, f"solver upstream {res['upstream']} failed: {res['error']}", type_="upstream_error",
-                            upstream=res["upstream"])
-        return ApiError(500, f"{res.get('stage', 'stage')} failed: {res['error']}", type_="internal_error")
+                            code="upstream_error", upstream=res["upstream"], upstream_status=res.get("status"))
+        return ApiError(500, f"{res.get('stage', 'stage')} failed: {res['error']}", type_="server_error",
+                        code="internal_error")
 
     async def _decompose(self, kind: str, problem: str, params: Optional[dict] = None) -> Optional[Decomposition]:
         if kind == "none":
@@ -406,8 +550,8 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "decomposer": self.cfg.decomposer.name if self.decomposer else None,
-                "solver": self.cfg.solver.name, "solver_upstream": self.cfg.solver.upstream(),
-                "evaluations": len(self.evals)}
+                "solver": self.cfg.solver.name, "auth": bool(guard()[0]),
+                "evaluations": sum(1 for e in self.evals.values() if e.status == "running")}
 
     @api.post("/v1/decompose")
     async def decompose(self, req: DecomposeRequest) -> dict:
@@ -419,8 +563,16 @@ class Ingress:
                 "usage": d.usage.to_dict(), "latency_s": time.perf_counter() - t0}
 
     @api.post("/v1/solve")
-    async def solve(self, req: SolveRequest) -> dict:
-        _problem_limit(req.problem, self.cfg.max_problem_chars, "problem")
+    async def solve(self, req: SolveRequest, response: Response) -> dict:
+        c = self.cfg
+        _problem_limit(req.problem, c.max_problem_chars, "problem")
+        _limit(req.gold_answer, c.max_answer_chars, "gold_answer", "max_answer_chars")
+        if req.sub_questions is not None:
+            if len(req.sub_questions) > c.max_sub_questions:
+                raise ApiError(422, f"field 'sub_questions': {len(req.sub_questions)} items; the limit is "
+                                    f"{c.max_sub_questions} (max_sub_questions)", field="sub_questions")
+            for i, q in enumerate(req.sub_questions):
+                _limit(q, c.max_sub_question_chars, f"sub_questions.{i}", "max_sub_question_chars")
         t0 = time.perf_counter()
         from subq.problems import problem_id
 
@@ -438,9 +590,12 @@ class Ingress:
         item = ItemResult(index=0, problem_id=problem_id(req.problem), problem=req.problem,
                           gold_answer=req.gold_answer or "", decomposer=self._decomposer_name(kind), solver=self.cfg.solver.name)
         finish_item(item, d, a)
+        if item.provenance:
+            response.headers["x-subq-provenance"] = item.provenance
         resp = {
             "problem_id": item.problem_id, "decomposer": item.decomposer, "solver": item.solver,
-            "mode": "single_stage" if kind == "none" else "two_stage",
+            "mode": "single_stage" if kind == "none" or item.fell_back else "two_stage",
+            "fell_back_single_stage": item.fell_back, "provenance": item.provenance,
             "sub_questions": item.sub_questions, "decomposition_text": item.decomposition_text,
             "answers": parsed.answers, "answer_text": a.text, "final_answer": item.final_answer,
             "usage": out_usage,
@@ -454,82 +609,160 @@ class Ingress:
             resp["scores"] = {m: score(a.text, paper_gold(req.gold_answer), m).to_dict() for m in MODES}
         return resp
 
+    # -- evaluations
+    def _registry(self) -> dict[str, str]:
+        from subq.problems import NAMED_SOURCES
+
+        return {**{n: n for n in NAMED_SOURCES}, **self.cfg.datasets}
+
+    async def _load(self, req: EvaluationRequest) -> list:
+        from subq.problems import Problem, load_problems, problem_id
+
+        c = self.cfg
+        if req.records is not None:
+            if not req.records:
+                raise ApiError(422, "records is empty", field="records")
+            if len(req.records) > c.max_inline_problems:
+                raise ApiError(422, f"field 'records': {len(req.records)} problems; the limit is "
+                                    f"{c.max_inline_problems} (max_inline_problems)", field="records")
+            out = []
+            for i, r in enumerate(req.records[:req.limit]):
+                text, gold = r.text(), r.gold()
+                _limit(text, c.max_problem_chars, f"records.{i}.question")
+                gold = gold if isinstance(gold, str) else f"#### {int(gold) if float(gold).is_integer() else gold}"
+                _limit(gold, c.max_answer_chars, f"records.{i}.answer", "max_answer_chars")
+                out.append(Problem(problem_id(text), text, gold, "uploaded", i))
+            return out
+        registry = self._registry()
+        name = req.dataset or "gsm8k:test"
+        if name not in registry:  # never a path or URI: nothing is opened for an unknown name
+            raise ApiError(422, f"unknown dataset {name[:80]!r}: name one of {sorted(registry)} (the operator adds "
+                                f"datasets with ServeConfig.datasets) or send `records` inline", field="dataset",
+                           code="unknown_dataset")
+        try:
+            return await asyncio.to_thread(load_problems, registry[name], req.limit)
+        except SubqError as e:
+            raise ApiError(422, f"dataset {name!r} cannot be read: {type(e).__name__}", field="dataset") from None
+
+    def _sweep(self) -> None:
+        """TTL eviction of finished evaluations (memory and results root)."""
+        now = time.time()
+        for eid, ev in list(self.evals.items()):
+            if ev.status != "running" and ev.finished and now - ev.finished > self.cfg.eval_ttl_s:
+                self.evals.pop(eid, None)
+                self.store.delete(eid)
+
     @api.post("/v1/evaluations", status_code=202)
     async def start_evaluation(self, req: EvaluationRequest) -> dict:
-        from subq.problems import load_problems
-
-        if req.solver is not None and req.solver != self.cfg.solver.name:
-            raise ApiError(422, f"unknown solver {req.solver!r}; served: {self.cfg.solver.name!r}", field="solver")
+        c = self.cfg
+        self._sweep()
+        if req.solver is not None and req.solver != c.solver.name:
+            raise ApiError(422, f"unknown solver {req.solver!r}; served: {c.solver.name!r}", field="solver")
         if req.decomposer == "distilled" and self.decomposer is None:
             raise ApiError(422, "no distilled decomposer is served", field="decomposer")
-        if req.limit > self.cfg.max_eval_problems:
-            raise ApiError(422, f"limit {req.limit} exceeds max_eval_problems={self.cfg.max_eval_problems}", field="limit")
-        try:
-            if req.records is not None:
-                if not req.records:
-                    raise ApiError(422, "records is empty", field="records")
-                field = "records"
-                with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in req.records))
-                try:
-                    problems = await asyncio.to_thread(load_problems, f.name, req.limit)
-                finally:
-                    os.unlink(f.name)
-                field = "records"
-            else:
-                field = "dataset"
-                problems = await asyncio.to_thread(load_problems, req.dataset, req.limit)
-        except SubqError as e:
-            msg = str(e).replace(f.name, "records") if req.records is not None else str(e)
-            raise ApiError(422, msg, field=field if not e.field else f"{field}.{e.field}") from None
+        if req.limit > c.max_eval_problems:
+            raise ApiError(422, f"limit {req.limit} exceeds max_eval_problems={c.max_eval_problems}", field="limit")
+        if req.max_cost_usd is not None and req.max_cost_usd > c.max_eval_cost_usd:
+            raise ApiError(422, f"max_cost_usd {req.max_cost_usd} exceeds the server's max_eval_cost_usd="
+                                f"{c.max_eval_cost_usd}", field="max_cost_usd")
+        running = sum(1 for e in self.evals.values() if e.status == "running")
+        if running >= c.max_running_evaluations:
+            raise ApiError(429, f"{running} evaluations are running; the limit is {c.max_running_evaluations} "
+                                f"(max_running_evaluations): retry later or DELETE one", type_="rate_limit_error",
+                           code="too_many_evaluations", headers={"Retry-After": str(int(c.eval_retry_after_s))})
+        problems = await self._load(req)
+        if req.exclude_few_shot:
+            problems = [p for p in problems if not p.is_few_shot_example]
         eid = f"eval-{uuid.uuid4().hex[:12]}"
-        items = [new_item(i, p, self._decomposer_name(req.decomposer), self.cfg.solver.name) for i, p in enumerate(problems)]
-        ev = Evaluation(eid, req, items)
+        name = self._decomposer_name(req.decomposer)
+        ev = Evaluation(eid, req.model_dump(), len(problems), name, c.solver.name,
+                        cap_usd=req.max_cost_usd or c.max_eval_cost_usd)
         self.evals[eid] = ev
-        ev.task = asyncio.get_running_loop().create_task(self._run_evaluation(ev))
+        await asyncio.to_thread(self.store.save_meta, eid, ev.meta())
+        pending = [new_item(i, p, name, c.solver.name) for i, p in enumerate(problems)]
+        ev.task = asyncio.get_running_loop().create_task(self._run_evaluation(ev, pending))
         return {"id": eid, "status": ev.status, "total": ev.total, "url": f"/v1/evaluations/{eid}"}
+
+    async def _retrying(self, fn):
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.cfg.eval_retries + 1), reraise=True,
+                                           wait=wait_random_exponential(multiplier=self.cfg.eval_retry_backoff_s, max=10),
+                                           retry=retry_if_exception(_transient)):
+            with attempt:
+                return await fn()
 
     async def _run_item(self, ev: Evaluation, item: ItemResult, sem: asyncio.Semaphore) -> None:
         async with sem:
-            try:
-                d = await self._decompose(ev.req.decomposer, item.problem)
-            except ApiError as e:
-                ev.items.append(fail_item(item, "decompose", e.message))
+            if ev.spent_usd >= ev.cap_usd:
+                ev.error = f"stopped: the cost cap ${ev.cap_usd} (max_cost_usd) was reached"
                 return
+            d = None
             try:
-                a = await self._answer(item.problem, d.questions if d else [])
+                d = await self._retrying(lambda: self._decompose(ev.req["decomposer"], item.problem))
+                a = await self._retrying(lambda: self._answer(item.problem, d.questions if d else []))
             except ApiError as e:
                 if d is not None:
                     item.sub_questions, item.decomposition_text = d.questions, d.text
                     item.usage["decompose"] = d.usage.to_dict()
-                item.error, item.error_stage = e.message, "solve"
-                ev.items.append(finish_item(item, None, None))
-                return
-            ev.items.append(finish_item(item, d, a))
+                done = fail_item(item, "solve" if d is not None or ev.req["decomposer"] == "none" else "decompose",
+                                 e.message)
+            else:
+                done = finish_item(item, d, a)
+            ev.items[done.index] = done
+            await asyncio.to_thread(self.store.save_item, ev.id, done.to_dict())
 
-    async def _run_evaluation(self, ev: Evaluation) -> None:
+    async def _run_evaluation(self, ev: Evaluation, pending: list[ItemResult]) -> None:
         sem = asyncio.Semaphore(self.cfg.eval_concurrency)
         try:
-            await asyncio.gather(*(self._run_item(ev, it, sem) for it in ev.pending))
-            if ev.req.out:
-                items = sorted(ev.items, key=lambda i: i.index)
-                run = {"decomposer": items[0].decomposer if items else ev.req.decomposer,
-                       "solver": self.cfg.solver.name, "summary": summarize_items(items), "items": items}
-                ev.report = await asyncio.to_thread(write_report, ev.req.out, [run], {"evaluation": ev.req.model_dump()})
-            ev.status = "completed"
+            await asyncio.gather(*(self._run_item(ev, it, sem) for it in pending))
+            items = sorted(ev.items.values(), key=lambda i: i.index)
+            run = {"decomposer": ev.decomposer, "solver": ev.solver, "summary": summarize_items(items, ev.total),
+                   "items": items}
+            written = await asyncio.to_thread(write_report, self.store.report_dir(ev.id), [run],
+                                              {"evaluation": ev.req, "id": ev.id})
+            ev.report = sorted(written)
+            ev.status = "stopped" if ev.error else "completed"
+        except asyncio.CancelledError:
+            ev.status, ev.error = "cancelled", ev.error or "cancelled by DELETE"
         except Exception as e:  # noqa: BLE001 - the evaluation fails, the replica does not
             ev.status, ev.error = "failed", f"{type(e).__name__}: {e}"
         finally:
             ev.finished = time.time()
+            await asyncio.to_thread(self.store.save_meta, ev.id, ev.meta())
 
     def _get(self, eid: str) -> Evaluation:
         if eid not in self.evals:
-            raise ApiError(404, f"no evaluation with id {eid!r}", field="id", type_="not_found")
+            raise ApiError(404, f"no evaluation with id {eid[:40]!r}", field="id", code="not_found")
         return self.evals[eid]
+
+    @api.get("/v1/evaluations")
+    async def list_evaluations(self) -> dict:
+        self._sweep()
+        return {"object": "list", "data": [{"id": e.id, "status": e.status, "done": len(e.items), "total": e.total,
+                                            "decomposer": e.decomposer, "created": e.created}
+                                           for e in sorted(self.evals.values(), key=lambda e: e.created)]}
 
     @api.get("/v1/evaluations/{eid}")
     async def get_evaluation(self, eid: str, items: bool = Query(False, description="Include per-item results.")) -> dict:
         return self._get(eid).view(items)
+
+    @api.delete("/v1/evaluations/{eid}")
+    async def delete_evaluation(self, eid: str) -> dict:
+        """A running evaluation is cancelled (its in-flight calls too) and kept as `cancelled`; a finished one is
+        deleted with its files."""
+        ev = self._get(eid)
+        if ev.status == "running" and ev.task is not None:
+            ev.error = "cancelled by DELETE"
+            ev.task.cancel()
+            try:
+                await asyncio.wait_for(asyncio.shield(ev.task), timeout=10)
+            except (asyncio.CancelledError, asyncio.TimeoutError):
+                pass
+            return {"id": eid, "status": ev.status, "done": len(ev.items), "total": ev.total, "deleted": False}
+        self.evals.pop(eid, None)
+        await asyncio.to_thread(self.store.delete, eid)
+        return {"id": eid, "status": ev.status, "deleted": True}
 
     @api.get("/v1/evaluations/{eid}/paper_raw")
     async def get_paper_raw(self, eid: str):
@@ -537,7 +770,8 @@ class Ingress:
         from subq.schema import dumps_paper
 
         ev = self._get(eid)
-        return PlainTextResponse(dumps_paper(items_to_rows(ev.items), "paper_raw"), media_type="application/x-ndjson")
+        return PlainTextResponse(dumps_paper(items_to_rows(list(ev.items.values())), "paper_raw"),
+                                 media_type="application/x-ndjson")
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -550,14 +784,14 @@ class Ingress:
         return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")
-    async def chat(self, req: ChatRequest) -> dict:
-        if req.stream:
-            raise ApiError(400, "streaming is not supported", field="stream")
+    async def chat(self, req: ChatRequest):
         if req.n and req.n > 1:
-            raise ApiError(400, "only n=1 is supported", field="n")
+            raise ApiError(400, "only n=1 is supported", field="n", code="unsupported_value")
         for i, m in enumerate(req.messages):
             if isinstance(m.content, str):
                 _problem_limit(m.content, self.cfg.max_problem_chars * 4, f"messages.{i}.content")
+            elif m.content is not None:
+                _problem_limit(json.dumps(m.content), self.cfg.max_problem_chars * 4, f"messages.{i}.content")
         body = req.model_dump()
         if self.decomposer is not None and req.model == self.cfg.decomposer.name:
             res = await self._call(self.decomposer, "chat", body)
@@ -566,19 +800,34 @@ class Ingress:
         else:
             served = [m["id"] for m in (await self.models())["data"]]
             raise ApiError(404, f"model {req.model!r} is not served here; served: {served}", field="model",
-                           type_="not_found")
+                           code="model_not_found")
         if not res["ok"]:
             raise self._upstream_error(res)
+        if req.stream:
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse_chunks(res["response"], usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         return res["response"]
 
 
 # ---------------------------------------------------------------- building and running
 
 
+def api_key_digests(cfg: ServeConfig) -> list[str]:
+    """SHA-256 digests of the configured API keys, after the exposure rule (non-loopback needs keys or insecure)."""
+    keys = load_api_keys(cfg.api_keys_env, cfg.api_keys_file)
+    check_exposure(cfg.host, len(keys), cfg.insecure)
+    return [digest(k) for k in keys]
+
+
 def build_app(config: ServeConfig):
-    """The Serve application (Ingress bound to the Decomposer and Solver deployments) for `config`."""
+    """The Serve application (Ingress bound to the Decomposer and Solver deployments) for `config`. API keys are
+    read here (env/file) and only their digests reach the Ingress; the results root is made absolute here."""
     cfg = config if isinstance(config, ServeConfig) else ServeConfig(**config)
     cfg.solver.price()  # an unpriced solver model is a ConfigError now, not a wrong $ later
+    digests = api_key_digests(cfg)
+    if "://" not in cfg.results_root:
+        cfg = cfg.model_copy(update={"results_root": os.path.abspath(os.path.expanduser(cfg.results_root))})
     backpressure = {"status_code": 503, "retry_after_s": cfg.retry_after_s}
 
     def autoscaling(lo: int, hi: int) -> dict:
@@ -601,7 +850,7 @@ def build_app(config: ServeConfig):
         num_replicas=1,  # evaluations live in this replica's memory
         max_ongoing_requests=cfg.ingress_max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         backpressure_config=backpressure, ray_actor_options={"num_cpus": 0},
-    ).bind(decomposer, solver, cfg.model_dump())
+    ).bind(decomposer, solver, cfg.model_dump(), digests)
 
 
 def app_builder(args: dict):

@@ -90,6 +90,9 @@ def register(app: typer.Typer) -> None:
         price_input: Optional[float] = typer.Option(None, "--solver-price-input", help="Solver $ per 1K prompt tokens (overrides the price table)."),
         price_output: Optional[float] = typer.Option(None, "--solver-price-output", help="Solver $ per 1K completion tokens."),
         num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for a local Ray instance (ignored when RAY_ADDRESS is set)."),
+        api_keys_file: Optional[str] = typer.Option(None, "--api-keys-file", help="File of API keys clients must send (one a line); also $SUBQ_API_KEYS (comma-separated)."),
+        insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without API keys (only behind an authenticating proxy)."),
+        results_root: Optional[str] = typer.Option(None, "--results-root", help="Where evaluations are written (default ~/.cache/subq/serve-evaluations)."),
         check: bool = typer.Option(False, "--check", help="Validate the config, print it as JSON and exit without starting Serve."),
     ) -> None:
         """Serve the decomposer -> solver app on Ray Serve (Ctrl-C stops it). Endpoints: /v1/decompose, /v1/solve,
@@ -97,7 +100,8 @@ def register(app: typer.Typer) -> None:
         from pipelines.serve import ServeConfig
 
         values = _merge(serve_values_from_yaml(config), {
-            "host": host, "port": port, "max_batch_size": max_batch_size,
+            "host": host, "port": port, "max_batch_size": max_batch_size, "api_keys_file": api_keys_file,
+            "insecure": insecure or None, "results_root": results_root,
             "decomposer": {"path": decomposer_path, "name": decomposer_name, "beta": beta, "do_sample": do_sample,
                            "max_new_tokens": max_new_tokens},
             "solver": {"name": solver_model, "base_url": solver_base_url, "backend": solver_backend,
@@ -106,9 +110,19 @@ def register(app: typer.Typer) -> None:
         })
         cfg = _validate(ServeConfig, values, config)
         cfg.solver.price()
+        from pipelines.serve import api_key_digests
+
+        n_keys = len(api_key_digests(cfg))  # a non-loopback host without keys stops here (unless --insecure)
         if check:
             print(json.dumps(cfg.model_dump()))
             return
+        from pipelines.evaluate import check_solver
+
+        check_solver(cfg.solver)  # the solver's key is set and its endpoint answers, or one error line now
+        from subq import console as _c
+
+        _c.echo(f"solver {cfg.solver.name} at {cfg.solver.upstream()} answers; API keys: "
+                f"{n_keys or 'none (loopback only)'}")
         import os
         import time
 
@@ -150,6 +164,8 @@ def register(app: typer.Typer) -> None:
         price_output: Optional[float] = typer.Option(None, "--solver-price-output", help="Solver $ per 1K completion tokens."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Problems per Ray Data batch."),
         concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Solver calls in flight per actor."),
+        cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Durable cache of solver replies (default OUT/cache): a re-run pays nothing."),
+        exclude_few_shot: bool = typer.Option(False, "--exclude-few-shot", help="Drop the GSM8K test problems the paper's prompts quote as few-shot examples (default: kept, marked, and the report also gives accuracy without them)."),
     ) -> None:
         """Evaluate decomposer x solver pairs over a split (Ray Data) and write a report directory: results.json,
         report.md, accuracy_vs_cost.png, subquestions_hist.png and one paper_raw jsonl per pair."""
@@ -158,7 +174,8 @@ def register(app: typer.Typer) -> None:
 
         values = _merge(read_yaml(config) if config else {}, {
             "out": out, "data": data, "limit": limit, "decomposers": list(decomposer) if decomposer else None,
-            "batch_size": batch_size, "concurrency": concurrency,
+            "batch_size": batch_size, "concurrency": concurrency, "cache_dir": cache_dir,
+            "exclude_few_shot": exclude_few_shot or None,
             "decomposer": {"beta": beta, "max_new_tokens": max_new_tokens},
             "solver": {"name": solver_model, "base_url": solver_base_url, "backend": solver_backend,
                        "local_path": solver_local_path, "prompt": solver_prompt, "max_tokens": solver_max_tokens,
@@ -171,7 +188,7 @@ def register(app: typer.Typer) -> None:
 
         console.activate("eval")
         result = run_eval(cfg, progress=console.echo)
-        console.emit_json({"out": result["out"], "files": sorted(result["files"]),
+        console.emit_json({"out": result["out"], "files": sorted(result["files"]), "offline": result["offline"],
                           "runs": [{"decomposer": r["decomposer"], "solver": r["solver"],
                                     "accuracy": {m: v["accuracy"] for m, v in r["summary"]["accuracy"].items()},
                                     "cost_usd": r["summary"]["usage"]["total"]["cost_usd"],

@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
 pytestmark = pytest.mark.slow
+
+KEY_ENV = {"SUBQ_TEST_SOLVER_KEY": "local-test-key"}
+
+
+def _eval_cmd(subq_bin, teacher, out, limit, decomposers, *extra):
+    return [subq_bin, "eval", "--data", "gsm8k-ai-subq:test", "--limit", str(limit), *decomposers,
+            "--solver-base-url", teacher.base_url, "--solver-model", "gpt-3.5-turbo",
+            "--api-key-env", "SUBQ_TEST_SOLVER_KEY", "--out", str(out), *extra]
 
 
 def test_subq_eval_writes_report_directory(tmp_path, subq_bin):
@@ -25,12 +35,17 @@ def test_subq_eval_writes_report_directory(tmp_path, subq_bin):
     decomposers = ["--decomposer", "none", "--decomposer", "teacher", "--decomposer", f"tiny={model_dir}"]
     out = tmp_path / "report"
     with TeacherServer() as teacher:
-        r = subprocess.run(
-            [subq_bin, "eval", "--data", "gsm8k-ai-subq:test", "--limit", "6", *decomposers, "--max-new-tokens", "16",
-             "--solver-base-url", teacher.base_url, "--solver-model", "gpt-3.5-turbo", "--batch-size", "3",
-             "--api-key-env", "SUBQ_TEST_SOLVER_KEY", "--out", str(out)],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "SUBQ_TEST_SOLVER_KEY": "local-test-key"})
-    assert r.returncode == 0, r.stderr[-3000:]
+        cmd = _eval_cmd(subq_bin, teacher, out, 6, decomposers, "--max-new-tokens", "16", "--batch-size", "3")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **KEY_ENV})
+        assert r.returncode == 0, r.stderr[-3000:]
+        first = teacher.stats(keys=False)
+        # the same command again: every solver call is in the durable cache, the server sees no request
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **KEY_ENV})
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert teacher.stats(keys=False)["total"] == first["total"] > 0
+    assert "OFFLINE" in r.stderr and json.loads(r.stdout.strip().splitlines()[-1])["offline"] is True
+    res2 = json.loads((out / "results.json").read_text())
+    assert all(run["summary"]["usage"]["solve"]["calls"] == 0 for run in res2["runs"])  # nothing paid the 2nd time
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert [x["decomposer"] for x in summary["runs"]] == ["none", "teacher", "tiny"]
     for name in ("results.json", "report.md", "accuracy_vs_cost.png", "subquestions_hist.png"):
@@ -54,3 +69,48 @@ def test_subq_eval_writes_report_directory(tmp_path, subq_bin):
     assert by["teacher"]["accuracy"]["paper"]["correct"] > 0
     assert by["tiny"]["usage"]["decompose"]["completion_tokens"] > 0 and by["tiny"]["usage"]["decompose"]["cost_usd"] == 0
     assert all(s["usage"]["solve"]["calls"] >= 6 and s["errors"] == 0 for s in by.values())
+    assert {"subq", "ray", "torch", "transformers"} <= set(res["versions"]) and res["date"] and res["config"]["limit"] == 6
+    for name in ("none", "teacher", "tiny"):
+        lines = (out / f"samples_{name}.jsonl").read_text().splitlines()
+        assert len(lines) == 6 and json.loads(lines[0])["doc_id"] == 0 and "filtered_resps" in json.loads(lines[0])
+    assert "fell back to single-stage" in md and "Wilson" in md and "McNemar" in md
+    assert md.index("OFFLINE") < md.index("| decomposer |")
+
+
+def test_subq_eval_killed_midway_resumes_paying_only_unfinished_calls(tmp_path, subq_bin):
+    from pipelines.teacher_server import TeacherServer
+
+    out = tmp_path / "report"
+    with TeacherServer(latency_s=0.5) as teacher:
+        cmd = _eval_cmd(subq_bin, teacher, out, 16, ["--decomposer", "none"], "--batch-size", "4", "--concurrency", "2")
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **KEY_ENV},
+                             start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while teacher.stats(keys=False).get("completed", 0) < 5 and time.time() < deadline and p.poll() is None:
+                time.sleep(0.3)
+        finally:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        time.sleep(1)
+        cached = len(list((out / "cache").rglob("*.json")))
+        sent_before = teacher.stats(keys=False)["total"]
+        assert 0 < cached < 16 and not (out / "results.json").exists()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **KEY_ENV})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert teacher.stats(keys=False)["total"] - sent_before == 16 - cached  # only the unfinished items
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"][0]["summary"]["n"] == 16 and res["runs"][0]["summary"]["errors"] == 0
+
+
+def test_subq_eval_where_every_call_fails_exits_nonzero_with_the_cause(tmp_path, subq_bin):
+    from pipelines.teacher_server import TeacherServer
+
+    with TeacherServer(api_key="the-right-key") as teacher:  # /models answers; every chat call is a 401
+        r = subprocess.run(_eval_cmd(subq_bin, teacher, tmp_path / "r", 3, ["--decomposer", "none"]),
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "SUBQ_TEST_SOLVER_KEY": "a-wrong-key"})
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+    assert "every item failed" in errors[0] and "401" in errors[0] and "results.json" in errors[0]
+    assert "a-wrong-key" not in r.stderr + r.stdout

@@ -202,3 +202,17 @@ def test_plot_labels_never_overprint_and_carry_the_offline_caveat(problems):
                                                       Answer("Final answer: 0", StageUsage("x")))
                                           for i, p in enumerate(problems)]) for r in runs[:2]]
     assert not any("OFFLINE" in t.get_text() for f in report_figures(runs_online).values() for t in f.texts)
+
+
+def test_failure_verdict_all_some_none(problems):
+    from pipelines.evaluate import failure_verdict
+
+    good = _items(problems, [f"Final answer: {paper_gold(p.gold_answer).split()[-1]}" for p in problems])
+    some = _items(problems, ["Final answer: 1", None, None, "Final answer: 2", None, "x"])
+    bad = _items(problems, [None] * len(problems))
+    assert failure_verdict([_run("none", good)], "out") == (None, None)
+    fatal, warn = failure_verdict([_run("none", some)], "out")
+    assert fatal is None and warn.startswith("warning: 3 of 6 items failed") and "out/results.json" in warn
+    assert "most common: 3x solve: solver upstream" in warn
+    fatal, warn = failure_verdict([_run("none", bad)], "out")
+    assert warn is None and fatal.startswith("every item failed (6 of 6)") and "solver upstream" in fatal
