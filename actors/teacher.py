@@ -29,6 +29,7 @@ every row of a batch is processed concurrently on the actor's event loop; subcla
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import os
@@ -85,9 +86,15 @@ class TeacherBudgetExceeded(TeacherStopped):
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, status: Optional[int] = None):
+    def __init__(self, reason: str, status: Optional[int] = None, maybe_billed: bool = False):
         super().__init__(reason)
         self.reason, self.status = reason, status
+        self.maybe_billed = maybe_billed  # the request reached the provider, which may bill it (timeout, drop, bad 200)
+
+
+# calls that may have been billed, counted into the dict the caller set here (e.g. one problem's accounts):
+# {"maybe_billed": n, "maybe_billed_usd": $}. A ContextVar, so concurrent problems on one client stay apart.
+BILLING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("subq_billing", default=None)
 
 
 _KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{3,}")
@@ -226,6 +233,8 @@ class TeacherClient:
         cache_dir: Optional[str] = None,
         max_concurrency: int = 64,
         max_resamples: int = 2,
+        max_retry_after_s: float = 120.0,
+        limiter_name: Optional[str] = None,
     ):
         self.model = model
         self.base_url = base_url or "https://api.openai.com/v1"
@@ -236,6 +245,9 @@ class TeacherClient:
         self.backoff_max_s = backoff_max_s
         self.timeout_s = timeout_s
         self.max_resamples = max_resamples
+        self.max_retry_after_s = max_retry_after_s
+        self.limiter_name = limiter_name  # to find the shared limiter again if its actor is lost
+        self._limits = (rpm, tpm)
         if isinstance(price, Price):
             self.price = price
         else:
@@ -250,7 +262,8 @@ class TeacherClient:
         self._max_concurrency = max_concurrency
         self._client = None
         self.stats = {"calls": 0, "attempts": 0, "cache_hits": 0, "n_429": 0, "n_5xx": 0, "timeouts": 0,
-                      "connection_errors": 0, "malformed": 0, "cache_mismatch": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "connection_errors": 0, "malformed": 0, "cache_mismatch": 0, "maybe_billed": 0,
+                      "maybe_billed_usd": 0.0, "retry_after_capped": 0, "prompt_tokens": 0, "completion_tokens": 0,
                       "cost_usd": 0.0}
 
     def _make_limiter(self, rpm, tpm):
@@ -260,7 +273,10 @@ class TeacherClient:
             if ray.is_initialized():
                 from actors.limiter import get_or_create_limiter, limiter_name
 
-                return get_or_create_limiter(limiter_name(self.base_url, self.model), rpm, tpm, wait=False)
+                from actors.limiter import account_id
+
+                self.limiter_name = limiter_name(self.base_url, self.model, account_id(self._key))
+                return get_or_create_limiter(self.limiter_name, rpm, tpm, wait=False)
         except ImportError:
             pass
         from actors.limiter import TokenBucket
@@ -300,7 +316,7 @@ class TeacherClient:
         if lim is None:
             return
         if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
-            res = await lim.acquire.remote(tokens, 0.0)
+            res = await self._remote("acquire", tokens, 0.0)
             if res["stop"]:
                 cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
                 raise cls(res["stop"], upstream=self.base_url)
@@ -316,8 +332,23 @@ class TeacherClient:
             return None
         fn = getattr(lim, method)
         if hasattr(fn, "remote"):
-            return await fn.remote(*args)
+            return await self._remote(method, *args)
         return fn(*args)
+
+    async def _remote(self, method: str, *args) -> Any:
+        """A call on the shared limiter actor; if that actor is gone for good (its node was lost), find or create
+        it again by name with this client's limits, and call once more."""
+        import ray
+
+        try:
+            return await getattr(self.limiter, method).remote(*args)
+        except ray.exceptions.RayActorError:
+            if not self.limiter_name:
+                raise
+            from actors.limiter import get_or_create_limiter
+
+            self.limiter = get_or_create_limiter(self.limiter_name, *self._limits, wait=False)
+            return await getattr(self.limiter, method).remote(*args)
 
     # -- one call
     async def chat(self, messages: list[dict], *, temperature: float = 0.7, max_tokens: int = 512,
@@ -406,6 +437,20 @@ class TeacherClient:
         self.stats["attempts"] += 1
         try:
             res = await self._send(client, messages, temperature, max_tokens, sample_index, key, est_tokens, state)
+        except _Retryable as e:
+            if e.maybe_billed:  # the provider may have billed it: charge the hold, count it apart
+                self.stats["maybe_billed"] += 1
+                self.stats["maybe_billed_usd"] += est_cost
+                acc = BILLING.get()
+                if acc is not None:
+                    acc["maybe_billed"] = acc.get("maybe_billed", 0) + 1
+                    acc["maybe_billed_usd"] = acc.get("maybe_billed_usd", 0.0) + est_cost
+                await self._limiter_call("settle", 0, 0, est_cost)
+                if self.budget is not None:
+                    await self.budget.settle.remote(0, 0, est_cost, est_cost)
+            elif self.budget is not None:
+                await self.budget.release.remote(est_cost)
+            raise
         except BaseException:
             if self.budget is not None:
                 await self.budget.release.remote(est_cost)
@@ -429,7 +474,7 @@ class TeacherClient:
                 usage = completion.usage
             except Exception as e:  # body not JSON / not a chat completion
                 self.stats["malformed"] += 1
-                raise _Retryable(f"malformed response body: {type(e).__name__}", 200) from None
+                raise _Retryable(f"malformed response body: {type(e).__name__}", 200, maybe_billed=True) from None
         except openai.RateLimitError as e:
             state["n_429"] += 1
             self.stats["n_429"] += 1
@@ -440,16 +485,21 @@ class TeacherClient:
             if self.limiter is not None:
                 await self._limiter_call("report_429", wait, {k: v for k, v in hdrs.items()
                                                               if k.lower().startswith(("retry-after", "x-ratelimit"))})
-            elif wait:
-                await asyncio.sleep(min(wait, self.backoff_max_s))
+            elif wait:  # no shared limiter: honour it here, up to the cap
+                if wait > self.max_retry_after_s:
+                    self.stats["retry_after_capped"] += 1
+                await asyncio.sleep(min(wait, self.max_retry_after_s))
             await self._limiter_call("settle", est_tokens, 0, 0.0)
             raise _Retryable("HTTP 429 rate limited", 429) from None
         except openai.APITimeoutError:
             self.stats["timeouts"] += 1
-            raise _Retryable(f"timed out after {self.timeout_s}s") from None
+            raise _Retryable(f"timed out after {self.timeout_s}s", maybe_billed=True) from None
         except openai.APIConnectionError as e:
             self.stats["connection_errors"] += 1
-            raise _Retryable(self._redact(f"connection error: {e}")) from None
+            # not connected = never sent; anything else (a dropped connection) may have been billed. By name: the
+            # SDK may use its own copy of httpx
+            sent = type(e.__cause__).__name__ not in ("ConnectError", "ConnectTimeout")
+            raise _Retryable(self._redact(f"connection error: {e}"), maybe_billed=sent) from None
         except openai.APIStatusError as e:
             status = e.status_code
             msg = self._redact(_upstream_message(e))
@@ -464,7 +514,7 @@ class TeacherClient:
                                       code=_upstream_code(e)) from None
         except openai.APIError as e:  # e.g. a reply body the SDK cannot validate: treat like a bad sample
             self.stats["malformed"] += 1
-            raise _Retryable(self._redact(f"unusable response: {type(e).__name__}"), 200) from None
+            raise _Retryable(self._redact(f"unusable response: {type(e).__name__}"), 200, maybe_billed=True) from None
         if text is None:
             raise _Retryable("empty reply (no message content)", 200)
         pt = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else estimate_tokens(str(messages))
@@ -519,6 +569,7 @@ class TeacherActor:
         env = kwargs.get("api_key_env", "OPENAI_API_KEY")
         if api_key_ref and not os.environ.get(env):
             kwargs["api_key"] = ray.get(api_key_ref[0])
+        kwargs.setdefault("limiter_name", limiter_name)
         self.client = TeacherClient(**kwargs, limiter=limiter)
 
     async def process(self, row: dict) -> dict:
