@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from typing import Optional
 
-from actors.teacher import RequestCache, cache_key
+from actors.teacher import RequestCache, cache_key, normalize_endpoint
 from subq import console, storage
 from subq.errors import ConfigError, SubqError
 
@@ -149,7 +149,7 @@ class BatchDriver:
     # ------------------------------------------------------------------ requests
     def request(self, pid: str, stage: str, set_index: int, tid: str, sample: int, msgs: list, nq: int = 0) -> dict:
         c = self.cfg
-        key = cache_key(c.model, msgs, c.temperature, c.max_tokens, sample, tid)
+        key = cache_key(c.model, msgs, c.temperature, c.max_tokens, sample, tid, self.base_url)  # = online's key
         return {"cid": custom_id(pid, stage, set_index, sample), "key": key, "tid": tid, "sample": sample,
                 "stage": stage, "pid": pid, "nq": nq,
                 "line": {"custom_id": custom_id(pid, stage, set_index, sample), "method": "POST", "url": ENDPOINT,
@@ -253,7 +253,8 @@ class BatchDriver:
             entry = {"text": text, "prompt_tokens": pt, "completion_tokens": ct, "cost_usd": self.bprice.cost(pt, ct),
                      "key": r["key"], "model": self.cfg.model, "provenance": body.get("system_fingerprint"),
                      "invalid_reason": reason, "n_429": 0, "template_id": r["tid"], "sample_index": r["sample"],
-                     "created": time.time(), "batch_id": b.id, "online_cost_usd": self.price.cost(pt, ct)}
+                     "created": time.time(), "endpoint": normalize_endpoint(self.base_url), "batch_id": b.id,
+                     "online_cost_usd": self.price.cost(pt, ct)}
             self.cache.put(r["key"], entry)
             self.done.add(r["key"])
             self.fresh[r["key"]] = entry
@@ -439,6 +440,10 @@ def run_batch(cfg, pending, prices, progress):
                 "new_prompt_tokens": sum(d.fresh[r["key"]]["prompt_tokens"] for r in reqs if r["key"] in d.fresh),
                 "new_completion_tokens": sum(d.fresh[r["key"]]["completion_tokens"] for r in reqs if r["key"] in d.fresh),
                 "new_cost_usd": sum(d.fresh[r["key"]]["cost_usd"] for r in reqs if r["key"] in d.fresh)}
+        for r in reqs:  # this run's tokens and $ by stage (summary "by_stage")
+            e = d.fresh.get(r["key"])
+            for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
+                acct[f"{r['stage']}_{k}"] = acct.get(f"{r['stage']}_{k}", 0) + (e[k] if e else 0)
         if entries:
             gold = release_gold(it["gold_answer"])
             built = []
@@ -466,9 +471,8 @@ def run_batch(cfg, pending, prices, progress):
         _write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA),
                      storage.join(cfg.output, "failures", _part_name([f["problem_id"] for f in fails])))
     if outs:
-        progress.add({k: [o.get(k, "batch-driver" if k == "actor" else None) for o in outs]
-                      for k in ["problem_id", "status", "error", "actor", "calls", "cached", "attempts", "n_429",
-                                "new_prompt_tokens", "new_completion_tokens", "new_cost_usd"]})
+        keys = sorted({k for o in outs for k in o} | {"actor"})
+        progress.add({k: [o.get(k, "batch-driver" if k == "actor" else None) for o in outs] for k in keys})
     return None, {"rate": None, "budget": None, "batch": d.summary()}
 
 

@@ -214,13 +214,17 @@ def test_per_request_errors_are_recorded_failures_and_a_bad_output_file_is_repor
     assert any(first in e and "malformed" in e for e in s["batch"]["output_errors"])
     # every good line of the broken file was kept: nothing was sent again
     assert st["submitted_twice"] == []
-    # --retry-failed (batch) sends only the failed problems' requests that have no reply yet
-    with TeacherServer(batch_delay_s=0.2, port=port) as ts:  # the same endpoint, without the faults
-        s2 = gen(subq_bin, "--input", "gsm8k:test", "--limit", "8", "--output", str(out), "--base-url",
-                 ts.base_url, "--retry-failed")
-        st2 = bstats(ts)
+    # a later ONLINE --retry-failed re-uses the batch replies (the same request cache) and sends only the rest
+    with TeacherServer(port=port) as ts:  # the same endpoint, without the faults
+        r = subprocess.run([subq_bin, "generate", "--input", "gsm8k:test", "--limit", "8", "--output", str(out),
+                            "--base-url", ts.base_url, "--retry-failed", "--actors", "1,1", "--ray-num-cpus", "2"],
+                           capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "unused"}, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        s2 = json.loads(r.stdout.strip().splitlines()[-1])
+        sent = ts.stats(keys=False)["completed"]
     assert s2["rows_total"] == 8 and s2["failures_open"] == 0
-    assert 0 < len(st2["submitted_by_custom_id"]) < 15 * len(fails)
+    assert s2["this_run"]["calls"] == 15 * len(fails) and s2["this_run"]["cache_hits"] > 0
+    assert sent == s2["this_run"]["calls"] - s2["this_run"]["cache_hits"] < 15 * len(fails)
 
 
 @pytest.mark.slow
