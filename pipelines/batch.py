@@ -69,6 +69,7 @@ class BatchDriver:
         self.fresh: dict[str, dict] = {}  # cache entries written by this run
         self.errors: dict[str, str] = {}  # custom_id -> reason (per-request errors)
         self.output_errors: list[str] = []
+        self.invalid: dict[str, str] = {}  # custom_id -> why its last reply was unusable (sent again)
         self._adoptable: Optional[dict] = None
         self._files: Optional[dict] = None
         self.last_line = 0.0
@@ -197,67 +198,76 @@ class BatchDriver:
         self.save()
 
     # ------------------------------------------------------------------ results
-    def _download(self, bid: str, file_id: Optional[str], what: str) -> list[dict]:
-        """The records of an output/error file; problems are reported with the batch id, good lines kept."""
+    def _download(self, bid: str, file_id: Optional[str], what: str):
+        """Stream the records of an output/error file (memory stays flat for a 200 MB file); a file that cannot
+        be downloaded or has malformed lines is reported with the batch id, every good line is kept."""
         import openai
 
         if not file_id:
-            return []
+            return
+        good = bad = 0
         try:
-            text = self.client.files.content(file_id).text
+            with self.client.files.with_streaming_response.content(file_id) as resp:
+                for line in resp.iter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        if not isinstance(rec, dict) or "custom_id" not in rec:
+                            raise ValueError
+                    except ValueError:
+                        bad += 1
+                        continue
+                    good += 1
+                    yield rec
         except openai.APIStatusError as e:
             self.output_errors.append(f"batch {bid}: {what} file {file_id} could not be downloaded "
-                                      f"(HTTP {e.status_code}); its requests are sent again")
-            return []
-        recs, bad = [], 0
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "custom_id" not in rec:
-                    raise ValueError
-                recs.append(rec)
-            except ValueError:
-                bad += 1
+                                      f"(HTTP {e.status_code}); its requests without a result are sent again")
+            return
         if bad:
             self.output_errors.append(f"batch {bid}: {what} file {file_id} has {bad} malformed line(s); "
-                                      f"{len(recs)} parsed and kept, requests without a result are sent again")
-        return recs
+                                      f"{good} parsed and kept, requests without a result are sent again")
 
     def _collect(self, name: str, b, by_cid: dict) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         s = self.state["shards"][name]
         n_before = len(self.output_errors)
-        for rec in self._download(b.id, b.output_file_id, "output"):
-            r = by_cid.get(rec["custom_id"])
-            resp = rec.get("response") or {}
-            if r is None:
-                continue
-            if resp.get("status_code") != 200:
-                s["request_errors"][r["cid"]] = f"batch {b.id}: HTTP {resp.get('status_code')}"
-                continue
-            try:
-                body = resp["body"]
-                text = body["choices"][0]["message"]["content"]
-                usage = body.get("usage") or {}
-                if text is None:
-                    raise TypeError("no message content")
-            except (KeyError, IndexError, TypeError) as e:
-                s["request_errors"][r["cid"]] = f"batch {b.id}: unusable reply ({type(e).__name__})"
-                continue
-            reason = self.reason(r, text)
-            if reason and r["stage"] == "qg":  # online re-samples these, then fails the problem
-                s["request_errors"][r["cid"]] = f"batch {b.id}: TeacherMalformedError: {reason}"
-                continue
-            pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            entry = {"text": text, "prompt_tokens": pt, "completion_tokens": ct, "cost_usd": self.bprice.cost(pt, ct),
-                     "key": r["key"], "model": self.cfg.model, "provenance": body.get("system_fingerprint"),
-                     "invalid_reason": reason, "n_429": 0, "template_id": r["tid"], "sample_index": r["sample"],
-                     "created": time.time(), "endpoint": normalize_endpoint(self.base_url), "batch_id": b.id,
-                     "online_cost_usd": self.price.cost(pt, ct)}
-            self.cache.put(r["key"], entry)
-            self.done.add(r["key"])
-            self.fresh[r["key"]] = entry
+        with ThreadPoolExecutor(16) as pool:  # cache writes are small fsynced files: write them in parallel
+            pending = []
+            for rec in self._download(b.id, b.output_file_id, "output"):
+                r = by_cid.get(rec["custom_id"])
+                resp = rec.get("response") or {}
+                if r is None:
+                    continue
+                if resp.get("status_code") != 200:
+                    s["request_errors"][r["cid"]] = f"batch {b.id}: HTTP {resp.get('status_code')}"
+                    continue
+                try:
+                    body = resp["body"]
+                    text = body["choices"][0]["message"]["content"]
+                    usage = body.get("usage") or {}
+                    if text is None:
+                        raise TypeError("no message content")
+                except (KeyError, IndexError, TypeError) as e:
+                    s["request_errors"][r["cid"]] = f"batch {b.id}: unusable reply ({type(e).__name__})"
+                    continue
+                reason = self.reason(r, text)
+                if reason and r["stage"] == "qg":  # online re-samples these: here the request is sent again
+                    self.invalid[r["cid"]] = reason
+                    continue
+                pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+                entry = {"text": text, "prompt_tokens": pt, "completion_tokens": ct,
+                         "cost_usd": self.bprice.cost(pt, ct), "key": r["key"], "model": self.cfg.model,
+                         "provenance": body.get("system_fingerprint"), "invalid_reason": reason, "n_429": 0,
+                         "template_id": r["tid"], "sample_index": r["sample"], "created": time.time(),
+                         "endpoint": normalize_endpoint(self.base_url), "batch_id": b.id,
+                         "online_cost_usd": self.price.cost(pt, ct)}
+                pending.append(pool.submit(self.cache.put, r["key"], entry))
+                self.fresh[r["key"]] = entry
+            for f in pending:
+                f.result()
+        self.done.update(k for k, e in self.fresh.items() if e["batch_id"] == b.id)
         for rec in self._download(b.id, b.error_file_id, "error"):
             r = by_cid.get(rec["custom_id"])
             if r is None or r["key"] in self.done:
@@ -299,8 +309,11 @@ class BatchDriver:
                 if r["key"] in self.done or r["cid"] in self.errors or r["cid"] in covered:
                     continue
                 if tries[r["cid"]] >= self.cfg.batch_max_submissions:
-                    self.errors[r["cid"]] = (f"BatchNotRun: no result after {tries[r['cid']]} batch submissions "
-                                             "(expired, cancelled or failed batches)")
+                    n = tries[r["cid"]]
+                    self.errors[r["cid"]] = (
+                        f"TeacherMalformedError: {n} replies failed validation: {self.invalid[r['cid']]}"
+                        if r["cid"] in self.invalid else
+                        f"BatchNotRun: no result after {n} batch submissions (expired, cancelled or failed batches)")
                     continue
                 todo.append(r)
             if todo:

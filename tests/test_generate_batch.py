@@ -263,3 +263,18 @@ def test_endpoint_without_batch_support_fails_before_any_upload(tmp_path, subq_b
     assert r.returncode == 2
     assert "error:" in r.stderr and "no Batch API" in r.stderr and "api" in r.stderr
     assert not (out / "batch").exists()
+
+
+@pytest.mark.slow
+def test_missing_output_file_is_reported_with_its_batch_id_and_only_its_requests_are_sent_again(tmp_path, subq_bin):
+    from pipelines.teacher_server import TeacherServer
+
+    out = tmp_path / "out"
+    with TeacherServer(batch_delay_s=0.2, batch_bad_output_first=1, batch_bad_output="missing") as ts:
+        s = gen(subq_bin, "--input", "gsm8k:test", "--limit", "3", "--output", str(out), "--base-url", ts.base_url)
+        st = bstats(ts)
+    first = next(iter(state(out)["shards"].values()))["batch_id"]
+    assert s["rows_total"] == 3 and s["failures_open"] == 0
+    assert any(first in e and "could not be downloaded" in e for e in s["batch"]["output_errors"])
+    assert sorted(st["submitted_twice"]) == sorted(c for c in st["submitted_by_custom_id"] if "|qg|" in c)
+    assert len(st["submitted_by_custom_id"]) == 45 and s["batch"]["replies_this_run"] == 45
