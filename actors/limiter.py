@@ -271,6 +271,18 @@ class RateLimiter:
             self.held_usd += est_cost_usd
         return {"wait_s": self.bucket.reserve(tokens), "stop": None, "kind": None}
 
+    async def acquire_block(self, n: int, tokens: int = 0, est_cost_usd: float = 0.0) -> dict:
+        """`n` acquisitions in one round trip (a client leasing a small block of slots at high rates):
+        {'waits': [seconds before each may be sent], 'stop', 'kind'}; the budget holds n x est_cost_usd."""
+        if self.stopped:
+            return {"waits": [], "stop": self.stopped, "kind": "stopped"}
+        left = self.bucket.budget_left()
+        if left is not None:
+            if left - self.held_usd - n * est_cost_usd < 0:
+                return {"waits": [], "stop": f"budget of ${self.bucket.budget_usd:.4f} reached", "kind": "budget"}
+            self.held_usd += n * est_cost_usd
+        return {"waits": [self.bucket.reserve(tokens) for _ in range(n)], "stop": None, "kind": None}
+
     async def stop(self, reason: str) -> None:
         """Refuse every later call (a fatal error such as a bad key: stop the whole job at once)."""
         self.stopped = reason

@@ -208,6 +208,62 @@ class RequestCache:
                 and not storage.is_temp(i.base_name)}
 
 
+# ------------------------------------------------------------------ metrics
+
+# client counters exported through ray.util.metrics (Prometheus names get Ray's "ray_" prefix)
+METRICS = {"attempts": "subq_teacher_requests", "retries": "subq_teacher_retries", "n_429": "subq_teacher_429",
+           "n_5xx": "subq_teacher_5xx", "timeouts": "subq_teacher_timeouts", "cache_hits": "subq_teacher_cache_hits",
+           "prompt_tokens": "subq_teacher_tokens_in", "completion_tokens": "subq_teacher_tokens_out",
+           "cost_usd": "subq_teacher_cost_usd", "maybe_billed_usd": "subq_teacher_maybe_billed_usd",
+           "limiter_wait_s": "subq_limiter_wait_seconds"}
+
+
+class TeacherMetrics:
+    """Ray metrics of one client (tags: endpoint, model): the counters above, calls in flight (gauge). Only
+    inside a Ray worker or driver; elsewhere every method does nothing."""
+
+    def __init__(self, endpoint: str, model: str):
+        self.tags = {"endpoint": normalize_endpoint(endpoint), "model": model}
+        self.counters: dict = {}
+        self.in_flight = None
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            from ray.util.metrics import Counter, Gauge
+
+            for k, name in METRICS.items():
+                self.counters[k] = Counter(name, description=f"subq teacher client: {k}", tag_keys=("endpoint", "model"))
+            self.in_flight = Gauge("subq_teacher_in_flight", description="teacher calls in flight (per process)",
+                                   tag_keys=("endpoint", "model"))
+        except Exception:  # metrics are best effort: never stop a call
+            self.counters = {}
+
+    def inc(self, key: str, n: float) -> None:
+        c = self.counters.get(key)
+        if c is not None and n > 0:
+            c.inc(n, tags=self.tags)
+
+    def set_in_flight(self, n: int) -> None:
+        if self.in_flight is not None:
+            self.in_flight.set(n, tags=self.tags)
+
+
+class _MeteredStats(dict):
+    """The client's `stats` dict; each increment of a metered key also goes to its Ray counter."""
+
+    def __init__(self, metrics: TeacherMetrics, values: dict):
+        super().__init__(values)
+        self._metrics = metrics
+
+    def __setitem__(self, key, value):
+        old = self.get(key, 0)
+        super().__setitem__(key, value)
+        if key in METRICS:
+            self._metrics.inc(key, value - old)
+
+
 # ------------------------------------------------------------------ the client
 
 
@@ -261,10 +317,12 @@ class TeacherClient:
         self._sem: Optional[asyncio.Semaphore] = None
         self._max_concurrency = max_concurrency
         self._client = None
-        self.stats = {"calls": 0, "attempts": 0, "cache_hits": 0, "n_429": 0, "n_5xx": 0, "timeouts": 0,
+        self.metrics = TeacherMetrics(self.base_url, model)
+        self._in_flight = 0
+        self.stats = _MeteredStats(self.metrics, {"calls": 0, "retries": 0, "limiter_wait_s": 0.0, "attempts": 0, "cache_hits": 0, "n_429": 0, "n_5xx": 0, "timeouts": 0,
                       "connection_errors": 0, "malformed": 0, "cache_mismatch": 0, "maybe_billed": 0,
                       "maybe_billed_usd": 0.0, "retry_after_capped": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                      "cost_usd": 0.0}
+                      "cost_usd": 0.0})
 
     def _make_limiter(self, rpm, tpm):
         try:
@@ -324,6 +382,7 @@ class TeacherClient:
         else:
             wait = lim.reserve(tokens)
         if wait > 0:
+            self.stats["limiter_wait_s"] += wait
             await asyncio.sleep(wait)
 
     async def _limiter_call(self, method: str, *args) -> Any:
@@ -373,8 +432,14 @@ class TeacherClient:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self._max_concurrency)
         async with self._sem:
-            res = await self._call_with_retries(messages, temperature, max_tokens, sample_index, key, validate,
-                                                accept_invalid)
+            self._in_flight += 1
+            self.metrics.set_in_flight(self._in_flight)
+            try:
+                res = await self._call_with_retries(messages, temperature, max_tokens, sample_index, key, validate,
+                                                    accept_invalid)
+            finally:
+                self._in_flight -= 1
+                self.metrics.set_in_flight(self._in_flight)
         if self.cache is not None:
             entry = {k: v for k, v in res.to_dict().items() if k not in ("raw_headers", "cached", "attempts")}
             entry.update(template_id=template_id, sample_index=sample_index, created=time.time(),
@@ -435,6 +500,8 @@ class TeacherClient:
         await self._acquire(est_tokens, est_cost)
         state["attempts"] += 1
         self.stats["attempts"] += 1
+        if state["attempts"] > 1:
+            self.stats["retries"] += 1
         try:
             res = await self._send(client, messages, temperature, max_tokens, sample_index, key, est_tokens, state)
         except _Retryable as e:

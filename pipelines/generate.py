@@ -435,10 +435,29 @@ class Progress:
                   "maybe_billed": 0, "maybe_billed_usd": 0.0, **{k: 0 for k in STAGE_KEYS}}
         self.status_fn = None  # optional: extra text for the line (e.g. the limiter's capped Retry-After)
 
+    def _problems_counter(self):
+        """Ray metric `subq_generate_problems{status}` (rows done, failed, ...) when the driver is in Ray."""
+        if getattr(self, "_metric", None) is None:
+            self._metric = False
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    from ray.util.metrics import Counter
+
+                    self._metric = Counter("subq_generate_problems", description="problems finished by status",
+                                           tag_keys=("status",))
+            except Exception:
+                pass
+        return self._metric or None
+
     def add(self, batch: dict) -> None:
         self.actors.update(batch["actor"])
+        metric = self._problems_counter()
         for i, status in enumerate(batch["status"]):
             self.c["rows" if status == "ok" else status] += 1
+            if metric is not None:
+                metric.inc(1, tags={"status": status})
             if status == "failed":
                 self.reasons[" ".join(str(batch["error"][i]).split())[:300]] += 1
             for k in ("calls", "cached", "attempts", "n_429", "new_prompt_tokens", "new_completion_tokens",
