@@ -32,6 +32,9 @@ Output directory (local path or any pyarrow filesystem URI):
       paper_dataset.json           export: the release's qg_*_dataset.jsonl training format (ONE JSON list)
       failures.jsonl               export: the failures still open (problems without a row), one a line
       summary.json                 the final summary (also printed as the last stdout line)
+      batch/state.json             --api batch only (pipelines.batch): each request shard's file id and batch id,
+                                   written as soon as they exist, its status and per-request errors
+      batch/requests/<shard>.jsonl --api batch only: the request files uploaded to the provider
 
 Resume and exactly once: re-running the same command skips problems that have a row and (unless
 `--retry-failed`) those with a recorded failure; calls already answered come from `cache/`, so only calls
