@@ -72,6 +72,7 @@ class BatchDriver:
         self.invalid: dict[str, str] = {}  # custom_id -> why its last reply was unusable (sent again)
         self._adoptable: Optional[dict] = None
         self._files: Optional[dict] = None
+        self._specs: dict[str, dict] = {}
         self.last_line = 0.0
         from pipelines.generate import _validators
 
@@ -95,9 +96,31 @@ class BatchDriver:
     def save(self) -> None:
         storage.write_bytes_atomic(self.state_path, json.dumps(self.state, indent=1).encode())
 
-    def _shard_lines(self, name: str) -> list[str]:
-        data = storage.read_bytes(storage.join(self.cfg.output, "batch", "requests", name + ".jsonl"))
-        return [json.loads(x)["custom_id"] for x in data.decode().splitlines() if x.strip()]
+    def _shard_specs(self, name: str) -> dict[str, dict]:
+        """custom_id -> what a reply needs (cache key, template, sample, stage, number of sub-questions), read
+        back from the shard's own request file: replies of a batch submitted by an earlier run (even for
+        problems this run does not ask for) are cached too."""
+        if name not in self._specs:
+            from subq.prompts import parse_prompt, template_for
+
+            specs = {}
+            data = storage.read_bytes(storage.join(self.cfg.output, "batch", "requests", name + ".jsonl"))
+            for raw in data.decode().splitlines():
+                if not raw.strip():
+                    continue
+                line = json.loads(raw)
+                pid, stage, _, sample = line["custom_id"].rsplit("|", 3)
+                body, tid = line["body"], template_for(self.cfg.template, stage)
+                nq = 0
+                if stage == "feedback":
+                    parsed = parse_prompt(body["messages"][-1]["content"])
+                    nq = len(parsed[2] or []) if parsed else 0
+                specs[line["custom_id"]] = {
+                    "cid": line["custom_id"], "stage": stage, "tid": tid, "sample": int(sample), "nq": nq,
+                    "key": cache_key(body["model"], body["messages"], body.get("temperature"), body.get("max_tokens"),
+                                     int(sample), tid, self.base_url)}
+            self._specs[name] = specs
+        return self._specs[name]
 
     # ------------------------------------------------------------------ provider calls
     def _api(self, what: str, fn, *args, **kwargs):
@@ -228,10 +251,11 @@ class BatchDriver:
             self.output_errors.append(f"batch {bid}: {what} file {file_id} has {bad} malformed line(s); "
                                       f"{good} parsed and kept, requests without a result are sent again")
 
-    def _collect(self, name: str, b, by_cid: dict) -> None:
+    def _collect(self, name: str, b) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         s = self.state["shards"][name]
+        by_cid = self._shard_specs(name)
         n_before = len(self.output_errors)
         with ThreadPoolExecutor(16) as pool:  # cache writes are small fsynced files: write them in parallel
             pending = []
@@ -293,17 +317,16 @@ class BatchDriver:
 
     # ------------------------------------------------------------------ one round
     def run_round(self, rnd: str, reqs: list[dict]) -> None:
-        by_cid = {r["cid"]: r for r in reqs}
         tries = Counter()
         for name, s in self.state["shards"].items():
             if s["round"] == rnd:
-                tries.update(self._shard_lines(name))
+                tries.update(list(self._shard_specs(name)))
         while True:
             shards = {n: s for n, s in self.state["shards"].items() if s["round"] == rnd}
             covered = set()
             for n, s in shards.items():
                 if not s["collected"]:
-                    covered.update(self._shard_lines(n))
+                    covered.update(self._shard_specs(n))
             todo = []
             for r in reqs:
                 if r["key"] in self.done or r["cid"] in self.errors or r["cid"] in covered:
@@ -339,7 +362,7 @@ class BatchDriver:
                     s["status"] = b.status
                     changed = True
                 if b.status in TERMINAL:
-                    self._collect(n, b, by_cid)
+                    self._collect(n, b)
             self._progress_line(rnd)
             if not changed:
                 time.sleep(self.cfg.batch_poll_s)
