@@ -36,6 +36,7 @@ from typing import Optional
 
 from actors.teacher import RequestCache, cache_key, normalize_endpoint
 from subq import console, storage
+from subq.costs import estimate_tokens
 from subq.errors import ConfigError, SubqError
 
 ENDPOINT = "/v1/chat/completions"
@@ -69,6 +70,7 @@ class BatchDriver:
         self.fresh: dict[str, dict] = {}  # cache entries written by this run
         self.errors: dict[str, str] = {}  # custom_id -> reason (per-request errors)
         self.output_errors: list[str] = []
+        self.budget_hit = False  # --max-cost-usd stopped submissions
         self.invalid: dict[str, str] = {}  # custom_id -> why its last reply was unusable (sent again)
         self._adoptable: Optional[dict] = None
         self._files: Optional[dict] = None
@@ -117,6 +119,8 @@ class BatchDriver:
                     nq = len(parsed[2] or []) if parsed else 0
                 specs[line["custom_id"]] = {
                     "cid": line["custom_id"], "stage": stage, "tid": tid, "sample": int(sample), "nq": nq,
+                    "est_usd": self.bprice.cost(sum(estimate_tokens(m.get("content") or "") for m in body["messages"]),
+                                                int(body.get("max_tokens") or 0)),
                     "key": cache_key(body["model"], body["messages"], body.get("temperature"), body.get("max_tokens"),
                                      int(sample), tid, self.base_url)}
             self._specs[name] = specs
@@ -200,6 +204,19 @@ class BatchDriver:
                                           "batch_id": None, "status": "pending", "collected": False,
                                           "request_errors": {}}
             self.save()
+
+    def _affordable(self, name: str) -> bool:
+        """--max-cost-usd: this run's spend + the upper bound (max_tokens replies) of the batches it has running
+        + this shard's upper bound must fit; otherwise nothing more is submitted (stopped: budget)."""
+        if self.cfg.max_cost_usd is None:
+            return True
+        bound = lambda n: sum(x["est_usd"] for x in self._shard_specs(n).values())  # noqa: E731
+        running = sum(bound(n) for n, s in self.state["shards"].items() if s.get("batch_id") and not s["collected"])
+        spent = sum(e["cost_usd"] for e in self.fresh.values())
+        if spent + running + bound(name) <= self.cfg.max_cost_usd:
+            return True
+        self.budget_hit = True
+        return False
 
     def _submit(self, name: str) -> None:
         s = self.state["shards"][name]
@@ -352,8 +369,12 @@ class BatchDriver:
                 if len(running) >= self.cfg.batch_max_in_flight:
                     break
                 if not self.state["shards"][n]["batch_id"]:
+                    if not self._affordable(n):
+                        break
                     self._submit(n)
                     running.append(n)
+            if not running:  # what is left does not fit in --max-cost-usd: stop submitting
+                return
             changed = False
             for n in running:
                 s = self.state["shards"][n]
@@ -489,6 +510,8 @@ def run_batch(cfg, pending, prices, progress):
                 built.append(build_set(fam, qtext, e[1]["text"], gold, [x["text"] for x in e[2:]]))
             rows.append(build_row(it, built, job, acct))
             outs.append({"problem_id": pid, "status": "ok", "error": None, **acct})
+        elif err is None and d.budget_hit:  # not submitted for the budget: not a failure, a later run goes on
+            outs.append({"problem_id": pid, "status": "budget", "error": None, **acct})
         else:
             if err is not None:
                 stage, reason = err["stage"], d.errors[err["cid"]]

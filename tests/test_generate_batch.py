@@ -278,3 +278,19 @@ def test_missing_output_file_is_reported_with_its_batch_id_and_only_its_requests
     assert any(first in e and "could not be downloaded" in e for e in s["batch"]["output_errors"])
     assert sorted(st["submitted_twice"]) == sorted(c for c in st["submitted_by_custom_id"] if "|qg|" in c)
     assert len(st["submitted_by_custom_id"]) == 45 and s["batch"]["replies_this_run"] == 45
+
+
+@pytest.mark.slow
+def test_budget_stops_submitting_batches_and_a_rerun_goes_on(tmp_path, subq_bin):
+    from pipelines.teacher_server import TeacherServer
+
+    out = tmp_path / "out"
+    args = ["--input", "gsm8k:test", "--limit", "4", "--output", str(out), "--batch-max-requests", "12"]
+    with TeacherServer(batch_delay_s=0.2) as ts:
+        s = gen(subq_bin, *args, "--base-url", ts.base_url, "--max-cost-usd", "0.02")
+        assert s["stopped"] == "budget" and s["rows_total"] < 4 and s["failures_open"] == 0
+        assert s["this_run"]["cost_usd"] <= 0.02
+        assert any(v["batch_id"] is None for v in state(out)["shards"].values())  # written, not submitted
+        s2 = gen(subq_bin, *args, "--base-url", ts.base_url)
+        st = bstats(ts)
+    assert s2["rows_total"] == 4 and st["submitted_twice"] == [] and len(st["submitted_by_custom_id"]) == 60
