@@ -717,6 +717,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     if cfg.cancel:
         from pipelines.batch import cancel_batches
 
+        lease.acquire()  # a live job on this output would send again what --cancel stops: stop it first
         return cancel_batches(cfg, prices)
     if pending and cfg.api == "online":
         from actors.teacher import check_endpoint

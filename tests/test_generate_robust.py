@@ -74,6 +74,7 @@ def test_drift_is_refused_naming_each_field_and_a_second_job_on_the_output_refus
                 "--temperature", "0.2", check=False)
         errs = _errors(r.stderr)
         assert r.returncode == 2 and len(errs) == 1 and "n_sets" in errs[0] and "temperature" in errs[0], r.stderr
+        assert (out / "config.yaml").read_bytes() == config_before  # a refused run writes nothing
         r = gen(subq_bin, *SMALL, "--limit", "3", "--output", str(out), "--base-url", ts.base_url + "/", check=False)
         assert r.returncode == 0, r.stderr[-2000:]  # the same endpoint written differently is no drift
         r = gen(subq_bin, *SMALL, "--limit", "3", "--output", str(out),
@@ -81,7 +82,6 @@ def test_drift_is_refused_naming_each_field_and_a_second_job_on_the_output_refus
         errs = _errors(r.stderr)
         assert r.returncode == 2 and len(errs) == 1 and "base_url" in errs[0], r.stderr
         assert ts.stats()["total"] == sent + 3  # only the one new problem of the accepted re-run was paid for
-        assert (out / "config.yaml").read_bytes() == config_before
         # another job holds the output (a live lease): this one refuses before any call
         with OutputLease(str(out), timeout_s=60):
             r = gen(subq_bin, *SMALL, "--limit", "4", "--output", str(out), "--base-url", ts.base_url, check=False)
