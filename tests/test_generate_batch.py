@@ -242,6 +242,8 @@ def test_ctrl_c_leaves_batches_running_and_cancel_cancels_them(tmp_path, subq_bi
         while time.time() < deadline and not (out / "batch" / "state.json").exists() or \
                 not any(v["batch_id"] for v in state(out)["shards"].values()):
             time.sleep(0.05)
+        live = gen(subq_bin, *args, "--base-url", ts.base_url, "--cancel", check=False)
+        assert live.returncode == 2 and "another job is writing this output" in live.stderr  # stop it first
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "--cancel" in err
