@@ -133,7 +133,8 @@ class BatchDriver:
         try:
             return fn(*args, **kwargs)
         except openai.APIStatusError as e:
-            msg = str(getattr(e, "message", e)).replace(self.key, "***") if self.key else str(e)
+            msg = str(getattr(e, "message", e))
+            msg = msg.replace(self.key, "***") if len(self.key) >= 8 else msg
             raise SubqError(f"{what}: HTTP {e.status_code}: {msg[:300]}", source=self.base_url) from None
         except openai.APIConnectionError as e:
             raise SubqError(f"{what}: cannot reach the endpoint ({type(e).__name__})", source=self.base_url) from None
@@ -165,6 +166,8 @@ class BatchDriver:
         """The id of a batch created for shard `name` whose id never reached the state file (driver killed)."""
         if self._adoptable is None:
             self._adoptable = {}
+            if not self.resumed:  # a first run has nothing to find
+                return None
             since = self.state.get("created", 0) - 3600
             for b in self._api("listing batches", self.client.batches.list, limit=100):
                 if b.created_at < since:
