@@ -519,20 +519,19 @@ def compact_parts(output: str) -> int:
 
 def export(output: str) -> dict:
     """Write paper_raw.jsonl, paper_dataset.json and failures.jsonl from the parts; return counts and paths."""
-    from subq.schema import read_parquet, sort_rows, write_paper
+    from subq.schema import iter_parquet_sorted, write_paper_chunks
 
     compact_parts(output)
     ids, fails = read_done(output)
     parts = storage.join(output, "parts")
-    ordered = sort_rows(read_parquet(parts)) if ids else []
     paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),
              "paper_dataset": storage.join(output, "paper_dataset.json"),
              "failures": storage.join(output, "failures.jsonl"), "parts": storage.join(output, "parts")}
-    if ordered:
-        write_paper(ordered, paths["paper_raw"], "paper_raw")
-        write_paper(ordered, paths["paper_dataset"], "paper_dataset")
+    if ids:  # streamed in source order, one chunk of row objects at a time (a million rows fit in memory)
+        for fmt in ("paper_raw", "paper_dataset"):
+            write_paper_chunks(iter_parquet_sorted(parts), paths[fmt], fmt)
     storage.write_bytes_atomic(paths["failures"], "".join(json.dumps(f) + "\n" for f in fails.values()).encode())
-    return {"rows": len(ordered), "failures": len(fails), "paths": paths}
+    return {"rows": len(ids), "failures": len(fails), "paths": paths}
 
 
 # ------------------------------------------------------------------ run manifest and lease
