@@ -9,7 +9,8 @@ small burst), and tokens are charged up front (prompt estimate + max_tokens, as 
 backs the whole cluster off. It also keeps the job's spend and an optional budget, so a budget cap is
 enforced cluster-wide before a call is sent.
 
-`RateLimiter` is the Ray actor around it. Use ONE per limit key (provider + model), found by name:
+`RateLimiter` is the Ray actor around it. Use ONE per limit key (endpoint + model + account), found by name; it is
+detached (outlives any job or replica) and each job registers the limits it asked for (the strictest applies):
 
     limiter = get_or_create_limiter("subq-limiter:api.openai.com:gpt-3.5-turbo", rpm=3500, tpm=90000)
     wait_s = await limiter.reserve.remote(tokens=900)          # then sleep wait_s and send
@@ -46,6 +47,23 @@ def parse_duration(text: str | float | int | None) -> Optional[float]:
     return sum(float(v) * scale[u] for v, u in parts)
 
 
+def parse_retry_after(value, now: Optional[float] = None) -> Optional[float]:
+    """Seconds from a Retry-After value: delta-seconds / a duration ('2', '1.5', '6m0s') or an HTTP-date
+    ('Wed, 21 Oct 2026 07:28:00 GMT', RFC 9110; a date in the past is 0)."""
+    v = parse_duration(value)
+    if v is not None or value is None:
+        return v
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(str(value).strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 def headers_backoff(headers: dict | None) -> Optional[float]:
     """How long the provider's headers say to wait (None: no hint). Reads `retry-after-ms`, `retry-after`,
     and `x-ratelimit-reset-{requests,tokens}` when the matching `x-ratelimit-remaining-*` is 0."""
@@ -57,7 +75,7 @@ def headers_backoff(headers: dict | None) -> Optional[float]:
         if v is not None:
             return v / 1000.0
     if "retry-after" in h:
-        v = parse_duration(h["retry-after"])
+        v = parse_retry_after(h["retry-after"])
         if v is not None:
             return v
     waits = []
@@ -86,6 +104,8 @@ class TokenBucket:
     # give back reserved-but-unused tokens after a reply. Off by default: providers (and the teacher server)
     # charge max_tokens against TPM when a request arrives, so refunding would outrun their bucket.
     refund_unused: bool = False
+    # the longest Retry-After / reset honoured; a longer one blocks this long and is counted (never a silent freeze)
+    max_retry_after_s: Optional[float] = 120.0
     clock: Callable[[], float] = time.monotonic
     # state
     _next_req: float = field(default=0.0, init=False)  # earliest time the next request may start (GCRA TAT)
@@ -97,6 +117,8 @@ class TokenBucket:
     spent_usd: float = field(default=0.0, init=False)
     n_429: int = field(default=0, init=False)
     backoff_s_total: float = field(default=0.0, init=False)
+    retry_after_capped: int = field(default=0, init=False)  # waits asked for beyond max_retry_after_s
+    longest_retry_after_s: float = field(default=0.0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def configure(self, rpm: Optional[float] = None, tpm: Optional[float] = None,
@@ -142,6 +164,7 @@ class TokenBucket:
                 wait = retry_after_s
             if wait is None:
                 wait = 60.0 / self.rpm if self.rpm else 1.0
+            wait = self._cap(wait)
             now = self.clock()
             until = now + max(0.0, wait)
             if until > self._blocked_until:
@@ -150,12 +173,21 @@ class TokenBucket:
             self.n_429 += 1
             return wait
 
+    def _cap(self, wait: float) -> float:
+        """Cap a provider-requested wait at max_retry_after_s, counting the capped ones (lock held)."""
+        self.longest_retry_after_s = max(self.longest_retry_after_s, float(wait))
+        if self.max_retry_after_s is not None and wait > self.max_retry_after_s:
+            self.retry_after_capped += 1
+            return float(self.max_retry_after_s)
+        return float(wait)
+
     def observe_headers(self, headers: Optional[dict]) -> None:
         """Headers of a successful reply: if the provider reports nothing left, wait for its reset."""
         wait = headers_backoff({k: v for k, v in (headers or {}).items()
                                 if str(k).lower().startswith("x-ratelimit")})
         if wait:
             with self._lock:
+                wait = self._cap(wait)
                 self._blocked_until = max(self._blocked_until, self.clock() + wait)
 
     def stats(self) -> dict:
@@ -164,6 +196,9 @@ class TokenBucket:
                     "tokens_reserved": self.tokens_reserved, "tokens_used": self.tokens_used,
                     "spent_usd": round(self.spent_usd, 8), "budget_usd": self.budget_usd,
                     "n_429": self.n_429, "backoff_s_total": round(self.backoff_s_total, 3),
+                    "retry_after_capped": self.retry_after_capped,
+                    "longest_retry_after_s": round(self.longest_retry_after_s, 3),
+                    "max_retry_after_s": self.max_retry_after_s,
                     "blocked_for_s": round(max(0.0, self._blocked_until - self.clock()), 3)}
 
 
@@ -176,6 +211,44 @@ class RateLimiter:
         self.bucket = TokenBucket(rpm=rpm, tpm=tpm, burst_s=burst_s, budget_usd=budget_usd)
         self.stopped: Optional[str] = None  # set by stop(): every later acquire is refused with this reason
         self.held_usd = 0.0  # estimated cost of calls in flight, held against the budget
+        self.owners: dict[str, dict] = {}  # owner -> {rpm, tpm, seen}: the limits each job / replica asked for
+
+    OWNER_TTL_S = 900.0  # an owner that neither renewed nor unregistered (a crashed job) stops counting after this
+
+    def _apply_owners(self) -> None:
+        now = time.time()
+        self.owners = {k: v for k, v in self.owners.items() if now - v["seen"] <= self.OWNER_TTL_S}
+        if not self.owners:
+            return  # nobody left asking: keep the last limits
+        def strictest(kind):
+            vals = [v[kind] for v in self.owners.values() if v[kind]]
+            return min(vals) if vals else None
+        self.bucket.configure(strictest("rpm"), strictest("tpm"), self.bucket.budget_usd)
+
+    async def register(self, owner: str, rpm: Optional[float] = None, tpm: Optional[float] = None,
+                       max_retry_after_s: Optional[float] = None) -> dict:
+        """A job or replica asks for limits (re-registering renews it). The stricter limit of all live owners
+        applies. Returns {'rpm', 'tpm', 'conflict': None | a sentence naming what another owner asked for}."""
+        others = {k: v for k, v in self.owners.items() if k != owner}
+        conflict = []
+        for kind, mine in (("rpm", rpm), ("tpm", tpm)):
+            theirs = sorted({v[kind] for v in others.values() if v[kind]})
+            if mine and theirs and any(t != mine for t in theirs):
+                conflict.append(f"{kind} {mine:g} asked, another job on this endpoint asked "
+                                + "/".join(f"{t:g}" for t in theirs))
+        self.owners[owner] = {"rpm": rpm, "tpm": tpm, "seen": time.time()}
+        if max_retry_after_s is not None:
+            self.bucket.max_retry_after_s = max_retry_after_s
+        self._apply_owners()
+        msg = None
+        if conflict:
+            msg = "; ".join(conflict) + f"; the stricter applies (rpm {self.bucket.rpm}, tpm {self.bucket.tpm})"
+        return {"rpm": self.bucket.rpm, "tpm": self.bucket.tpm, "conflict": msg}
+
+    async def unregister(self, owner: str) -> None:
+        """The owner is done: its limits no longer count (the others' apply)."""
+        self.owners.pop(owner, None)
+        self._apply_owners()
 
     async def configure(self, rpm: Optional[float] = None, tpm: Optional[float] = None,
                         budget_usd: Optional[float] = None) -> None:
@@ -197,6 +270,18 @@ class RateLimiter:
                 return {"wait_s": 0.0, "stop": f"budget of ${self.bucket.budget_usd:.4f} reached", "kind": "budget"}
             self.held_usd += est_cost_usd
         return {"wait_s": self.bucket.reserve(tokens), "stop": None, "kind": None}
+
+    async def acquire_block(self, n: int, tokens: int = 0, est_cost_usd: float = 0.0) -> dict:
+        """`n` acquisitions in one round trip (a client leasing a small block of slots at high rates):
+        {'waits': [seconds before each may be sent], 'stop', 'kind'}; the budget holds n x est_cost_usd."""
+        if self.stopped:
+            return {"waits": [], "stop": self.stopped, "kind": "stopped"}
+        left = self.bucket.budget_left()
+        if left is not None:
+            if left - self.held_usd - n * est_cost_usd < 0:
+                return {"waits": [], "stop": f"budget of ${self.bucket.budget_usd:.4f} reached", "kind": "budget"}
+            self.held_usd += n * est_cost_usd
+        return {"waits": [self.bucket.reserve(tokens) for _ in range(n)], "stop": None, "kind": None}
 
     async def stop(self, reason: str) -> None:
         """Refuse every later call (a fatal error such as a bad key: stop the whole job at once)."""
@@ -220,31 +305,53 @@ class RateLimiter:
         return {**self.bucket.stats(), "stopped": self.stopped, "held_usd": round(self.held_usd, 8)}
 
 
-def limiter_name(base_url: Optional[str], model: str) -> str:
-    """The limit key: one limiter per (endpoint, model), as providers limit per organisation and model."""
+def account_id(api_key: Optional[str]) -> Optional[str]:
+    """A short, one-way id of the account a key belongs to (providers limit per account): never the key."""
+    if not api_key:
+        return None
+    import hashlib
+
+    return hashlib.sha256(b"subq-account:" + api_key.encode()).hexdigest()[:10]
+
+
+def limiter_name(base_url: Optional[str], model: str, account: Optional[str] = None) -> str:
+    """The limit key: one limiter per (endpoint, model, account), as providers limit per organisation and model.
+    `account` is `account_id(key)` (None: the name of older versions, shared by every key)."""
     host = re.sub(r"^https?://", "", base_url or "api.openai.com").rstrip("/")
-    return f"subq-limiter:{host}:{model}"
+    return f"subq-limiter:{host}:{model}" + (f":{account}" if account else "")
 
 
 def on_driver_node(detached: bool = False) -> dict:
     """Actor options for the cluster limiter: on the creating driver's node (the head, for cluster jobs), never on
     a worker that the autoscaler may remove or spot may reclaim; a crashed limiter process restarts and the calls
     waiting on it are retried. A job-scoped limiter is pinned (it dies with its driver anyway; Ray's soft affinity
-    was seen to place it elsewhere); a detached one, shared across jobs, may move if that node goes."""
+    was seen to place it elsewhere); a detached one, shared across jobs, is created again when that node is gone."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    # hard affinity in both cases (Ray 2.60 was seen to ignore soft affinity); a detached limiter whose node is
+    # gone is dead for good, and the next get_or_create_limiter creates it again under the same name
     return dict(max_restarts=-1, max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node_id=ray.get_runtime_context().get_node_id(), soft=detached))
+        node_id=ray.get_runtime_context().get_node_id(), soft=False))
+
+
+def default_owner() -> str:
+    """This process as a limiter owner (one per job driver or Serve replica)."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[float] = None, *,
-                          budget_usd: Optional[float] = None, burst_s: float = 0.0, detached: bool = False,
-                          namespace: str = "subq", wait: bool = True):
-    """The one named RateLimiter actor for `name` (created if absent). Job-scoped by default (it dies with
-    the driver); `detached=True` keeps it across jobs so concurrent jobs share a provider's limit. Limits
-    passed here replace the existing actor's, so the latest job's flags apply. `wait=False` does not block on
-    that update (for callers inside an event loop, e.g. a Serve replica)."""
+                          budget_usd: Optional[float] = None, burst_s: float = 0.0, detached: bool = True,
+                          namespace: str = "subq", wait: bool = True, owner: Optional[str] = None):
+    """The one named RateLimiter actor for `name` (created if absent). Detached by default: it outlives the job
+    or replica that created it, so every job on the endpoint keeps the same limiter (and a lost one is created
+    again by the next call here). Limits given here are registered for `owner` (default: this process); the
+    strictest limit of the live owners applies, never silently the latest. `detached=False`: job-scoped (dies
+    with the driver). `wait=False` does not block on the registration (callers inside an event loop, e.g. a
+    Serve replica)."""
     import ray
 
     opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000,
@@ -252,7 +359,15 @@ def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[
     if detached:
         opts["lifetime"] = "detached"
     actor = ray.remote(RateLimiter).options(**opts).remote(rpm, tpm, burst_s, budget_usd)
-    ref = actor.configure.remote(rpm, tpm, budget_usd)
-    if wait:
-        ray.get(ref)
+    refs = []
+    if rpm or tpm:
+        refs.append(actor.register.remote(owner or default_owner(), rpm, tpm))
+    if budget_usd is not None:
+        refs.append(actor.configure.remote(rpm, tpm, budget_usd))
+    if wait and refs:
+        for res in ray.get(refs):
+            if isinstance(res, dict) and res.get("conflict"):
+                import logging
+
+                logging.getLogger("subq.limiter").warning("limiter %s: %s", name, res["conflict"])
     return actor

@@ -29,6 +29,7 @@ every row of a batch is processed concurrently on the actor's event loop; subcla
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import os
@@ -85,9 +86,15 @@ class TeacherBudgetExceeded(TeacherStopped):
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, status: Optional[int] = None):
+    def __init__(self, reason: str, status: Optional[int] = None, maybe_billed: bool = False):
         super().__init__(reason)
         self.reason, self.status = reason, status
+        self.maybe_billed = maybe_billed  # the request reached the provider, which may bill it (timeout, drop, bad 200)
+
+
+# calls that may have been billed, counted into the dict the caller set here (e.g. one problem's accounts):
+# {"maybe_billed": n, "maybe_billed_usd": $}. A ContextVar, so concurrent problems on one client stay apart.
+BILLING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("subq_billing", default=None)
 
 
 _KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{3,}")
@@ -201,6 +208,62 @@ class RequestCache:
                 and not storage.is_temp(i.base_name)}
 
 
+# ------------------------------------------------------------------ metrics
+
+# client counters exported through ray.util.metrics (Prometheus names get Ray's "ray_" prefix)
+METRICS = {"attempts": "subq_teacher_requests", "retries": "subq_teacher_retries", "n_429": "subq_teacher_429",
+           "n_5xx": "subq_teacher_5xx", "timeouts": "subq_teacher_timeouts", "cache_hits": "subq_teacher_cache_hits",
+           "prompt_tokens": "subq_teacher_tokens_in", "completion_tokens": "subq_teacher_tokens_out",
+           "cost_usd": "subq_teacher_cost_usd", "maybe_billed_usd": "subq_teacher_maybe_billed_usd",
+           "limiter_wait_s": "subq_limiter_wait_seconds"}
+
+
+class TeacherMetrics:
+    """Ray metrics of one client (tags: endpoint, model): the counters above, calls in flight (gauge). Only
+    inside a Ray worker or driver; elsewhere every method does nothing."""
+
+    def __init__(self, endpoint: str, model: str):
+        self.tags = {"endpoint": normalize_endpoint(endpoint), "model": model}
+        self.counters: dict = {}
+        self.in_flight = None
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            from ray.util.metrics import Counter, Gauge
+
+            for k, name in METRICS.items():
+                self.counters[k] = Counter(name, description=f"subq teacher client: {k}", tag_keys=("endpoint", "model"))
+            self.in_flight = Gauge("subq_teacher_in_flight", description="teacher calls in flight (per process)",
+                                   tag_keys=("endpoint", "model"))
+        except Exception:  # metrics are best effort: never stop a call
+            self.counters = {}
+
+    def inc(self, key: str, n: float) -> None:
+        c = self.counters.get(key)
+        if c is not None and n > 0:
+            c.inc(n, tags=self.tags)
+
+    def set_in_flight(self, n: int) -> None:
+        if self.in_flight is not None:
+            self.in_flight.set(n, tags=self.tags)
+
+
+class _MeteredStats(dict):
+    """The client's `stats` dict; each increment of a metered key also goes to its Ray counter."""
+
+    def __init__(self, metrics: TeacherMetrics, values: dict):
+        super().__init__(values)
+        self._metrics = metrics
+
+    def __setitem__(self, key, value):
+        old = self.get(key, 0)
+        super().__setitem__(key, value)
+        if key in METRICS:
+            self._metrics.inc(key, value - old)
+
+
 # ------------------------------------------------------------------ the client
 
 
@@ -226,6 +289,8 @@ class TeacherClient:
         cache_dir: Optional[str] = None,
         max_concurrency: int = 64,
         max_resamples: int = 2,
+        max_retry_after_s: float = 120.0,
+        limiter_name: Optional[str] = None,
     ):
         self.model = model
         self.base_url = base_url or "https://api.openai.com/v1"
@@ -236,6 +301,9 @@ class TeacherClient:
         self.backoff_max_s = backoff_max_s
         self.timeout_s = timeout_s
         self.max_resamples = max_resamples
+        self.max_retry_after_s = max_retry_after_s
+        self.limiter_name = limiter_name  # to find the shared limiter again if its actor is lost
+        self._limits = (rpm, tpm)
         if isinstance(price, Price):
             self.price = price
         else:
@@ -249,9 +317,12 @@ class TeacherClient:
         self._sem: Optional[asyncio.Semaphore] = None
         self._max_concurrency = max_concurrency
         self._client = None
-        self.stats = {"calls": 0, "attempts": 0, "cache_hits": 0, "n_429": 0, "n_5xx": 0, "timeouts": 0,
-                      "connection_errors": 0, "malformed": 0, "cache_mismatch": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                      "cost_usd": 0.0}
+        self.metrics = TeacherMetrics(self.base_url, model)
+        self._in_flight = 0
+        self.stats = _MeteredStats(self.metrics, {"calls": 0, "retries": 0, "limiter_wait_s": 0.0, "attempts": 0, "cache_hits": 0, "n_429": 0, "n_5xx": 0, "timeouts": 0,
+                      "connection_errors": 0, "malformed": 0, "cache_mismatch": 0, "maybe_billed": 0,
+                      "maybe_billed_usd": 0.0, "retry_after_capped": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "cost_usd": 0.0})
 
     def _make_limiter(self, rpm, tpm):
         try:
@@ -260,7 +331,10 @@ class TeacherClient:
             if ray.is_initialized():
                 from actors.limiter import get_or_create_limiter, limiter_name
 
-                return get_or_create_limiter(limiter_name(self.base_url, self.model), rpm, tpm, wait=False)
+                from actors.limiter import account_id
+
+                self.limiter_name = limiter_name(self.base_url, self.model, account_id(self._key))
+                return get_or_create_limiter(self.limiter_name, rpm, tpm, wait=False)
         except ImportError:
             pass
         from actors.limiter import TokenBucket
@@ -300,7 +374,7 @@ class TeacherClient:
         if lim is None:
             return
         if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
-            res = await lim.acquire.remote(tokens, 0.0)
+            res = await self._remote("acquire", tokens, 0.0)
             if res["stop"]:
                 cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
                 raise cls(res["stop"], upstream=self.base_url)
@@ -308,6 +382,7 @@ class TeacherClient:
         else:
             wait = lim.reserve(tokens)
         if wait > 0:
+            self.stats["limiter_wait_s"] += wait
             await asyncio.sleep(wait)
 
     async def _limiter_call(self, method: str, *args) -> Any:
@@ -316,8 +391,23 @@ class TeacherClient:
             return None
         fn = getattr(lim, method)
         if hasattr(fn, "remote"):
-            return await fn.remote(*args)
+            return await self._remote(method, *args)
         return fn(*args)
+
+    async def _remote(self, method: str, *args) -> Any:
+        """A call on the shared limiter actor; if that actor is gone for good (its node was lost), find or create
+        it again by name with this client's limits, and call once more."""
+        import ray
+
+        try:
+            return await getattr(self.limiter, method).remote(*args)
+        except ray.exceptions.RayActorError:
+            if not self.limiter_name:
+                raise
+            from actors.limiter import get_or_create_limiter
+
+            self.limiter = get_or_create_limiter(self.limiter_name, *self._limits, wait=False)
+            return await getattr(self.limiter, method).remote(*args)
 
     # -- one call
     async def chat(self, messages: list[dict], *, temperature: float = 0.7, max_tokens: int = 512,
@@ -342,8 +432,14 @@ class TeacherClient:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self._max_concurrency)
         async with self._sem:
-            res = await self._call_with_retries(messages, temperature, max_tokens, sample_index, key, validate,
-                                                accept_invalid)
+            self._in_flight += 1
+            self.metrics.set_in_flight(self._in_flight)
+            try:
+                res = await self._call_with_retries(messages, temperature, max_tokens, sample_index, key, validate,
+                                                    accept_invalid)
+            finally:
+                self._in_flight -= 1
+                self.metrics.set_in_flight(self._in_flight)
         if self.cache is not None:
             entry = {k: v for k, v in res.to_dict().items() if k not in ("raw_headers", "cached", "attempts")}
             entry.update(template_id=template_id, sample_index=sample_index, created=time.time(),
@@ -404,8 +500,24 @@ class TeacherClient:
         await self._acquire(est_tokens, est_cost)
         state["attempts"] += 1
         self.stats["attempts"] += 1
+        if state["attempts"] > 1:
+            self.stats["retries"] += 1
         try:
             res = await self._send(client, messages, temperature, max_tokens, sample_index, key, est_tokens, state)
+        except _Retryable as e:
+            if e.maybe_billed:  # the provider may have billed it: charge the hold, count it apart
+                self.stats["maybe_billed"] += 1
+                self.stats["maybe_billed_usd"] += est_cost
+                acc = BILLING.get()
+                if acc is not None:
+                    acc["maybe_billed"] = acc.get("maybe_billed", 0) + 1
+                    acc["maybe_billed_usd"] = acc.get("maybe_billed_usd", 0.0) + est_cost
+                await self._limiter_call("settle", 0, 0, est_cost)
+                if self.budget is not None:
+                    await self.budget.settle.remote(0, 0, est_cost, est_cost)
+            elif self.budget is not None:
+                await self.budget.release.remote(est_cost)
+            raise
         except BaseException:
             if self.budget is not None:
                 await self.budget.release.remote(est_cost)
@@ -429,7 +541,7 @@ class TeacherClient:
                 usage = completion.usage
             except Exception as e:  # body not JSON / not a chat completion
                 self.stats["malformed"] += 1
-                raise _Retryable(f"malformed response body: {type(e).__name__}", 200) from None
+                raise _Retryable(f"malformed response body: {type(e).__name__}", 200, maybe_billed=True) from None
         except openai.RateLimitError as e:
             state["n_429"] += 1
             self.stats["n_429"] += 1
@@ -440,16 +552,21 @@ class TeacherClient:
             if self.limiter is not None:
                 await self._limiter_call("report_429", wait, {k: v for k, v in hdrs.items()
                                                               if k.lower().startswith(("retry-after", "x-ratelimit"))})
-            elif wait:
-                await asyncio.sleep(min(wait, self.backoff_max_s))
+            elif wait:  # no shared limiter: honour it here, up to the cap
+                if wait > self.max_retry_after_s:
+                    self.stats["retry_after_capped"] += 1
+                await asyncio.sleep(min(wait, self.max_retry_after_s))
             await self._limiter_call("settle", est_tokens, 0, 0.0)
             raise _Retryable("HTTP 429 rate limited", 429) from None
         except openai.APITimeoutError:
             self.stats["timeouts"] += 1
-            raise _Retryable(f"timed out after {self.timeout_s}s") from None
+            raise _Retryable(f"timed out after {self.timeout_s}s", maybe_billed=True) from None
         except openai.APIConnectionError as e:
             self.stats["connection_errors"] += 1
-            raise _Retryable(self._redact(f"connection error: {e}")) from None
+            # not connected = never sent; anything else (a dropped connection) may have been billed. By name: the
+            # SDK may use its own copy of httpx
+            sent = type(e.__cause__).__name__ not in ("ConnectError", "ConnectTimeout")
+            raise _Retryable(self._redact(f"connection error: {e}"), maybe_billed=sent) from None
         except openai.APIStatusError as e:
             status = e.status_code
             msg = self._redact(_upstream_message(e))
@@ -464,7 +581,7 @@ class TeacherClient:
                                       code=_upstream_code(e)) from None
         except openai.APIError as e:  # e.g. a reply body the SDK cannot validate: treat like a bad sample
             self.stats["malformed"] += 1
-            raise _Retryable(self._redact(f"unusable response: {type(e).__name__}"), 200) from None
+            raise _Retryable(self._redact(f"unusable response: {type(e).__name__}"), 200, maybe_billed=True) from None
         if text is None:
             raise _Retryable("empty reply (no message content)", 200)
         pt = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else estimate_tokens(str(messages))
@@ -519,6 +636,7 @@ class TeacherActor:
         env = kwargs.get("api_key_env", "OPENAI_API_KEY")
         if api_key_ref and not os.environ.get(env):
             kwargs["api_key"] = ray.get(api_key_ref[0])
+        kwargs.setdefault("limiter_name", limiter_name)
         self.client = TeacherClient(**kwargs, limiter=limiter)
 
     async def process(self, row: dict) -> dict:

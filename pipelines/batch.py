@@ -34,8 +34,9 @@ import time
 from collections import Counter
 from typing import Optional
 
-from actors.teacher import RequestCache, cache_key
+from actors.teacher import RequestCache, cache_key, normalize_endpoint
 from subq import console, storage
+from subq.costs import estimate_tokens
 from subq.errors import ConfigError, SubqError
 
 ENDPOINT = "/v1/chat/completions"
@@ -69,8 +70,11 @@ class BatchDriver:
         self.fresh: dict[str, dict] = {}  # cache entries written by this run
         self.errors: dict[str, str] = {}  # custom_id -> reason (per-request errors)
         self.output_errors: list[str] = []
+        self.budget_hit = False  # --max-cost-usd stopped submissions
+        self.invalid: dict[str, str] = {}  # custom_id -> why its last reply was unusable (sent again)
         self._adoptable: Optional[dict] = None
         self._files: Optional[dict] = None
+        self._specs: dict[str, dict] = {}
         self.last_line = 0.0
         from pipelines.generate import _validators
 
@@ -94,9 +98,33 @@ class BatchDriver:
     def save(self) -> None:
         storage.write_bytes_atomic(self.state_path, json.dumps(self.state, indent=1).encode())
 
-    def _shard_lines(self, name: str) -> list[str]:
-        data = storage.read_bytes(storage.join(self.cfg.output, "batch", "requests", name + ".jsonl"))
-        return [json.loads(x)["custom_id"] for x in data.decode().splitlines() if x.strip()]
+    def _shard_specs(self, name: str) -> dict[str, dict]:
+        """custom_id -> what a reply needs (cache key, template, sample, stage, number of sub-questions), read
+        back from the shard's own request file: replies of a batch submitted by an earlier run (even for
+        problems this run does not ask for) are cached too."""
+        if name not in self._specs:
+            from subq.prompts import parse_prompt, template_for
+
+            specs = {}
+            data = storage.read_bytes(storage.join(self.cfg.output, "batch", "requests", name + ".jsonl"))
+            for raw in data.decode().splitlines():
+                if not raw.strip():
+                    continue
+                line = json.loads(raw)
+                pid, stage, _, sample = line["custom_id"].rsplit("|", 3)
+                body, tid = line["body"], template_for(self.cfg.template, stage)
+                nq = 0
+                if stage == "feedback":
+                    parsed = parse_prompt(body["messages"][-1]["content"])
+                    nq = len(parsed[2] or []) if parsed else 0
+                specs[line["custom_id"]] = {
+                    "cid": line["custom_id"], "stage": stage, "tid": tid, "sample": int(sample), "nq": nq,
+                    "est_usd": self.bprice.cost(sum(estimate_tokens(m.get("content") or "") for m in body["messages"]),
+                                                int(body.get("max_tokens") or 0)),
+                    "key": cache_key(body["model"], body["messages"], body.get("temperature"), body.get("max_tokens"),
+                                     int(sample), tid, self.base_url)}
+            self._specs[name] = specs
+        return self._specs[name]
 
     # ------------------------------------------------------------------ provider calls
     def _api(self, what: str, fn, *args, **kwargs):
@@ -105,7 +133,8 @@ class BatchDriver:
         try:
             return fn(*args, **kwargs)
         except openai.APIStatusError as e:
-            msg = str(getattr(e, "message", e)).replace(self.key, "***") if self.key else str(e)
+            msg = str(getattr(e, "message", e))
+            msg = msg.replace(self.key, "***") if len(self.key) >= 8 else msg
             raise SubqError(f"{what}: HTTP {e.status_code}: {msg[:300]}", source=self.base_url) from None
         except openai.APIConnectionError as e:
             raise SubqError(f"{what}: cannot reach the endpoint ({type(e).__name__})", source=self.base_url) from None
@@ -137,6 +166,8 @@ class BatchDriver:
         """The id of a batch created for shard `name` whose id never reached the state file (driver killed)."""
         if self._adoptable is None:
             self._adoptable = {}
+            if not self.resumed:  # a first run has nothing to find
+                return None
             since = self.state.get("created", 0) - 3600
             for b in self._api("listing batches", self.client.batches.list, limit=100):
                 if b.created_at < since:
@@ -149,7 +180,7 @@ class BatchDriver:
     # ------------------------------------------------------------------ requests
     def request(self, pid: str, stage: str, set_index: int, tid: str, sample: int, msgs: list, nq: int = 0) -> dict:
         c = self.cfg
-        key = cache_key(c.model, msgs, c.temperature, c.max_tokens, sample, tid)
+        key = cache_key(c.model, msgs, c.temperature, c.max_tokens, sample, tid, self.base_url)  # = online's key
         return {"cid": custom_id(pid, stage, set_index, sample), "key": key, "tid": tid, "sample": sample,
                 "stage": stage, "pid": pid, "nq": nq,
                 "line": {"custom_id": custom_id(pid, stage, set_index, sample), "method": "POST", "url": ENDPOINT,
@@ -177,6 +208,19 @@ class BatchDriver:
                                           "request_errors": {}}
             self.save()
 
+    def _affordable(self, name: str) -> bool:
+        """--max-cost-usd: this run's spend + the upper bound (max_tokens replies) of the batches it has running
+        + this shard's upper bound must fit; otherwise nothing more is submitted (stopped: budget)."""
+        if self.cfg.max_cost_usd is None:
+            return True
+        bound = lambda n: sum(x["est_usd"] for x in self._shard_specs(n).values())  # noqa: E731
+        running = sum(bound(n) for n, s in self.state["shards"].items() if s.get("batch_id") and not s["collected"])
+        spent = sum(e["cost_usd"] for e in self.fresh.values())
+        if spent + running + bound(name) <= self.cfg.max_cost_usd:
+            return True
+        self.budget_hit = True
+        return False
+
     def _submit(self, name: str) -> None:
         s = self.state["shards"][name]
         if s["file_id"] is None:  # an upload whose id never reached the state file (driver killed) is re-used
@@ -197,66 +241,77 @@ class BatchDriver:
         self.save()
 
     # ------------------------------------------------------------------ results
-    def _download(self, bid: str, file_id: Optional[str], what: str) -> list[dict]:
-        """The records of an output/error file; problems are reported with the batch id, good lines kept."""
+    def _download(self, bid: str, file_id: Optional[str], what: str):
+        """Stream the records of an output/error file (memory stays flat for a 200 MB file); a file that cannot
+        be downloaded or has malformed lines is reported with the batch id, every good line is kept."""
         import openai
 
         if not file_id:
-            return []
+            return
+        good = bad = 0
         try:
-            text = self.client.files.content(file_id).text
+            with self.client.files.with_streaming_response.content(file_id) as resp:
+                for line in resp.iter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        if not isinstance(rec, dict) or "custom_id" not in rec:
+                            raise ValueError
+                    except ValueError:
+                        bad += 1
+                        continue
+                    good += 1
+                    yield rec
         except openai.APIStatusError as e:
             self.output_errors.append(f"batch {bid}: {what} file {file_id} could not be downloaded "
-                                      f"(HTTP {e.status_code}); its requests are sent again")
-            return []
-        recs, bad = [], 0
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "custom_id" not in rec:
-                    raise ValueError
-                recs.append(rec)
-            except ValueError:
-                bad += 1
+                                      f"(HTTP {e.status_code}); its requests without a result are sent again")
+            return
         if bad:
             self.output_errors.append(f"batch {bid}: {what} file {file_id} has {bad} malformed line(s); "
-                                      f"{len(recs)} parsed and kept, requests without a result are sent again")
-        return recs
+                                      f"{good} parsed and kept, requests without a result are sent again")
 
-    def _collect(self, name: str, b, by_cid: dict) -> None:
+    def _collect(self, name: str, b) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         s = self.state["shards"][name]
+        by_cid = self._shard_specs(name)
         n_before = len(self.output_errors)
-        for rec in self._download(b.id, b.output_file_id, "output"):
-            r = by_cid.get(rec["custom_id"])
-            resp = rec.get("response") or {}
-            if r is None:
-                continue
-            if resp.get("status_code") != 200:
-                s["request_errors"][r["cid"]] = f"batch {b.id}: HTTP {resp.get('status_code')}"
-                continue
-            try:
-                body = resp["body"]
-                text = body["choices"][0]["message"]["content"]
-                usage = body.get("usage") or {}
-                if text is None:
-                    raise TypeError("no message content")
-            except (KeyError, IndexError, TypeError) as e:
-                s["request_errors"][r["cid"]] = f"batch {b.id}: unusable reply ({type(e).__name__})"
-                continue
-            reason = self.reason(r, text)
-            if reason and r["stage"] == "qg":  # online re-samples these, then fails the problem
-                s["request_errors"][r["cid"]] = f"batch {b.id}: TeacherMalformedError: {reason}"
-                continue
-            pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            entry = {"text": text, "prompt_tokens": pt, "completion_tokens": ct, "cost_usd": self.bprice.cost(pt, ct),
-                     "key": r["key"], "model": self.cfg.model, "provenance": body.get("system_fingerprint"),
-                     "invalid_reason": reason, "n_429": 0, "template_id": r["tid"], "sample_index": r["sample"],
-                     "created": time.time(), "batch_id": b.id, "online_cost_usd": self.price.cost(pt, ct)}
-            self.cache.put(r["key"], entry)
-            self.done.add(r["key"])
-            self.fresh[r["key"]] = entry
+        with ThreadPoolExecutor(16) as pool:  # cache writes are small fsynced files: write them in parallel
+            pending = []
+            for rec in self._download(b.id, b.output_file_id, "output"):
+                r = by_cid.get(rec["custom_id"])
+                resp = rec.get("response") or {}
+                if r is None:
+                    continue
+                if resp.get("status_code") != 200:
+                    s["request_errors"][r["cid"]] = f"batch {b.id}: HTTP {resp.get('status_code')}"
+                    continue
+                try:
+                    body = resp["body"]
+                    text = body["choices"][0]["message"]["content"]
+                    usage = body.get("usage") or {}
+                    if text is None:
+                        raise TypeError("no message content")
+                except (KeyError, IndexError, TypeError) as e:
+                    s["request_errors"][r["cid"]] = f"batch {b.id}: unusable reply ({type(e).__name__})"
+                    continue
+                reason = self.reason(r, text)
+                if reason and r["stage"] == "qg":  # online re-samples these: here the request is sent again
+                    self.invalid[r["cid"]] = reason
+                    continue
+                pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+                entry = {"text": text, "prompt_tokens": pt, "completion_tokens": ct,
+                         "cost_usd": self.bprice.cost(pt, ct), "key": r["key"], "model": self.cfg.model,
+                         "provenance": body.get("system_fingerprint"), "invalid_reason": reason, "n_429": 0,
+                         "template_id": r["tid"], "sample_index": r["sample"], "created": time.time(),
+                         "endpoint": normalize_endpoint(self.base_url), "batch_id": b.id,
+                         "online_cost_usd": self.price.cost(pt, ct)}
+                pending.append(pool.submit(self.cache.put, r["key"], entry))
+                self.fresh[r["key"]] = entry
+            for f in pending:
+                f.result()
+        self.done.update(k for k, e in self.fresh.items() if e["batch_id"] == b.id)
         for rec in self._download(b.id, b.error_file_id, "error"):
             r = by_cid.get(rec["custom_id"])
             if r is None or r["key"] in self.done:
@@ -282,24 +337,26 @@ class BatchDriver:
 
     # ------------------------------------------------------------------ one round
     def run_round(self, rnd: str, reqs: list[dict]) -> None:
-        by_cid = {r["cid"]: r for r in reqs}
         tries = Counter()
         for name, s in self.state["shards"].items():
             if s["round"] == rnd:
-                tries.update(self._shard_lines(name))
+                tries.update(list(self._shard_specs(name)))
         while True:
             shards = {n: s for n, s in self.state["shards"].items() if s["round"] == rnd}
             covered = set()
             for n, s in shards.items():
                 if not s["collected"]:
-                    covered.update(self._shard_lines(n))
+                    covered.update(self._shard_specs(n))
             todo = []
             for r in reqs:
                 if r["key"] in self.done or r["cid"] in self.errors or r["cid"] in covered:
                     continue
                 if tries[r["cid"]] >= self.cfg.batch_max_submissions:
-                    self.errors[r["cid"]] = (f"BatchNotRun: no result after {tries[r['cid']]} batch submissions "
-                                             "(expired, cancelled or failed batches)")
+                    n = tries[r["cid"]]
+                    self.errors[r["cid"]] = (
+                        f"TeacherMalformedError: {n} replies failed validation: {self.invalid[r['cid']]}"
+                        if r["cid"] in self.invalid else
+                        f"BatchNotRun: no result after {n} batch submissions (expired, cancelled or failed batches)")
                     continue
                 todo.append(r)
             if todo:
@@ -315,8 +372,12 @@ class BatchDriver:
                 if len(running) >= self.cfg.batch_max_in_flight:
                     break
                 if not self.state["shards"][n]["batch_id"]:
+                    if not self._affordable(n):
+                        break
                     self._submit(n)
                     running.append(n)
+            if not running:  # what is left does not fit in --max-cost-usd: stop submitting
+                return
             changed = False
             for n in running:
                 s = self.state["shards"][n]
@@ -325,7 +386,7 @@ class BatchDriver:
                     s["status"] = b.status
                     changed = True
                 if b.status in TERMINAL:
-                    self._collect(n, b, by_cid)
+                    self._collect(n, b)
             self._progress_line(rnd)
             if not changed:
                 time.sleep(self.cfg.batch_poll_s)
@@ -439,6 +500,10 @@ def run_batch(cfg, pending, prices, progress):
                 "new_prompt_tokens": sum(d.fresh[r["key"]]["prompt_tokens"] for r in reqs if r["key"] in d.fresh),
                 "new_completion_tokens": sum(d.fresh[r["key"]]["completion_tokens"] for r in reqs if r["key"] in d.fresh),
                 "new_cost_usd": sum(d.fresh[r["key"]]["cost_usd"] for r in reqs if r["key"] in d.fresh)}
+        for r in reqs:  # this run's tokens and $ by stage (summary "by_stage")
+            e = d.fresh.get(r["key"])
+            for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
+                acct[f"{r['stage']}_{k}"] = acct.get(f"{r['stage']}_{k}", 0) + (e[k] if e else 0)
         if entries:
             gold = release_gold(it["gold_answer"])
             built = []
@@ -448,6 +513,8 @@ def run_batch(cfg, pending, prices, progress):
                 built.append(build_set(fam, qtext, e[1]["text"], gold, [x["text"] for x in e[2:]]))
             rows.append(build_row(it, built, job, acct))
             outs.append({"problem_id": pid, "status": "ok", "error": None, **acct})
+        elif err is None and d.budget_hit:  # not submitted for the budget: not a failure, a later run goes on
+            outs.append({"problem_id": pid, "status": "budget", "error": None, **acct})
         else:
             if err is not None:
                 stage, reason = err["stage"], d.errors[err["cid"]]
@@ -466,9 +533,8 @@ def run_batch(cfg, pending, prices, progress):
         _write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA),
                      storage.join(cfg.output, "failures", _part_name([f["problem_id"] for f in fails])))
     if outs:
-        progress.add({k: [o.get(k, "batch-driver" if k == "actor" else None) for o in outs]
-                      for k in ["problem_id", "status", "error", "actor", "calls", "cached", "attempts", "n_429",
-                                "new_prompt_tokens", "new_completion_tokens", "new_cost_usd"]})
+        keys = sorted({k for o in outs for k in o} | {"actor"})
+        progress.add({k: [o.get(k, "batch-driver" if k == "actor" else None) for o in outs] for k in keys})
     return None, {"rate": None, "budget": None, "batch": d.summary()}
 
 

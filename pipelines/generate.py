@@ -32,6 +32,9 @@ Output directory (local path or any pyarrow filesystem URI):
       paper_dataset.json           export: the release's qg_*_dataset.jsonl training format (ONE JSON list)
       failures.jsonl               export: the failures still open (problems without a row), one a line
       summary.json                 the final summary (also printed as the last stdout line)
+      batch/state.json             --api batch only (pipelines.batch): each request shard's file id and batch id,
+                                   written as soon as they exist, its status and per-request errors
+      batch/requests/<shard>.jsonl --api batch only: the request files uploaded to the provider
 
 Resume and exactly once: re-running the same command skips problems that have a row and (unless
 `--retry-failed`) those with a recorded failure; calls already answered come from `cache/`, so only calls
@@ -247,8 +250,12 @@ class GenerateActor(TeacherActor):
         qg_tid = template_for(fam, "qg")
         v_qg, v_qa, v_fb = _validators(fam)
         acct = {"calls": 0, "cached": 0, "attempts": 0, "n_429": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                "cost_usd": 0.0, "new_cost_usd": 0.0, "new_prompt_tokens": 0, "new_completion_tokens": 0}
+                "cost_usd": 0.0, "new_cost_usd": 0.0, "new_prompt_tokens": 0, "new_completion_tokens": 0,
+                "maybe_billed": 0, "maybe_billed_usd": 0.0, **{k: 0 for k in STAGE_KEYS}}
         stage = {"name": "qg"}
+        from actors.teacher import BILLING
+
+        BILLING.set(acct)  # this problem's task: calls that may have been billed are counted into acct
 
         async def call(msgs, tid, sample, validate, accept_invalid):
             r = await c.chat(msgs, temperature=job["temperature"], max_tokens=job["max_tokens"], sample_index=sample,
@@ -264,6 +271,10 @@ class GenerateActor(TeacherActor):
                 acct["new_cost_usd"] += r.cost_usd
                 acct["new_prompt_tokens"] += r.prompt_tokens
                 acct["new_completion_tokens"] += r.completion_tokens
+                st = STAGE_OF.get(tid.split("_", 1)[-1], "feedback")
+                acct[f"{st}_prompt_tokens"] += r.prompt_tokens
+                acct[f"{st}_completion_tokens"] += r.completion_tokens
+                acct[f"{st}_cost_usd"] += r.cost_usd
             return r
 
         problem, gold = item["problem"], release_gold(item["gold_answer"])
@@ -328,8 +339,15 @@ class GenerateActor(TeacherActor):
         for o in outs:
             o["actor"] = self.actor_id
         keys = ["problem_id", "status", "error", "actor", "calls", "cached", "attempts", "n_429", "prompt_tokens",
-                "completion_tokens", "cost_usd", "new_cost_usd", "new_prompt_tokens", "new_completion_tokens"]
+                "completion_tokens", "cost_usd", "new_cost_usd", "new_prompt_tokens", "new_completion_tokens",
+                "maybe_billed", "maybe_billed_usd", *STAGE_KEYS]
         return {k: [o.get(k) for o in outs] for k in keys}
+
+
+# this run's tokens and $ by stage (summary.json "by_stage"); template ids end in the stage's role
+STAGE_OF = {"qg": "qg", "decompose": "qg", "qa": "qa", "solve": "qa", "feedback": "feedback"}
+STAGE_KEYS = tuple(f"{st}_{k}" for st in ("qg", "qa", "feedback") for k in ("prompt_tokens", "completion_tokens",
+                                                                              "cost_usd"))
 
 
 def _part_name(ids: list[str]) -> str:
@@ -417,16 +435,39 @@ class Progress:
 
         self.reasons: Counter = Counter()  # this run's failure reasons (one line each)
         self.c = {"rows": 0, "failed": 0, "budget": 0, "stopped": 0, "fatal": 0, "calls": 0, "cached": 0,
-                  "attempts": 0, "n_429": 0, "new_prompt_tokens": 0, "new_completion_tokens": 0, "new_cost_usd": 0.0}
+                  "attempts": 0, "n_429": 0, "new_prompt_tokens": 0, "new_completion_tokens": 0, "new_cost_usd": 0.0,
+                  "maybe_billed": 0, "maybe_billed_usd": 0.0, **{k: 0 for k in STAGE_KEYS}}
+        self.status_fn = None  # optional: extra text for the line (e.g. the limiter's capped Retry-After)
+
+    def _problems_counter(self):
+        """Ray metric `subq_generate_problems{status}` (rows done, failed, ...) when the driver is in Ray."""
+        if getattr(self, "_metric", None) is None:
+            self._metric = False
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    from ray.util.metrics import Counter
+
+                    self._metric = Counter("subq_generate_problems", description="problems finished by status",
+                                           tag_keys=("status",))
+            except Exception:
+                pass
+        return self._metric or None
 
     def add(self, batch: dict) -> None:
         self.actors.update(batch["actor"])
+        metric = self._problems_counter()
         for i, status in enumerate(batch["status"]):
             self.c["rows" if status == "ok" else status] += 1
+            if metric is not None:
+                metric.inc(1, tags={"status": status})
             if status == "failed":
                 self.reasons[" ".join(str(batch["error"][i]).split())[:300]] += 1
-            for k in ("calls", "cached", "attempts", "n_429", "new_prompt_tokens", "new_completion_tokens", "new_cost_usd"):
-                self.c[k] += batch[k][i] or 0
+            for k in ("calls", "cached", "attempts", "n_429", "new_prompt_tokens", "new_completion_tokens",
+                      "new_cost_usd", "maybe_billed", "maybe_billed_usd", *STAGE_KEYS):
+                if k in batch:
+                    self.c[k] += batch[k][i] or 0
         if time.time() - self.last >= self.interval_s:
             self.print()
 
@@ -436,9 +477,15 @@ class Progress:
         rate = done / el
         eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
         tok = self.c["new_prompt_tokens"] + self.c["new_completion_tokens"]
+        extra = ""
+        if self.status_fn is not None:
+            try:
+                extra = self.status_fn() or ""
+            except Exception:  # the status is a nicety; never let it stop a run
+                extra = ""
         return (f"rows {self.c['rows']}/{self.total} failed {self.c['failed']} | {self.c['attempts'] / el:.1f} req/s | "
                 f"{tok / el:.0f} tok/s | ${self.c['new_cost_usd']:.4f} | 429s {self.c['n_429']} | "
-                f"cached {self.c['cached']} | ETA {eta}")
+                f"cached {self.c['cached']} | ETA {eta}" + (f" | {extra}" if extra else ""))
 
     def print(self) -> None:
         self.last = time.time()
@@ -473,20 +520,19 @@ def compact_parts(output: str) -> int:
 
 def export(output: str) -> dict:
     """Write paper_raw.jsonl, paper_dataset.json and failures.jsonl from the parts; return counts and paths."""
-    from subq.schema import read_parquet, sort_rows, write_paper
+    from subq.schema import iter_parquet_sorted, write_paper_chunks
 
     compact_parts(output)
     ids, fails = read_done(output)
     parts = storage.join(output, "parts")
-    ordered = sort_rows(read_parquet(parts)) if ids else []
     paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),
              "paper_dataset": storage.join(output, "paper_dataset.json"),
              "failures": storage.join(output, "failures.jsonl"), "parts": storage.join(output, "parts")}
-    if ordered:
-        write_paper(ordered, paths["paper_raw"], "paper_raw")
-        write_paper(ordered, paths["paper_dataset"], "paper_dataset")
+    if ids:  # streamed in source order, one chunk of row objects at a time (a million rows fit in memory)
+        for fmt in ("paper_raw", "paper_dataset"):
+            write_paper_chunks(iter_parquet_sorted(parts), paths[fmt], fmt)
     storage.write_bytes_atomic(paths["failures"], "".join(json.dumps(f) + "\n" for f in fails.values()).encode())
-    return {"rows": len(ordered), "failures": len(fails), "paths": paths}
+    return {"rows": len(ids), "failures": len(fails), "paths": paths}
 
 
 # ------------------------------------------------------------------ run manifest and lease
@@ -671,6 +717,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     if cfg.cancel:
         from pipelines.batch import cancel_batches
 
+        lease.acquire()  # a live job on this output would send again what --cancel stops: stop it first
         return cancel_batches(cfg, prices)
     if pending and cfg.api == "online":
         from actors.teacher import check_endpoint
@@ -707,7 +754,13 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
         "this_run": {"rows": c["rows"], "failed": c["failed"], "skipped_budget": c["budget"],
                      "calls": c["calls"], "cache_hits": c["cached"], "requests_sent": c["attempts"],
                      "n_429": c["n_429"], "prompt_tokens": c["new_prompt_tokens"],
-                     "completion_tokens": c["new_completion_tokens"], "cost_usd": round(c["new_cost_usd"], 6),
+                     "completion_tokens": c["new_completion_tokens"], "cost_usd": round(c["new_cost_usd"] + c["maybe_billed_usd"], 6),
+                     # calls that may have been billed without a reply (timeout after send, dropped connection,
+                     # unreadable 200): charged at their hold estimate, included in cost_usd
+                     "maybe_billed": c["maybe_billed"], "maybe_billed_usd": round(c["maybe_billed_usd"], 6),
+                     "by_stage": {st: {k: round(c[f"{st}_{k}"], 6) for k in ("prompt_tokens", "completion_tokens",
+                                                                              "cost_usd")}
+                                  for st in ("qg", "qa", "feedback")},
                      "actors_used": len(progress.actors), "elapsed_s": round(el, 2), "req_per_s": round(c["attempts"] / el, 3) if el else None},
         "stopped": stopped, "api": cfg.api, "batch": (limiter_stats or {}).pop("batch", None),
         "limiter": limiter_stats, "paths": exp["paths"],
@@ -744,10 +797,28 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
     try:
         lname = None
         limiter = None
-        if cfg.rpm or cfg.tpm:
-            lname = limiter_name(cfg.base_url, cfg.model)
-            limiter = get_or_create_limiter(lname, cfg.rpm, cfg.tpm)
         run_id = hashlib.sha256(f"{cfg.output}|{time.time()}".encode()).hexdigest()[:12]
+        owner = f"generate:{socket.gethostname()}:{os.getpid()}:{run_id}"
+        if cfg.rpm or cfg.tpm:
+            from actors.limiter import account_id
+            from subq import console
+
+            # one detached limiter per (endpoint, model, account), shared with every other job and Serve replica
+            lname = limiter_name(cfg.base_url, cfg.model, account_id(os.environ.get(cfg.api_key_env)))
+            limiter = get_or_create_limiter(lname)
+            reg = ray.get(limiter.register.remote(owner, cfg.rpm, cfg.tpm, cfg.max_retry_after_s))
+            if reg["conflict"]:
+                console.echo(f"warning: limiter {lname}: {reg['conflict']}")
+
+            def limiter_status() -> str:
+                st = ray.get(limiter.stats.remote(), timeout=5)
+                if st["blocked_for_s"] > 5:
+                    capped = f" (Retry-After {st['longest_retry_after_s']:.0f}s capped to {st['max_retry_after_s']:.0f}s)" \
+                        if st["retry_after_capped"] else ""
+                    return f"provider backoff {st['blocked_for_s']:.0f}s{capped}"
+                return ""
+
+            progress.status_fn = limiter_status
         bname, budget = None, None
         if cfg.max_cost_usd is not None:
             bname = f"subq-budget:{run_id}"
@@ -761,7 +832,8 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
                              max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s,
                              backoff_max_s=cfg.backoff_max_s, timeout_s=cfg.timeout_s, price=prices.price(cfg.model),
                              cache_dir=storage.join(cfg.output, "cache"), max_concurrency=cfg.max_concurrency,
-                             max_resamples=cfg.max_resamples)
+                             max_resamples=cfg.max_resamples, max_retry_after_s=cfg.max_retry_after_s,
+                             rpm=cfg.rpm, tpm=cfg.tpm)
         job = dict(template=cfg.template, n_sets=cfg.n_sets, n_feedback=cfg.n_feedback, temperature=cfg.temperature,
                    max_tokens=cfg.max_tokens, model=cfg.model, output=cfg.output)
         items = [dict(problem_id=p.problem_id, problem=p.problem, gold_answer=p.gold_answer, source=p.source,
@@ -780,7 +852,10 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
             for status, err in zip(b["status"], b["error"]):
                 if status == "fatal" and fatal is None:
                     fatal = SubqError(err)
-        lstats = ray.get(limiter.stats.remote()) if limiter is not None else None
+        lstats = None
+        if limiter is not None:
+            lstats = ray.get(limiter.stats.remote())
+            ray.get(limiter.unregister.remote(owner))  # our limits stop counting; the limiter stays for others
         bstats = None
         if budget is not None:
             b = ray.get(budget.stats.remote())

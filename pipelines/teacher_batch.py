@@ -10,7 +10,8 @@
                                       failed / expired / cancelling -> cancelled)
     GET    /v1/batches                list (?limit, ?after), newest first, like the provider
     POST   /v1/batches/{id}/cancel
-    GET    /v1/stats/batches          what was uploaded and submitted (tests prove nothing was submitted twice)
+    GET    /v1/stats/batches          what was uploaded and submitted (tests prove nothing was submitted twice),
+                                      HTTP calls to the routes above (`api_calls`)
 
 Each request line is answered like `POST /v1/chat/completions` (the same `Replier`: replay or labelled synthetic
 replies). Batch lines carry no headers, so the sample index comes from the request's `custom_id`: subq's batch
@@ -40,7 +41,7 @@ import threading
 import time
 from typing import Optional
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from subq.costs import estimate_tokens
@@ -55,12 +56,19 @@ def _id(prefix: str, *parts) -> str:
 
 def batch_router(cfg, replier, rng: Optional[random.Random] = None) -> APIRouter:
     """The Batch API routes over `cfg` (a TeacherServerConfig) and the server's `replier`."""
-    router = APIRouter()
-    rng = rng or random.Random(cfg.seed + 2)
     lock = threading.Lock()
+
+    def count_call(request: Request):
+        if not request.url.path.endswith("/stats/batches"):
+            with lock:
+                stats["api_calls"] += 1
+
+    router = APIRouter(dependencies=[Depends(count_call)])
+    rng = rng or random.Random(cfg.seed + 2)
     files: dict[str, dict] = {}
     batches: dict[str, dict] = {}
-    stats = {"uploads": 0, "upload_failures": 0, "batches_created": 0, "cancel_calls": 0, "requests_answered": 0,
+    stats = {"api_calls": 0, "uploads": 0, "upload_failures": 0, "batches_created": 0, "cancel_calls": 0,
+             "requests_answered": 0,
              "request_errors": 0, "by_status": {}, "submitted_by_custom_id": {}}
     counters = {"expired": 0, "bad_output": 0}
 

@@ -297,6 +297,42 @@ def write_paper(rows: list[SubQRow], location: str, fmt: PaperFormat) -> None:
     storage.write_bytes_atomic(location, dumps_paper(rows, fmt).encode("utf-8"))
 
 
+def iter_parquet_sorted(location: str, chunk_rows: int = 20_000) -> Iterable[list[SubQRow]]:
+    """The rows of a Parquet file or part directory in `sort_rows` order, as lists of at most `chunk_rows` row
+    objects: the sort runs on Arrow columns, so only one chunk is ever held as Python objects."""
+    import pyarrow.compute as pc
+
+    table = read_parquet_table(location)
+    idx = pc.sort_indices(table, sort_keys=[("source", "ascending", "at_start"),
+                                            ("source_index", "ascending", "at_start"),
+                                            ("problem_id", "ascending", "at_start")])
+    for lo in range(0, len(idx), chunk_rows):
+        yield table_to_rows(table.take(idx[lo:lo + chunk_rows]), str(location))
+
+
+def write_paper_chunks(chunks: Iterable[list[SubQRow]], location: str, fmt: PaperFormat) -> int:
+    """`write_paper` for rows arriving in chunks (large outputs), byte for byte the same file; returns the row
+    count."""
+    n = 0
+    with storage.open_atomic(location) as f:
+        first = True
+        if fmt != "paper_raw":
+            f.write(b"[")
+        for rows in chunks:
+            n += len(rows)
+            if fmt == "paper_raw":
+                f.write(dumps_paper(rows, fmt).encode("utf-8"))
+                continue
+            items = [row_to_raw(r, gold_as_number=True) for r in rows] if fmt == "paper_chat" else \
+                [e for r in rows for e in dataset_entries(r)]
+            for item in items:
+                f.write((("" if first else ", ") + json.dumps(item)).encode("utf-8"))
+                first = False
+        if fmt != "paper_raw":
+            f.write(b"]")
+    return n
+
+
 def detect_format(location: str, data: bytes | None = None) -> str:
     """'parquet', 'paper_raw', 'paper_chat' or 'paper_dataset' for a file or directory."""
     if str(location).endswith(".parquet") or storage.list_files(location, ".parquet"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from pathlib import Path
 
@@ -82,6 +83,37 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
     else:  # object stores write objects atomically
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+@contextlib.contextmanager
+def open_atomic(location: str):
+    """A binary stream for a whole file written piece by piece (large exports), with `write_bytes_atomic`'s
+    guarantees: readers see the old file or the complete new one, never a part of it."""
+    import os
+    import uuid
+
+    fs, path = resolve(location)
+    parent = posixpath.dirname(path) if "://" in str(location) else str(Path(path).parent)
+    fs.create_dir(parent, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:  # object stores publish the object on close
+            yield f
+        return
+    tmp = str(Path(parent) / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{Path(path).name}")
+    f = open(tmp, "xb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def is_temp(name: str) -> bool:

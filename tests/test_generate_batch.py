@@ -214,13 +214,17 @@ def test_per_request_errors_are_recorded_failures_and_a_bad_output_file_is_repor
     assert any(first in e and "malformed" in e for e in s["batch"]["output_errors"])
     # every good line of the broken file was kept: nothing was sent again
     assert st["submitted_twice"] == []
-    # --retry-failed (batch) sends only the failed problems' requests that have no reply yet
-    with TeacherServer(batch_delay_s=0.2, port=port) as ts:  # the same endpoint, without the faults
-        s2 = gen(subq_bin, "--input", "gsm8k:test", "--limit", "8", "--output", str(out), "--base-url",
-                 ts.base_url, "--retry-failed")
-        st2 = bstats(ts)
+    # a later ONLINE --retry-failed re-uses the batch replies (the same request cache) and sends only the rest
+    with TeacherServer(port=port) as ts:  # the same endpoint, without the faults
+        r = subprocess.run([subq_bin, "generate", "--input", "gsm8k:test", "--limit", "8", "--output", str(out),
+                            "--base-url", ts.base_url, "--retry-failed", "--actors", "1,1", "--ray-num-cpus", "2"],
+                           capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "unused"}, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        s2 = json.loads(r.stdout.strip().splitlines()[-1])
+        sent = ts.stats(keys=False)["completed"]
     assert s2["rows_total"] == 8 and s2["failures_open"] == 0
-    assert 0 < len(st2["submitted_by_custom_id"]) < 15 * len(fails)
+    assert s2["this_run"]["calls"] == 15 * len(fails) and s2["this_run"]["cache_hits"] > 0
+    assert sent == s2["this_run"]["calls"] - s2["this_run"]["cache_hits"] < 15 * len(fails)
 
 
 @pytest.mark.slow
@@ -238,6 +242,8 @@ def test_ctrl_c_leaves_batches_running_and_cancel_cancels_them(tmp_path, subq_bi
         while time.time() < deadline and not (out / "batch" / "state.json").exists() or \
                 not any(v["batch_id"] for v in state(out)["shards"].values()):
             time.sleep(0.05)
+        live = gen(subq_bin, *args, "--base-url", ts.base_url, "--cancel", check=False)
+        assert live.returncode == 2 and "another job is writing this output" in live.stderr  # stop it first
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "--cancel" in err
@@ -259,3 +265,34 @@ def test_endpoint_without_batch_support_fails_before_any_upload(tmp_path, subq_b
     assert r.returncode == 2
     assert "error:" in r.stderr and "no Batch API" in r.stderr and "api" in r.stderr
     assert not (out / "batch").exists()
+
+
+@pytest.mark.slow
+def test_missing_output_file_is_reported_with_its_batch_id_and_only_its_requests_are_sent_again(tmp_path, subq_bin):
+    from pipelines.teacher_server import TeacherServer
+
+    out = tmp_path / "out"
+    with TeacherServer(batch_delay_s=0.2, batch_bad_output_first=1, batch_bad_output="missing") as ts:
+        s = gen(subq_bin, "--input", "gsm8k:test", "--limit", "3", "--output", str(out), "--base-url", ts.base_url)
+        st = bstats(ts)
+    first = next(iter(state(out)["shards"].values()))["batch_id"]
+    assert s["rows_total"] == 3 and s["failures_open"] == 0
+    assert any(first in e and "could not be downloaded" in e for e in s["batch"]["output_errors"])
+    assert sorted(st["submitted_twice"]) == sorted(c for c in st["submitted_by_custom_id"] if "|qg|" in c)
+    assert len(st["submitted_by_custom_id"]) == 45 and s["batch"]["replies_this_run"] == 45
+
+
+@pytest.mark.slow
+def test_budget_stops_submitting_batches_and_a_rerun_goes_on(tmp_path, subq_bin):
+    from pipelines.teacher_server import TeacherServer
+
+    out = tmp_path / "out"
+    args = ["--input", "gsm8k:test", "--limit", "4", "--output", str(out), "--batch-max-requests", "12"]
+    with TeacherServer(batch_delay_s=0.2) as ts:
+        s = gen(subq_bin, *args, "--base-url", ts.base_url, "--max-cost-usd", "0.02")
+        assert s["stopped"] == "budget" and s["rows_total"] < 4 and s["failures_open"] == 0
+        assert s["this_run"]["cost_usd"] <= 0.02
+        assert any(v["batch_id"] is None for v in state(out)["shards"].values())  # written, not submitted
+        s2 = gen(subq_bin, *args, "--base-url", ts.base_url)
+        st = bstats(ts)
+    assert s2["rows_total"] == 4 and st["submitted_twice"] == [] and len(st["submitted_by_custom_id"]) == 60

@@ -64,3 +64,18 @@ def test_a_kill_between_write_and_rename_leaves_a_temp_readers_skip_and_the_swee
     assert set(rows) == {probs[0].problem_id}
     assert storage.list_files(str(out / "parts"), ".parquet") == [str(out / "parts" / "part-a.parquet")]
     assert storage.sweep_temps(str(out)) == 1 and sorted(p.name for p in (out / "parts").iterdir()) == ["part-a.parquet"]
+
+
+def test_streamed_export_matches_the_whole_list_export_byte_for_byte(tmp_path):
+    """Exports of a large output are written chunk by chunk (bounded memory); the files are the same."""
+    from subq.schema import iter_parquet_sorted, read_parquet, sort_rows, write_paper, write_paper_chunks
+
+    ps = load_problems("gsm8k:test", 7)
+    write_parquet([_row(p) for p in ps[4:]], str(tmp_path / "parts" / "part-a.parquet"))
+    write_parquet([_row(p) for p in ps[:4]], str(tmp_path / "parts" / "part-b.parquet"))
+    rows = sort_rows(read_parquet(str(tmp_path / "parts")))
+    for fmt in ("paper_raw", "paper_dataset"):
+        write_paper(rows, str(tmp_path / f"whole.{fmt}"), fmt)
+        assert write_paper_chunks(iter_parquet_sorted(str(tmp_path / "parts"), chunk_rows=3),
+                                  str(tmp_path / f"chunks.{fmt}"), fmt) == 7
+        assert (tmp_path / f"whole.{fmt}").read_bytes() == (tmp_path / f"chunks.{fmt}").read_bytes()

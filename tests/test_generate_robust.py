@@ -74,6 +74,7 @@ def test_drift_is_refused_naming_each_field_and_a_second_job_on_the_output_refus
                 "--temperature", "0.2", check=False)
         errs = _errors(r.stderr)
         assert r.returncode == 2 and len(errs) == 1 and "n_sets" in errs[0] and "temperature" in errs[0], r.stderr
+        assert (out / "config.yaml").read_bytes() == config_before  # a refused run writes nothing
         r = gen(subq_bin, *SMALL, "--limit", "3", "--output", str(out), "--base-url", ts.base_url + "/", check=False)
         assert r.returncode == 0, r.stderr[-2000:]  # the same endpoint written differently is no drift
         r = gen(subq_bin, *SMALL, "--limit", "3", "--output", str(out),
@@ -81,10 +82,70 @@ def test_drift_is_refused_naming_each_field_and_a_second_job_on_the_output_refus
         errs = _errors(r.stderr)
         assert r.returncode == 2 and len(errs) == 1 and "base_url" in errs[0], r.stderr
         assert ts.stats()["total"] == sent + 3  # only the one new problem of the accepted re-run was paid for
-        assert (out / "config.yaml").read_bytes() == config_before
         # another job holds the output (a live lease): this one refuses before any call
         with OutputLease(str(out), timeout_s=60):
             r = gen(subq_bin, *SMALL, "--limit", "4", "--output", str(out), "--base-url", ts.base_url, check=False)
         errs = _errors(r.stderr)
         assert r.returncode == 2 and len(errs) == 1 and "another job" in errs[0] and str(os.getpid()) in errs[0]
         assert ts.stats()["total"] == sent + 3
+
+
+def test_kill_9_at_five_points_then_resume_every_problem_once_no_paid_call_repeated(tmp_path, subq_bin):
+    """SIGKILL the whole job (driver and the local Ray it started) at five points: just after it took the lease,
+    mid-calls, just after the first part was written, later mid-calls, after several parts; before each resume a
+    torn temp is left in parts/ and failures/ (what a kill mid-write leaves). The final run holds every problem
+    exactly once; no call the job had received (cached) is paid again, only those in flight at a kill."""
+    import signal
+    import subprocess
+    import time
+
+    from pipelines.teacher_server import TeacherServer
+    from test_generate import cache_keys
+
+    out = tmp_path / "out"
+    n = 12
+    args = ["generate", "--ray-num-cpus", "2", "--input", "gsm8k:test", "--limit", str(n), "--output", str(out),
+            "--n-sets", "2", "--n-feedback", "1", "--actors", "1,1", "--batch-size", "2", "--rpm", "240"]
+    parts = lambda: list((out / "parts").glob("part-*.parquet")) if (out / "parts").exists() else []  # noqa: E731
+    keys = lambda: cache_keys(out) if (out / "cache").exists() else set()  # noqa: E731
+    points = [("lease taken", lambda: (out / "_lease.json").exists()),
+              ("8 calls cached", lambda: len(keys()) >= 8),
+              ("first part written", lambda: len(parts()) >= 1),
+              ("+12 calls cached", lambda: len(keys()) >= start + 12),
+              ("3 parts written", lambda: len(parts()) >= 3)]
+    env = {**os.environ, "OPENAI_API_KEY": "unused"}
+    in_flight_total = 0
+    with TeacherServer(latency_s=0.1) as ts:
+        for name, reached in points:
+            start = len(keys())
+            proc = subprocess.Popen([subq_bin, *args, "--base-url", ts.base_url], env=env, start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 300
+            while time.time() < deadline and not reached() and proc.poll() is None:
+                time.sleep(0.1)
+            assert proc.poll() is None, f"the job ended before the kill point '{name}'"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            last, quiet_since = -1, time.time()
+            while time.time() - quiet_since < 2.0:  # the cluster's workers die with their driver
+                total = ts.stats(keys=False)["total"]
+                if total != last:
+                    last, quiet_since = total, time.time()
+                time.sleep(0.25)
+            # answered by the server but never received by the job (no cache entry): in flight at this kill
+            in_flight_total += len(set(ts.stats()["completed_by_key"]) - keys())
+            for d in ("parts", "failures"):  # what a kill between writing a temp and renaming it leaves
+                (out / d).mkdir(parents=True, exist_ok=True)
+                (out / d / f"part-torn-{name.replace(' ', '_')}.parquet.tmp").write_bytes(b"PAR1torn")
+                (out / d / f"_tmp-{len(keys())}-part-x.parquet").write_bytes(b"PAR1")
+        s = gen(subq_bin, *args[1:], "--base-url", ts.base_url)
+        st = ts.stats()
+    assert s["rows_total"] == n and s["failures_open"] == 0
+    ids = part_ids(out)
+    assert len(ids) == len(set(ids)) == n
+    assert set(ids) == {p.problem_id for p in load_problems("gsm8k:test", n)}
+    assert len(st["completed_by_key"]) == n * 2 * 3 == len(keys())
+    # a key completed twice was in flight at a kill (answered, never received); nothing else was paid twice
+    assert sum(v - 1 for v in st["completed_by_key"].values()) <= in_flight_total
+    assert not [p for d in ("parts", "failures") for p in (out / d).iterdir() if p.name.startswith("_tmp-")
+                or p.name.endswith(".tmp")]  # the resume swept the torn temps

@@ -167,3 +167,61 @@ def test_limiter_sits_on_its_drivers_node_and_comes_back_after_a_crash(ray_clust
     assert info()["NumRestarts"] >= 1
     assert ray.get(lim.reserve.remote(), timeout=60) >= 0  # the same handle works after the restart
     assert info()["State"] == "ALIVE" and info()["Address"]["NodeID"] == here
+
+
+def test_retry_after_is_capped_reported_and_http_dates_are_read():
+    from email.utils import formatdate
+
+    from actors.limiter import parse_retry_after
+
+    clk = FakeClock()
+    b = TokenBucket(rpm=600, clock=clk, max_retry_after_s=120)
+    assert b.report_429(headers={"retry-after": "86400"}) == 120  # not a day-long silent freeze
+    st = b.stats()
+    assert st["blocked_for_s"] == pytest.approx(120) and st["retry_after_capped"] == 1
+    assert st["longest_retry_after_s"] == 86400
+    now = time.time()
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1.01)
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert headers_backoff({"retry-after": formatdate(time.time() + 10, usegmt=True)}) == pytest.approx(10, abs=1.5)
+
+
+def test_stricter_limit_wins_and_a_lifted_owner_lets_the_other_limit_apply():
+    from actors.limiter import RateLimiter
+
+    lim = RateLimiter()
+    import asyncio
+
+    a = asyncio.run(lim.register("job-a", rpm=600, tpm=None))
+    assert a["rpm"] == 600 and a["conflict"] is None
+    b = asyncio.run(lim.register("job-b", rpm=1200, tpm=50000))
+    assert b["rpm"] == 600 and b["tpm"] == 50000 and "600" in b["conflict"] and "1200" in b["conflict"]
+    assert lim.bucket.rpm == 600
+    asyncio.run(lim.unregister("job-a"))
+    assert lim.bucket.rpm == 1200 and lim.bucket.tpm == 50000
+
+
+@pytest.mark.slow
+def test_limiter_outlives_the_job_that_created_it(ray_cluster, tmp_path):
+    """A second job on the same endpoint keeps working after the first job (which created the limiter) exits."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from actors.limiter import get_or_create_limiter
+
+    name = "subq-limiter:shared-endpoint:model"
+    script = ("import ray, sys; ray.init(address=sys.argv[1], namespace='subq', log_to_driver=False)\n"
+              "from actors.limiter import get_or_create_limiter\n"
+              f"lim = get_or_create_limiter({name!r}, rpm=600)\n"
+              "print(ray.get(lim.reserve.remote()))\n")
+    r = subprocess.run([sys.executable, "-c", script, ray.get_runtime_context().gcs_address], capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    time.sleep(2)  # the first job's driver is gone; a job-scoped actor would be gone with it
+    lim = ray.get_actor(name, namespace="subq")
+    assert ray.get(lim.reserve.remote(), timeout=60) >= 0 and ray.get(lim.stats.remote())["rpm"] == 600
+    again = get_or_create_limiter(name, rpm=1200)  # a later job asking for more: the stricter limit stays
+    st = ray.get(again.stats.remote())
+    assert again._actor_id == lim._actor_id and st["rpm"] == 600 and st["reserved"] == 2

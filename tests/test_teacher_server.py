@@ -226,3 +226,29 @@ def test_cache_knows_the_endpoint_a_reply_came_from(tmp_path, server):
         assert not asyncio.run(c2.chat(messages("paper_qg", p.problem), sample_index=0)).cached
         assert other.stats()["completed_by_key"][b.key] == 2 and c2.stats["cache_mismatch"] == 1
     assert normalize_endpoint("HTTP://user:pw@Example.COM:80/v1/?x=1") == "http://example.com/v1"
+
+
+def test_a_timeout_after_send_is_charged_as_maybe_billed_a_refused_connection_is_not():
+    from actors.teacher import BILLING, TeacherClient, TeacherUnavailableError
+    from pipelines.teacher_server import TeacherServer, free_port
+
+    msgs = messages("paper_qg", load_problems("gsm8k:test", 1)[0].problem)
+    with TeacherServer(timeout_rate=1.0, timeout_hang_s=5) as ts:
+        c = TeacherClient("gpt-3.5-turbo", ts.base_url, api_key="unused", rpm=6000, max_retries=1, timeout_s=0.5,
+                          backoff_initial_s=0.01, backoff_max_s=0.02)
+        acct: dict = {}
+
+        async def go():
+            BILLING.set(acct)
+            await c.chat(msgs)
+
+        with pytest.raises(TeacherUnavailableError, match="timed out"):
+            asyncio.run(go())
+        assert ts.stats()["timeouts"] == 2
+    assert c.stats["maybe_billed"] == 2 and acct["maybe_billed"] == 2
+    assert c.limiter.spent_usd == pytest.approx(c.stats["maybe_billed_usd"]) and c.limiter.spent_usd > 0
+    dead = TeacherClient("gpt-3.5-turbo", f"http://127.0.0.1:{free_port()}/v1", api_key="unused", rpm=6000,
+                         max_retries=1, backoff_initial_s=0.01, backoff_max_s=0.02)
+    with pytest.raises(TeacherUnavailableError):
+        asyncio.run(dead.chat(msgs))
+    assert dead.stats["maybe_billed"] == 0 and dead.limiter.spent_usd == 0
