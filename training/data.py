@@ -37,6 +37,13 @@ class ValProblem:
 
 
 def read_training_rows(location: str, what: str = "data") -> list[SubQRow]:
+    from pathlib import Path
+
+    p = Path(location)
+    if "://" not in str(location) and p.is_dir() and not any(
+            f.suffix in (".parquet", ".json", ".jsonl") for f in p.rglob("*") if f.is_file()):
+        raise DataError("is an empty directory (no .parquet/.json/.jsonl files): nothing to train on yet", field=what,
+                        source=str(location), hint="point at `subq generate`'s parts directory once it holds parts")
     try:
         rows = read_rows(location)
     except DataError:

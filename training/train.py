@@ -27,7 +27,6 @@ ilql_heads.safetensors). final/ loads with AutoModelForCausalLM and with trainin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -53,6 +52,15 @@ def run_dir(cfg: TrainConfig) -> str:
     return storage.join(cfg.storage_path, cfg.name)
 
 
+def resolve_models(cfg: TrainConfig) -> TrainConfig:
+    """model / init_from -> local directories (GGUF converted once), or a hub id only when allowed
+    (training.student.resolve_model: no network attempt for a path that does not exist)."""
+    from training.student import resolve_model
+
+    upd = {k: resolve_model(getattr(cfg, k), k) for k in ("model", "init_from") if getattr(cfg, k)}
+    return cfg.model_copy(update=upd)
+
+
 def preflight(cfg: TrainConfig) -> dict:
     """Every check that can fail on user input, before Ray or any worker starts. Returns data counts."""
     from transformers import AutoConfig
@@ -62,7 +70,7 @@ def preflight(cfg: TrainConfig) -> dict:
     base = cfg.init_from or cfg.model
     field = "init_from" if cfg.init_from else "model"
     try:
-        AutoConfig.from_pretrained(base)
+        AutoConfig.from_pretrained(base, local_files_only=Path(base).exists())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a model config from {base!r} ({type(e).__name__})", field=field,
                           hint="give a local HF model directory, e.g. from `subq init-model`") from None
@@ -84,19 +92,23 @@ def preflight(cfg: TrainConfig) -> dict:
 def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
     """Validate, then train with Ray Train. Returns {run_dir, final_dir, metrics, data, checkpoint}.
     Starts a local Ray (ray_init kwargs) only if none is running; joins a cluster under `ray job submit`."""
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.model_validate(cfg)
+    cfg = resolve_models(absolute_paths(cfg))  # a missing local model fails here, at once, before Ray or the hub
+
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if isinstance(cfg, dict):
-        cfg = TrainConfig.model_validate(cfg)
-    cfg = absolute_paths(cfg)
     counts = preflight(cfg)
     started = False
     if not ray.is_initialized():
         ray.init(**(ray_init or {}))
         started = True
     try:
+        from training.preflight import check_cluster
+
+        check_cluster(cfg)  # against the cluster, before any worker starts (training/preflight.py)
         loop_cfg = {"cfg": cfg.model_dump(), "fault_at_step": os.environ.get(FAULT_ENV)}
         trainer = TorchTrainer(
             train_loop,
@@ -540,43 +552,10 @@ def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int, de
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m training.train` (for `ray job submit`); the same flags as `subq train`."""
-    from subq.config import load_config
-    from subq.errors import SubqError
+    """`python -m training.train` (for `ray job submit`): the `subq train` command itself, same options."""
+    from subq.cli import main as subq_main
 
-    p = argparse.ArgumentParser(description="Train a decomposer (BC / Filtered BC / ILQL) with Ray Train + DeepSpeed.")
-    p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it.")
-    for name, f in TrainConfig.model_fields.items():
-        if name == "ilql":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if f.annotation is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.description)
-        else:
-            p.add_argument(flag, default=None, help=f.description)
-    p.add_argument("--ilql", action="append", default=None, metavar="KEY=VALUE",
-                   help="Repeatable ILQL override (gamma, tau, cql_weight, polyak, beta, ...).")
-    args = vars(p.parse_args(argv))
-    path = args.pop("config")
-    try:
-        if args["ilql"]:
-            import yaml
-
-            from subq.config import read_yaml
-
-            base = dict((read_yaml(path).get("ilql") or {}) if path else {})
-            for item in args["ilql"]:
-                if "=" not in item:
-                    raise ConfigError(f"expected KEY=VALUE, got {item!r}", field="--ilql")
-                k, v = item.split("=", 1)
-                base[k.strip()] = yaml.safe_load(v)
-            args["ilql"] = base
-        cfg = load_config(TrainConfig, path, args)
-        result = run_train(cfg)
-    except SubqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({k: v for k, v in result.items()}, default=str))
+    subq_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
