@@ -63,6 +63,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
     eval_every: int = Field(0, ge=0, description="Optimizer steps between validations (0: only at the end).")
     eval_problems: int = Field(16, ge=0, description="Validation problems decoded for BLEU / sub-question count (0: loss only).")
+    startup_timeout_s: float = Field(900, ge=0, description="Seconds a worker may spend in DeepSpeed start-up (op build, process group) before the run fails naming the stage (0: no limit).")
     eval_max_new_tokens: int = Field(256, gt=0, description="Max new tokens when decoding validation problems (the release allowed the reference length + 200; val_no_eos_frac reports how many hit this budget).")
 
     @field_validator("deepspeed")

@@ -89,6 +89,23 @@ def preflight(cfg: TrainConfig) -> dict:
     return {**stats, "train_problems": len(train_rows), "val_problems": len(val_rows)}
 
 
+def _announce_one_time_costs(cfg: TrainConfig) -> None:
+    """Stale torch-extension locks on this machine are cleared (or reported with the fix); the one-time
+    DeepSpeed CPU op build is announced with its expected duration."""
+    from subq import console
+    from training.ds_ops import build_notice, clear_stale_locks, lock_fix
+
+    removed, live = clear_stale_locks()
+    for lock in removed:
+        console.echo(f"removed a stale torch extension lock left by a killed build: {lock}")
+    for lock in live:
+        console.echo(f"warning: a DeepSpeed op build holds {lock}; training waits for it (if no build is running: "
+                     f"{lock_fix(lock)})")
+    notice = build_notice(cfg.use_gpu)
+    if notice:
+        console.echo(notice)
+
+
 def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
     """Validate, then train with Ray Train. Returns {run_dir, final_dir, metrics, data, checkpoint}.
     Starts a local Ray (ray_init kwargs) only if none is running; joins a cluster under `ray job submit`."""
@@ -101,6 +118,7 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     counts = preflight(cfg)
+    _announce_one_time_costs(cfg)
     started = False
     if not ray.is_initialized():
         ray.init(**(ray_init or {}))
@@ -277,7 +295,12 @@ def train_loop(loop_cfg: dict) -> None:
     # engine
     ds_cfg = deepspeed_config(cfg, world, gpu_bf16_supported() if cfg.use_gpu else None)
     stage, bf16 = zero_stage(ds_cfg), ds_cfg["bf16"]["enabled"]
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray Train's process group
+    from training.ds_ops import clear_stale_locks, lock_hint, stage_timeout
+
+    clear_stale_locks()  # a lock left by a killed op build would make this rank wait forever
+    with stage_timeout("DeepSpeed init_distributed (CPU op build, process group)", cfg.startup_timeout_s,
+                       hint=lock_hint):
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray Train's group
     if stage == 3:  # from_pretrained then builds the LM under deepspeed.zero.Init: each rank holds only its shard
         from transformers.integrations import HfDeepSpeedConfig
 
