@@ -188,8 +188,13 @@ def test_filtered_bc_cli_trains_only_on_correct_sets(tmp_path, tiny, subq_bin):
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout)  # `subq train | jq .`: stdout is exactly one JSON line, nothing else
+    assert r.stdout.count("\n") == 1
     assert out["data"]["used"] == 24 and out["data"]["filtered_out"] == 8
+    # the terminal shows our lines (log path, progress), none of Ray's or DeepSpeed's internals
+    assert "train filtered_bc" in r.stderr and "3/3" in r.stderr
+    for noise in ("PlacementGroupCleaner", "core_worker", "[WARNING]", "ninja", "Token authentication", "(pid="):
+        assert noise not in r.stderr, (noise, r.stderr[-2000:])
     assert out["metrics"]["step"] == 3 and out["metrics"]["zero_stage"] == 1
     assert (tmp_path / "runs" / "fbc" / "final" / "model.safetensors").exists()
 

@@ -106,8 +106,48 @@ def _announce_one_time_costs(cfg: TrainConfig) -> None:
         console.echo(notice)
 
 
-def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
-    """Validate, then train with Ray Train. Returns {run_dir, final_dir, metrics, data, checkpoint}.
+@contextlib.contextmanager
+def progress_line(cfg: TrainConfig, every_s: float = 2.0):
+    """A progress line on the terminal's stderr while the run trains: step/total, loss, tokens/s (all ranks) and
+    ETA, from what rank 0 logs to <run>/metrics.json (every `log_every` steps; any storage URI)."""
+    import threading
+
+    from subq import console
+
+    path = storage.join(run_dir(cfg), "metrics.json")
+    stop = threading.Event()
+    bar = console.progress_bar(total=cfg.steps, desc=f"train {cfg.label}", unit="step")
+
+    def poll() -> None:
+        seen = None
+        while not stop.wait(every_s):
+            try:
+                last = json.loads(storage.read_bytes(path))[-1] if storage.exists(path) else None
+            except (OSError, ValueError, IndexError):
+                continue  # being written; next time
+            if not last or last.get("step") == seen:
+                continue
+            bar.update(int(last["step"]) - bar.n)
+            seen = last["step"]
+            post = {"loss": f"{last['loss']:.3f}" if "loss" in last else "-",
+                    "tok/s": f"{last.get('tokens_per_s_rank', 0) * last.get('world_size', 1):.0f}"}
+            if "val_bleu" in last:
+                post["val_bleu"] = f"{last['val_bleu']:.1f}"
+            bar.set_postfix(post, refresh=True)
+
+    t = threading.Thread(target=poll, name="subq-train-progress", daemon=True)
+    t.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        t.join(5)
+        bar.close()
+
+
+def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None, progress: bool = False) -> dict:
+    """Validate, then train with Ray Train. Returns {run_dir, final_dir, best_dir, label, metrics, data,
+    checkpoint}. progress: show `progress_line` on the terminal (subq train).
     Starts a local Ray (ray_init kwargs) only if none is running; joins a cluster under `ray job submit`."""
     if isinstance(cfg, dict):
         cfg = TrainConfig.model_validate(cfg)
@@ -141,7 +181,8 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             ),
         )
-        result = _fit_interruptibly(trainer)
+        with progress_line(cfg) if progress else contextlib.nullcontext():
+            result = _fit_interruptibly(trainer)
     finally:
         if started:
             ray.shutdown()

@@ -46,5 +46,5 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(TrainConfig, config_path, overrides)
         console.activate("train")
         ray_init = {"address": ray_address} if ray_address else {"include_dashboard": False}
-        result = run_train(cfg, ray_init=ray_init)
+        result = run_train(cfg, ray_init=ray_init, progress=True)
         console.emit_json(result)
