@@ -355,3 +355,21 @@ def test_python_m_help_lists_the_same_options_as_the_subq_verb(module, verb):
         shown = r.stdout.count("[default:")
         required = sum(1 for f in TrainConfig.model_fields.values() if f.is_required())
         assert shown >= len(TrainConfig.model_fields) - required - 1  # ilql lists its keys' defaults instead
+
+
+def test_metrics_plot_one_quantity_per_axis_best_step_and_overfitting(tmp_path):
+    import matplotlib.image as mpimg
+
+    from training.train import _write_metrics, metric_panels, overfitting_note
+
+    history = [{"step": s, "loss": 5.0 / s, "val_loss": vl, "val_bleu": b, "val_num_subq": 2.0,
+                "val_ref_num_subq": 3.0, "val_no_eos_frac": 0.25, "best_step": bs}
+               for s, vl, b, bs in [(10, 3.0, 5.0, 10), (20, 2.0, 12.0, 20), (30, 2.6, 9.0, 20)]]
+    panels = dict(metric_panels(history))
+    assert panels["val BLEU"] == ["val_bleu"] and "val_bleu" not in panels["#sub-questions"]
+    assert set(panels["loss"]) == {"loss", "val_loss"} and panels["no-EOS share"] == ["val_no_eos_frac"]
+    note = overfitting_note(history)
+    assert note and "step 20" in note and "step 30" in note
+    assert overfitting_note(history[:2]) is None  # still falling
+    _write_metrics(str(tmp_path), history)
+    assert mpimg.imread(str(tmp_path / "metrics.png")).shape[1] > 600  # four panels side by side

@@ -190,9 +190,16 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None, progress
         raise result.error
     rd = run_dir(cfg)
     best = storage.join(rd, "best")
+    mpath = storage.join(rd, "metrics.json")
+    notes = [n for n in [overfitting_note(json.loads(storage.read_bytes(mpath)))] if n] if storage.exists(mpath) else []
+    if notes:
+        from subq import console
+
+        for n in notes:
+            console.echo(f"note: {n} (best/ keeps the best validation BLEU)")
     return {"run_dir": rd, "final_dir": storage.join(rd, "final"),
             "best_dir": best if storage.exists(storage.join(best, "config.json")) else None,
-            "label": cfg.label, "metrics": result.metrics, "data": counts,
+            "label": cfg.label, "notes": notes, "metrics": result.metrics, "data": counts,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
@@ -519,6 +526,30 @@ class _MetricsWriter:
                 f.result()
 
 
+def metric_panels(history: list[dict]) -> list[tuple[str, list[str]]]:
+    """metrics.png's axes: (title, metric keys), one quantity per axis, only those logged."""
+    keys = sorted({k for h in history for k in h})
+    panels = [("loss", [k for k in keys if k.endswith("loss")]), ("val BLEU", ["val_bleu"]),
+              ("#sub-questions", ["val_num_subq", "val_ref_num_subq"]), ("no-EOS share", ["val_no_eos_frac"])]
+    panels = [(t, [k for k in ks if any(k in h for h in history)]) for t, ks in panels]
+    return [(t, ks) for t, ks in panels if ks]
+
+
+def overfitting_note(history: list[dict], rise: float = 0.05) -> str | None:
+    """'overfitting: ...' when the validation loss rose more than `rise` (relative) above its minimum while the
+    training loss kept falling; else None. Shown on metrics.png and returned by run_train as `notes`."""
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if len(val) < 2:
+        return None
+    lo_step, lo = min(val, key=lambda x: x[1])
+    last_step, last = val[-1]
+    train = {h["step"]: h["loss"] for h in history if "loss" in h}
+    if last_step > lo_step and last > lo * (1 + rise) and train.get(last_step, 0) < train.get(lo_step, float("inf")):
+        return (f"overfitting: validation loss rose from {lo:.3f} (step {lo_step}) to {last:.3f} (step {last_step}) "
+                "while the training loss fell")
+    return None
+
+
 def _write_metrics(rd: str, history: list[dict]) -> None:
     """metrics.json, metrics.csv and metrics.png (loss curves + validation) in the run directory."""
     import matplotlib
@@ -533,18 +564,21 @@ def _write_metrics(rd: str, history: list[dict]) -> None:
     w.writeheader()
     w.writerows(history)
     storage.write_bytes_atomic(storage.join(rd, "metrics.csv"), buf.getvalue().encode())
-    loss_keys = [k for k in keys if k.endswith("loss")]
-    val_keys = [k for k in ("val_bleu", "val_num_subq") if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, 1 + bool(val_keys), figsize=(10 if val_keys else 6, 4), squeeze=False)
-    for k in loss_keys:
-        pts = [(h["step"], h[k]) for h in history if k in h]
-        axes[0][0].plot(*zip(*pts), marker=".", label=k)
-    axes[0][0].set_xlabel("step"), axes[0][0].set_title("losses"), axes[0][0].legend(fontsize=7)
-    for k in val_keys:
-        pts = [(h["step"], h[k]) for h in history if k in h]
-        axes[0][1].plot(*zip(*pts), marker="o", label=k)
-    if val_keys:
-        axes[0][1].set_xlabel("step"), axes[0][1].set_title("validation"), axes[0][1].legend(fontsize=7)
+    # one quantity per axis: losses (train and validation), val BLEU, #sub-questions (ours vs the teacher's),
+    # share of decompositions cut by the token budget; best/ marked on each; overfitting called out
+    panels = metric_panels(history)
+    best = next((h.get("best_step") for h in reversed(history) if h.get("best_step")), None)
+    note = overfitting_note(history)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (title, ks) in zip(axes[0], panels):
+        for k in ks:
+            pts = [(h["step"], h[k]) for h in history if k in h]
+            ax.plot(*zip(*pts), marker="o" if k.startswith("val") else ".", label=k)
+        if best is not None:
+            ax.axvline(best, color="green", linestyle="--", linewidth=1, label=f"best/ (step {best})")
+        ax.set_xlabel("step"), ax.set_title(title), ax.legend(fontsize=7)
+    if note:
+        fig.suptitle(note, color="red", fontsize=9)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=80)
