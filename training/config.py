@@ -38,6 +38,7 @@ class TrainConfig(BaseModel):
     model: str = Field(..., description="Base model: any HF causal LM directory or hub id available locally (e.g. from `subq init-model`).")
     init_from: Optional[str] = Field(None, description="Start from this checkpoint (e.g. a BC run's final/ dir) instead of `model`, as the paper does for FBC/ILQL.")
     text_format: Literal["paper", "qlines"] = Field("paper", description="Decomposer text format (subq.textformat); saved so serving uses the same.")
+    prompt_format: Literal["plain", "chat"] = Field("plain", description="plain: the text format's prompt (BOS if the tokenizer adds one); chat: that prompt as the user message of the tokenizer's chat template (instruct students). Saved so serving uses the same.")
     filter_threshold: float = Field(1.0, description="filtered_bc keeps sets with answer_correctness >= this (paper: 1).")
     max_length: int = Field(512, gt=8, description="Max tokens per example (prompt + sub-questions + EOS); the prompt is cut from the left, longer targets dropped.")
     # optimisation

@@ -115,7 +115,8 @@ def val_problems(rows: list[SubQRow], limit: int) -> list[ValProblem]:
     return out
 
 
-def encode(ex: Example, tokenizer, fmt: DecomposerFormat, max_length: int, rewards: str | None = None) -> dict | None:
+def encode(ex: Example, tokenizer, fmt: DecomposerFormat, max_length: int, rewards: str | None = None,
+           prompt_format: str = "plain") -> dict | None:
     """Example -> {input_ids, target_mask, rewards} (python lists), or None if the target alone exceeds max_length.
     rewards None: all zeros (BC)."""
     target, spans = fmt.target_with_spans(ex.questions)
@@ -124,7 +125,7 @@ def encode(ex: Example, tokenizer, fmt: DecomposerFormat, max_length: int, rewar
     eos = tokenizer.eos_token_id
     tgt_ids.append(eos)
     # the problem's end (its question) is kept next to the target; BOS stays in front (subq.textformat)
-    prompt_ids = textformat.prompt_ids(tokenizer, fmt, ex.problem, max_length - len(tgt_ids))
+    prompt_ids = textformat.prompt_ids(tokenizer, fmt, ex.problem, max_length - len(tgt_ids), prompt_format)
     if len(prompt_ids) + len(tgt_ids) > max_length:
         return None
     r = [0.0] * len(tgt_ids)

@@ -69,11 +69,15 @@ def preflight(cfg: TrainConfig) -> dict:
 
     base = cfg.init_from or cfg.model
     field = "init_from" if cfg.init_from else "model"
-    try:
-        AutoConfig.from_pretrained(base, local_files_only=Path(base).exists())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a model config from {base!r} ({type(e).__name__})", field=field,
-                          hint="give a local HF model directory, e.g. from `subq init-model`") from None
+    if "://" in base:  # copied to each node's local cache by the workers (training.preflight.fetch_model)
+        if not storage.exists(storage.join(base, "config.json")):
+            raise ConfigError(f"no config.json under {base}", field=field)
+    else:
+        try:
+            AutoConfig.from_pretrained(base, local_files_only=Path(base).exists())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load a model config from {base!r} ({type(e).__name__})", field=field,
+                              hint="give a local HF model directory, e.g. from `subq init-model`") from None
     deepspeed_config(cfg, cfg.num_workers)
     rows = read_training_rows(cfg.data, "data")
     train_rows, val_rows = (rows, read_training_rows(cfg.val_data, "val_data")) if cfg.val_data else \
@@ -302,6 +306,10 @@ def _build_module(cfg: TrainConfig, tokenizer):
 def train_loop(loop_cfg: dict) -> None:
     """Per-worker loop (Ray Train calls it on every rank)."""
     cfg = TrainConfig.model_validate(loop_cfg["cfg"])
+    from training.preflight import fetch_model
+
+    cfg = cfg.model_copy(update={k: fetch_model(getattr(cfg, k)) for k in ("model", "init_from")
+                                 if getattr(cfg, k) and "://" in getattr(cfg, k)})  # URI -> this node's copy
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"  # before deepspeed is imported
     import deepspeed
     import ray.train
@@ -333,11 +341,13 @@ def train_loop(loop_cfg: dict) -> None:
         split_problems(rows, cfg.val_fraction)
     examples, _ = select_examples(train_rows, cfg.algo, cfg.rewards, cfg.filter_threshold, cfg.data)
     reward_mode = cfg.rewards if cfg.algo == "ilql" else None
-    encoded = [e for e in (encode(x, tok, fmt, cfg.max_length, reward_mode) for x in examples) if e is not None]
+    encoded = [e for e in (encode(x, tok, fmt, cfg.max_length, reward_mode, cfg.prompt_format) for x in examples)
+               if e is not None]
     if not encoded:
         raise DataError(f"every example is longer than max_length={cfg.max_length}", field="max_length")
     val_sel, _ = select_examples(val_rows, "bc", "sparse") if val_rows else ([], {})
-    val_encoded = [e for e in (encode(x, tok, fmt, cfg.max_length) for x in val_sel[:64]) if e is not None]
+    val_encoded = [e for e in (encode(x, tok, fmt, cfg.max_length, None, cfg.prompt_format) for x in val_sel[:64])
+                   if e is not None]
     val_probs = val_problems(val_rows, cfg.eval_problems)
 
     # engine
@@ -483,7 +493,8 @@ def _validate(engine, tok, fmt, val_encoded, val_probs, cfg, target, stage, devi
             out["val_loss"] = sum(losses) / len(losses)
         if val_probs:
             m = engine.module
-            d = Decomposer(m.lm, tok, fmt, str(device), m.heads, target, config={"ilql": cfg.ilql_dict()})
+            d = Decomposer(m.lm, tok, fmt, str(device), m.heads, target,
+                           config={"ilql": cfg.ilql_dict(), "prompt_format": cfg.prompt_format})
             gens = []
             for i in range(0, len(val_probs), 8):
                 gens += generate_subquestions(d, [p.problem for p in val_probs[i:i + 8]],
