@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,7 @@ def _start_cluster(temp_dir: str, hidden: Path) -> str:
 
     head = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
             "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *ports(), *common]
-    r = subprocess.run(head, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _ray_start(head, env)
     address = f"127.0.0.1:{port}"
     for gpu in ("A100", "T4"):
         worker = [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", "--num-gpus=2",
@@ -74,9 +74,15 @@ def _start_cluster(temp_dir: str, hidden: Path) -> str:
         # this node's view of the disk: `hidden` is an empty tmpfs (the raylet and its workers inherit it)
         cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"', "sh", *worker]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+        _ray_start(cmd, env)
     return address
+
+
+def _ray_start(cmd: list[str], env: dict) -> None:
+    """`ray start`. On a loaded machine its fixed 30 s wait for the raylet to register can pass while the raylet
+    (already running) registers later: that is not a failure; the scenario waits for the nodes to show up."""
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 or "timed out during startup" in r.stderr, r.stderr[-3000:]
 
 
 def _stop_cluster(temp_dir: str) -> None:
@@ -129,7 +135,10 @@ def scenario(tmp: Path) -> None:
     try:
         address = _start_cluster(temp_dir, hidden)
         ray.init(address=address, log_to_driver=False)
-        assert sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]) == 4
+        deadline = time.time() + 300
+        while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.time() < deadline:
+            time.sleep(2)
+        assert sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]) == 4, ray.nodes()
         base = dict(algo="bc", data=str(shared / "rows.parquet"), model=str(model), use_gpu=True, num_workers=2,
                     storage_path=str(shared / "runs"), name="r", val_fraction=0, eval_problems=0)
         cases = [

@@ -153,13 +153,13 @@ def test_ilql_zero3_bf16_two_workers_trains_and_saves_fp32_master(tmp_path, tiny
 @pytest.mark.slow
 def test_bc_zero2_bf16_two_workers_saves_fp32_master(tmp_path, tiny, ray_syncs, monkeypatch):
     """Also: the driver's NCCL_SOCKET_IFNAME reaches every worker (the workers' processes started before it was
-    set, so only the run's worker runtime_env can carry it)."""
+    set, so only the run's worker runtime_env can carry it); the model given as a URI is copied to the node."""
     from subq.schema import write_parquet
     from training.train import run_train
 
     write_parquet(_rows(16), str(tmp_path / "rows.parquet"))
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
-    r = run_train(dict(algo="bc", data=str(tmp_path / "rows.parquet"), model=tiny, steps=3, batch_size=4, lr=3e-3, num_workers=2, deepspeed=_bf16_config(tmp_path, 2),
+    r = run_train(dict(algo="bc", data=str(tmp_path / "rows.parquet"), model=f"file://{tiny}", steps=3, batch_size=4, lr=3e-3, num_workers=2, deepspeed=_bf16_config(tmp_path, 2),
                        storage_path=str(tmp_path / "runs"), name="bc2", checkpoint_every=3, log_every=3,
                        val_fraction=0, eval_problems=0))
     assert r["metrics"]["zero_stage"] == 2 and r["metrics"]["bf16"] is True

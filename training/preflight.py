@@ -11,7 +11,8 @@ Checked, in this order (the cheap ones first):
 4. `storage_path`: a local path on a multi-node cluster must be the same directory on every node that can host a
    worker (a shared mount): a marker file written here must be visible there. Otherwise use a URI (s3://, gs://).
 5. `model` / `init_from`: a local model directory must be readable (config.json + weights) on every node that can
-   host a worker (job packaging leaves *.safetensors behind; a head-only path fails on the workers).
+   host a worker (job packaging leaves *.safetensors behind; a head-only path fails on the workers). A URI
+   (s3://, gs://, file://) is checked on the driver and copied to each node's local cache by `fetch_model`.
 
 The node checks run one zero-CPU task per node, pinned with hard node affinity.
 """
@@ -165,6 +166,32 @@ def _model_files(path: str) -> str | None:
     if not any((p / w).is_file() for w in WEIGHT_FILES):
         return "weights (" + ", ".join(WEIGHT_FILES[::2]) + ")"
     return None
+
+
+def fetch_model(location: str) -> str:
+    """A model directory given as a URI (s3://, gs://, file://, ...) copied once to this node's local cache
+    (a file lock keeps concurrent workers of a node to one copy); a local path is returned as it is."""
+    if "://" not in location:
+        return location
+    import hashlib
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+    from filelock import FileLock
+
+    dest = Path(tempfile.gettempdir()) / "subq-models" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if not (dest / ".subq-complete").exists():
+            fs, path = storage.resolve(location)
+            part = Path(str(dest) + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            pafs.copy_files(path, str(part), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            (part / ".subq-complete").write_text(location)
+            shutil.rmtree(dest, ignore_errors=True)
+            part.rename(dest)
+    return str(dest)
 
 
 def check_model_on_nodes(cfg: TrainConfig, hosts: list[dict]) -> None:
