@@ -95,8 +95,12 @@ def gguf_to_hf(gguf: str | Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):  # dequantized on load: the weights are plain fp32 now
+    # dequantized on load: the weights are plain fp32 now, so drop what marks the model as quantized
+    if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False) and not isinstance(type(model).__dict__.get("is_quantized"), property):
+        model.is_quantized = False
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
