@@ -81,7 +81,7 @@ class ServeConfig(BaseModel):
     decomposer_min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
     decomposer_max_replicas: int = Field(2, ge=1, description="Autoscaling upper bound.")
     decomposer_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decomposer replica.")
-    decomposer_num_gpus: float = Field(0.0, ge=0, description="GPUs per decomposer replica (set decomposer.device=cuda).")
+    decomposer_num_gpus: float = Field(0.0, ge=0, description="GPUs per decomposer replica; > 0 puts the model on cuda (bf16 where supported).")
     solver_max_ongoing_requests: int = Field(64, ge=1, description="Solver calls in flight per replica (they wait on I/O).")
     solver_min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
     solver_max_replicas: int = Field(2, ge=1, description="Autoscaling upper bound.")
@@ -127,6 +127,15 @@ class ServeConfig(BaseModel):
             raise ValueError("decomposer_max_replicas must be >= decomposer_min_replicas")
         if self.solver_max_replicas < max(1, self.solver_min_replicas):
             raise ValueError("solver_max_replicas must be >= solver_min_replicas")
+        # the decomposer's device follows the GPUs Ray reserves for it: never an idle reserved GPU, nor a GPU used
+        # that Ray did not reserve
+        cuda = self.decomposer.device.startswith("cuda")
+        if self.decomposer_num_gpus > 0 and not cuda:
+            if "device" in self.decomposer.model_fields_set:
+                raise ValueError("decomposer.device is cpu but decomposer_num_gpus > 0 (a reserved GPU left idle)")
+            self.decomposer.device = "cuda"
+        elif cuda and self.decomposer_num_gpus == 0:
+            raise ValueError("decomposer.device is cuda but decomposer_num_gpus is 0: Ray reserves no GPU for it")
         return self
 
 
@@ -179,6 +188,8 @@ class DecomposerDeployment:
         torch.set_num_threads(1)
         self.settings = DecomposerSettings(**settings)
         self.local = LocalDecomposer(self.settings)
+        if self.settings.device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            self.local.model.model.to(torch.bfloat16)  # the LM in bf16 (ILQL heads cast its states to their dtype)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []

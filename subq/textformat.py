@@ -8,7 +8,9 @@ Both end with the tokenizer's EOS token, appended by the training code.
 Token ids (`prompt_ids`, `special_prefix`): the one text contract of training and serving. A prompt is the
 tokenizer's own special prefix (BOS for Llama/Mistral-style tokenizers, nothing for GPT-2), then the prompt text
 tokenized WITHOUT special tokens, cut from the LEFT when it is longer than its budget (a GSM8K problem ends with its
-question, which must survive). The target follows, tokenized without special tokens, then EOS. Serving stops at EOS;
+question, which must survive). The target follows, tokenized without special tokens, then EOS. With `prompt_format="chat"` (instruct students)
+the prompt text is the user message of the tokenizer's chat template (with the generation prompt). Serving stops
+at EOS;
 a decomposition that reached its token budget first is reported as "no EOS".
 """
 
@@ -67,15 +69,37 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def prompt_ids(tokenizer, fmt: "DecomposerFormat", problem: str, max_tokens: int | None = None) -> list[int]:
-    """The prompt's token ids, identical in training and serving: special prefix + prompt text (no special
-    tokens), the text cut from the left so that the whole fits `max_tokens` (None: no limit)."""
-    prefix = special_prefix(tokenizer)
-    ids = list(tokenizer(fmt.prompt(problem), add_special_tokens=False)["input_ids"])
+PROMPT_FORMATS = ("plain", "chat")
+_MARK = "\u2063SUBQ\u2063"
+
+
+def chat_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) the user message in the tokenizer's chat template with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the tokenizer has no chat template", field="prompt_format", hint="use --prompt-format plain")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False,
+                                         add_generation_prompt=True)
+    head, tail = text.split(_MARK, 1)
+    enc = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else []  # noqa: E731
+    return enc(head), enc(tail)
+
+
+def prompt_ids(tokenizer, fmt: "DecomposerFormat", problem: str, max_tokens: int | None = None,
+               prompt_format: str = "plain") -> list[int]:
+    """The prompt's token ids, identical in training and serving: special prefix (plain) or the chat template's
+    frame around the user message (chat), and the prompt text (no special tokens) cut from the left so that the
+    whole fits `max_tokens` (None: no limit)."""
+    if prompt_format == "chat":
+        head, tail = chat_frame(tokenizer)
+        text = fmt.prompt(problem).rstrip("\n")
+    else:
+        head, tail = special_prefix(tokenizer), []
+        text = fmt.prompt(problem)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if max_tokens is not None:
-        keep = max(1, max_tokens - len(prefix))
+        keep = max(1, max_tokens - len(head) - len(tail))
         ids = ids[-keep:]
-    return prefix + ids
+    return head + ids + tail
 
 
 FORMATS = {"paper": DecomposerFormat("paper"), "qlines": DecomposerFormat("qlines")}

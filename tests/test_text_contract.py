@@ -100,3 +100,24 @@ def test_long_decomposition_is_served_whole_and_a_cut_one_is_marked(tmp_path_fac
     assert whole.questions == qs and whole.eos and whole.completion_tokens == n_target
     cut = generate_subquestions(d, ["Tom picks apples. " + QUESTION], max_new_tokens=64)[0]
     assert not cut.eos and cut.completion_tokens == 64 and len(cut.questions) < len(qs)
+
+
+def test_chat_prompt_format_is_the_same_ids_in_training_and_serving(model_dir):
+    """--prompt-format chat: the problem is the user message of the tokenizer's chat template, in both paths,
+    and a long problem is cut inside the message (the template's frame and the question survive)."""
+    from subq.textformat import chat_frame, get_format
+    from training.data import Example, encode
+    from training.decomposer import load_decomposer
+
+    d = load_decomposer(model_dir)
+    d.tokenizer.chat_template = ("{% for m in messages %}<|user|>\n{{ m['content'] }}\n{% endfor %}"
+                                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    d.config["prompt_format"] = "chat"
+    ex = Example("p", LONG_PROBLEM, ["How many apples did Tom pick?"])
+    enc = encode(ex, d.tokenizer, get_format("paper"), 96, None, "chat")
+    n_prompt = enc["target_mask"].index(1)
+    trained = enc["input_ids"][:n_prompt]
+    assert _fed_ids(d, LONG_PROBLEM, max_prompt_tokens=n_prompt) == trained
+    head, tail = chat_frame(d.tokenizer)
+    assert trained[:len(head)] == head and trained[-len(tail):] == tail
+    assert QUESTION in d.tokenizer.decode(trained[len(head):-len(tail)])

@@ -141,6 +141,38 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny, subq_bin):
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
+def test_missing_model_path_and_empty_parts_dir_fail_at_once_without_network(tmp_path, tiny, monkeypatch):
+    """`--model models/nope` (a path that does not exist) is an error before any hub lookup: no socket is opened;
+    with HF_HUB_OFFLINE set a bare hub id is refused too; an empty parts directory as --data says so."""
+    import socket
+
+    from subq.errors import SubqError
+    from training.train import run_train
+
+    attempts = []
+
+    def no_network(self, address):
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    base = dict(data=str(DATASET_TEST), storage_path=str(tmp_path / "runs"), name="x")
+    for value in ("models/nope", str(tmp_path / "nope"), "./nope", str(tmp_path / "nope.gguf")):
+        with pytest.raises(SubqError, match="field 'model'.*does not exist"):
+            run_train({**base, "model": value})
+    with pytest.raises(SubqError, match="field 'init_from'.*does not exist"):
+        run_train({**base, "model": tiny, "init_from": "runs/bc/final"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SubqError, match="HF_HUB_OFFLINE"):
+        run_train({**base, "model": "gpt2"})
+    (tmp_path / "parts").mkdir()
+    with pytest.raises(SubqError, match="field 'data'.*empty directory"):
+        run_train({**base, "model": tiny, "data": str(tmp_path / "parts")})
+    assert attempts == [] and not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------- real runs (Ray Train + DeepSpeed on CPU)
 
 
@@ -156,8 +188,13 @@ def test_filtered_bc_cli_trains_only_on_correct_sets(tmp_path, tiny, subq_bin):
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout)  # `subq train | jq .`: stdout is exactly one JSON line, nothing else
+    assert r.stdout.count("\n") == 1
     assert out["data"]["used"] == 24 and out["data"]["filtered_out"] == 8
+    # the terminal shows our lines (log path, progress), none of Ray's or DeepSpeed's internals
+    assert "train filtered_bc" in r.stderr and "3/3" in r.stderr
+    for noise in ("PlacementGroupCleaner", "core_worker", "[WARNING]", "ninja", "Token authentication", "(pid="):
+        assert noise not in r.stderr, (noise, r.stderr[-2000:])
     assert out["metrics"]["step"] == 3 and out["metrics"]["zero_stage"] == 1
     assert (tmp_path / "runs" / "fbc" / "final" / "model.safetensors").exists()
 
@@ -282,3 +319,57 @@ def test_ilql_policy_frozen_leaves_the_policy_bit_identical(tmp_path, tiny, ray_
     assert base.keys() == after.keys() and all(torch.equal(v, base[k]) for k, v in after.items())
     heads, target = load_heads(r["final_dir"])  # the heads did learn (the Polyak target lags them)
     assert not torch.equal(heads.q1[0].weight, target.q1[0].weight)
+
+
+# ---------------------------------------------------------------- one command-line definition
+
+
+def _help_options(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
+@pytest.mark.parametrize("module,verb", [("training.train", "train"), ("training.init_model", "init-model")])
+def test_python_m_help_lists_the_same_options_as_the_subq_verb(module, verb):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from subq.cli import app
+    from subq.cli_options import option_names
+    from training.config import TrainConfig
+
+    env = {**os.environ, "COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    verb_help = CliRunner().invoke(app, [verb, "--help"], env=env, terminal_width=250)
+    assert verb_help.exit_code == 0
+    assert _help_options(r.stdout) == _help_options(verb_help.output)
+    if verb == "train":  # every config field is a flag, each shows its default
+        import typer
+
+        cmd = typer.main.get_command(app).commands["train"]
+        fields = {"--" + f.replace("_", "-") for f in TrainConfig.model_fields}
+        assert fields <= option_names(cmd) and fields <= _help_options(r.stdout)
+        shown = r.stdout.count("[default:")
+        required = sum(1 for f in TrainConfig.model_fields.values() if f.is_required())
+        assert shown >= len(TrainConfig.model_fields) - required - 1  # ilql lists its keys' defaults instead
+
+
+def test_metrics_plot_one_quantity_per_axis_best_step_and_overfitting(tmp_path):
+    import matplotlib.image as mpimg
+
+    from training.train import _write_metrics, metric_panels, overfitting_note
+
+    history = [{"step": s, "loss": 5.0 / s, "val_loss": vl, "val_bleu": b, "val_num_subq": 2.0,
+                "val_ref_num_subq": 3.0, "val_no_eos_frac": 0.25, "best_step": bs}
+               for s, vl, b, bs in [(10, 3.0, 5.0, 10), (20, 2.0, 12.0, 20), (30, 2.6, 9.0, 20)]]
+    panels = dict(metric_panels(history))
+    assert panels["val BLEU"] == ["val_bleu"] and "val_bleu" not in panels["#sub-questions"]
+    assert set(panels["loss"]) == {"loss", "val_loss"} and panels["no-EOS share"] == ["val_no_eos_frac"]
+    note = overfitting_note(history)
+    assert note and "step 20" in note and "step 30" in note
+    assert overfitting_note(history[:2]) is None  # still falling
+    _write_metrics(str(tmp_path), history)
+    assert mpimg.imread(str(tmp_path / "metrics.png")).shape[1] > 600  # four panels side by side

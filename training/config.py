@@ -35,9 +35,10 @@ class TrainConfig(BaseModel):
     data: str = Field(..., description="Training rows: subq Parquet (file/dir, any pyarrow URI) or the paper's json files (subq.schema.read_rows).")
     val_data: Optional[str] = Field(None, description="Validation rows (same formats). None: hold out val_fraction of the training problems.")
     val_fraction: float = Field(0.01, ge=0, lt=1, description="Share of problems held out for validation when val_data is None (paper: 1%).")
-    model: str = Field(..., description="Base model: any HF causal LM directory or hub id available locally (e.g. from `subq init-model`).")
-    init_from: Optional[str] = Field(None, description="Start from this checkpoint (e.g. a BC run's final/ dir) instead of `model`, as the paper does for FBC/ILQL.")
+    model: str = Field(..., description="Base model: an HF causal LM directory (e.g. from `subq init-model`), a .gguf file (converted once to an HF directory beside it; needs the 'student' extra) or a hub id already in the local cache. A path that does not exist fails at once.")
+    init_from: Optional[str] = Field(None, description="Start from this checkpoint (e.g. a BC run's best/ or final/ dir) instead of `model`, as the paper does for FBC/ILQL; an ILQL checkpoint also brings its heads and target heads.")
     text_format: Literal["paper", "qlines"] = Field("paper", description="Decomposer text format (subq.textformat); saved so serving uses the same.")
+    prompt_format: Literal["plain", "chat"] = Field("plain", description="plain: the text format's prompt (BOS if the tokenizer adds one); chat: that prompt as the user message of the tokenizer's chat template (instruct students). Saved so serving uses the same.")
     filter_threshold: float = Field(1.0, description="filtered_bc keeps sets with answer_correctness >= this (paper: 1).")
     max_length: int = Field(512, gt=8, description="Max tokens per example (prompt + sub-questions + EOS); the prompt is cut from the left, longer targets dropped.")
     # optimisation
@@ -63,6 +64,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
     eval_every: int = Field(0, ge=0, description="Optimizer steps between validations (0: only at the end).")
     eval_problems: int = Field(16, ge=0, description="Validation problems decoded for BLEU / sub-question count (0: loss only).")
+    startup_timeout_s: float = Field(900, ge=0, description="Seconds a worker may spend in DeepSpeed start-up (op build, process group) before the run fails naming the stage (0: no limit).")
     eval_max_new_tokens: int = Field(256, gt=0, description="Max new tokens when decoding validation problems (the release allowed the reference length + 200; val_no_eos_frac reports how many hit this budget).")
 
     @field_validator("deepspeed")

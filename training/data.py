@@ -37,6 +37,13 @@ class ValProblem:
 
 
 def read_training_rows(location: str, what: str = "data") -> list[SubQRow]:
+    from pathlib import Path
+
+    p = Path(location)
+    if "://" not in str(location) and p.is_dir() and not any(
+            f.suffix in (".parquet", ".json", ".jsonl") for f in p.rglob("*") if f.is_file()):
+        raise DataError("is an empty directory (no .parquet/.json/.jsonl files): nothing to train on yet", field=what,
+                        source=str(location), hint="point at `subq generate`'s parts directory once it holds parts")
     try:
         rows = read_rows(location)
     except DataError:
@@ -108,7 +115,8 @@ def val_problems(rows: list[SubQRow], limit: int) -> list[ValProblem]:
     return out
 
 
-def encode(ex: Example, tokenizer, fmt: DecomposerFormat, max_length: int, rewards: str | None = None) -> dict | None:
+def encode(ex: Example, tokenizer, fmt: DecomposerFormat, max_length: int, rewards: str | None = None,
+           prompt_format: str = "plain") -> dict | None:
     """Example -> {input_ids, target_mask, rewards} (python lists), or None if the target alone exceeds max_length.
     rewards None: all zeros (BC)."""
     target, spans = fmt.target_with_spans(ex.questions)
@@ -117,7 +125,7 @@ def encode(ex: Example, tokenizer, fmt: DecomposerFormat, max_length: int, rewar
     eos = tokenizer.eos_token_id
     tgt_ids.append(eos)
     # the problem's end (its question) is kept next to the target; BOS stays in front (subq.textformat)
-    prompt_ids = textformat.prompt_ids(tokenizer, fmt, ex.problem, max_length - len(tgt_ids))
+    prompt_ids = textformat.prompt_ids(tokenizer, fmt, ex.problem, max_length - len(tgt_ids), prompt_format)
     if len(prompt_ids) + len(tgt_ids) > max_length:
         return None
     r = [0.0] * len(tgt_ids)

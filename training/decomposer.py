@@ -104,7 +104,8 @@ def encode_prompts(decomposer: Decomposer, problems: list[str], max_prompt_token
     import torch
 
     tok = decomposer.tokenizer
-    rows = [prompt_ids(tok, decomposer.text_format, p, max_prompt_tokens) for p in problems]
+    pf = decomposer.config.get("prompt_format") or "plain"  # as it was trained (training_config.yaml)
+    rows = [prompt_ids(tok, decomposer.text_format, p, max_prompt_tokens, pf) for p in problems]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(rows), T), dtype=torch.long)

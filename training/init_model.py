@@ -11,7 +11,6 @@ The tokenizer is trained on GSM8K problems and on decomposer-formatted sub-quest
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from subq.errors import ConfigError
@@ -108,17 +107,12 @@ def _save_llama(out: Path, bpe, *, n_layer: int, n_embd: int, n_head: int, n_pos
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", default="gpt2", choices=ARCHS)
-    a = p.parse_args(argv)
-    print(create_tiny_model(a.out, n_layer=a.layers, n_embd=a.width, n_head=a.heads, vocab_size=a.vocab_size, seed=a.seed,
-                            arch=a.arch))
+    """`python -m training.init_model`: the `subq init-model` command itself, same options."""
+    import sys
+
+    from subq.cli import main as subq_main
+
+    subq_main(["init-model", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

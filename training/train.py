@@ -27,7 +27,6 @@ ilql_heads.safetensors). final/ loads with AutoModelForCausalLM and with trainin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -53,6 +52,15 @@ def run_dir(cfg: TrainConfig) -> str:
     return storage.join(cfg.storage_path, cfg.name)
 
 
+def resolve_models(cfg: TrainConfig) -> TrainConfig:
+    """model / init_from -> local directories (GGUF converted once), or a hub id only when allowed
+    (training.student.resolve_model: no network attempt for a path that does not exist)."""
+    from training.student import resolve_model
+
+    upd = {k: resolve_model(getattr(cfg, k), k) for k in ("model", "init_from") if getattr(cfg, k)}
+    return cfg.model_copy(update=upd)
+
+
 def preflight(cfg: TrainConfig) -> dict:
     """Every check that can fail on user input, before Ray or any worker starts. Returns data counts."""
     from transformers import AutoConfig
@@ -61,11 +69,15 @@ def preflight(cfg: TrainConfig) -> dict:
 
     base = cfg.init_from or cfg.model
     field = "init_from" if cfg.init_from else "model"
-    try:
-        AutoConfig.from_pretrained(base)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a model config from {base!r} ({type(e).__name__})", field=field,
-                          hint="give a local HF model directory, e.g. from `subq init-model`") from None
+    if "://" in base:  # copied to each node's local cache by the workers (training.preflight.fetch_model)
+        if not storage.exists(storage.join(base, "config.json")):
+            raise ConfigError(f"no config.json under {base}", field=field)
+    else:
+        try:
+            AutoConfig.from_pretrained(base, local_files_only=Path(base).exists())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load a model config from {base!r} ({type(e).__name__})", field=field,
+                              hint="give a local HF model directory, e.g. from `subq init-model`") from None
     deepspeed_config(cfg, cfg.num_workers)
     rows = read_training_rows(cfg.data, "data")
     train_rows, val_rows = (rows, read_training_rows(cfg.val_data, "val_data")) if cfg.val_data else \
@@ -81,23 +93,85 @@ def preflight(cfg: TrainConfig) -> dict:
     return {**stats, "train_problems": len(train_rows), "val_problems": len(val_rows)}
 
 
-def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
-    """Validate, then train with Ray Train. Returns {run_dir, final_dir, metrics, data, checkpoint}.
+def _announce_one_time_costs(cfg: TrainConfig) -> None:
+    """Stale torch-extension locks on this machine are cleared (or reported with the fix); the one-time
+    DeepSpeed CPU op build is announced with its expected duration."""
+    from subq import console
+    from training.ds_ops import build_notice, clear_stale_locks, lock_fix
+
+    removed, live = clear_stale_locks()
+    for lock in removed:
+        console.echo(f"removed a stale torch extension lock left by a killed build: {lock}")
+    for lock in live:
+        console.echo(f"warning: a DeepSpeed op build holds {lock}; training waits for it (if no build is running: "
+                     f"{lock_fix(lock)})")
+    notice = build_notice(cfg.use_gpu)
+    if notice:
+        console.echo(notice)
+
+
+@contextlib.contextmanager
+def progress_line(cfg: TrainConfig, every_s: float = 2.0):
+    """A progress line on the terminal's stderr while the run trains: step/total, loss, tokens/s (all ranks) and
+    ETA, from what rank 0 logs to <run>/metrics.json (every `log_every` steps; any storage URI)."""
+    import threading
+
+    from subq import console
+
+    path = storage.join(run_dir(cfg), "metrics.json")
+    stop = threading.Event()
+    bar = console.progress_bar(total=cfg.steps, desc=f"train {cfg.label}", unit="step")
+
+    def poll() -> None:
+        seen = None
+        while not stop.wait(every_s):
+            try:
+                last = json.loads(storage.read_bytes(path))[-1] if storage.exists(path) else None
+            except (OSError, ValueError, IndexError):
+                continue  # being written; next time
+            if not last or last.get("step") == seen:
+                continue
+            bar.update(int(last["step"]) - bar.n)
+            seen = last["step"]
+            post = {"loss": f"{last['loss']:.3f}" if "loss" in last else "-",
+                    "tok/s": f"{last.get('tokens_per_s_rank', 0) * last.get('world_size', 1):.0f}"}
+            if "val_bleu" in last:
+                post["val_bleu"] = f"{last['val_bleu']:.1f}"
+            bar.set_postfix(post, refresh=True)
+
+    t = threading.Thread(target=poll, name="subq-train-progress", daemon=True)
+    t.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        t.join(5)
+        bar.close()
+
+
+def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None, progress: bool = False) -> dict:
+    """Validate, then train with Ray Train. Returns {run_dir, final_dir, best_dir, label, metrics, data,
+    checkpoint}. progress: show `progress_line` on the terminal (subq train).
     Starts a local Ray (ray_init kwargs) only if none is running; joins a cluster under `ray job submit`."""
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.model_validate(cfg)
+    cfg = resolve_models(absolute_paths(cfg))  # a missing local model fails here, at once, before Ray or the hub
+
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if isinstance(cfg, dict):
-        cfg = TrainConfig.model_validate(cfg)
-    cfg = absolute_paths(cfg)
     counts = preflight(cfg)
+    _announce_one_time_costs(cfg)
     started = False
     if not ray.is_initialized():
         from cluster.connect import init_ray
         init_ray(**(ray_init or {}))
         started = True
     try:
+        from training.preflight import check_cluster
+
+        check_cluster(cfg)  # against the cluster, before any worker starts (training/preflight.py)
         loop_cfg = {"cfg": cfg.model_dump(), "fault_at_step": os.environ.get(FAULT_ENV)}
         trainer = TorchTrainer(
             train_loop,
@@ -112,7 +186,8 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             ),
         )
-        result = _fit_interruptibly(trainer)
+        with progress_line(cfg) if progress else contextlib.nullcontext():
+            result = _fit_interruptibly(trainer)
     finally:
         if started:
             ray.shutdown()
@@ -120,9 +195,16 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None) -> dict:
         raise result.error
     rd = run_dir(cfg)
     best = storage.join(rd, "best")
+    mpath = storage.join(rd, "metrics.json")
+    notes = [n for n in [overfitting_note(json.loads(storage.read_bytes(mpath)))] if n] if storage.exists(mpath) else []
+    if notes:
+        from subq import console
+
+        for n in notes:
+            console.echo(f"note: {n} (best/ keeps the best validation BLEU)")
     return {"run_dir": rd, "final_dir": storage.join(rd, "final"),
             "best_dir": best if storage.exists(storage.join(best, "config.json")) else None,
-            "label": cfg.label, "metrics": result.metrics, "data": counts,
+            "label": cfg.label, "notes": notes, "metrics": result.metrics, "data": counts,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
@@ -225,6 +307,10 @@ def _build_module(cfg: TrainConfig, tokenizer):
 def train_loop(loop_cfg: dict) -> None:
     """Per-worker loop (Ray Train calls it on every rank)."""
     cfg = TrainConfig.model_validate(loop_cfg["cfg"])
+    from training.preflight import fetch_model
+
+    cfg = cfg.model_copy(update={k: fetch_model(getattr(cfg, k)) for k in ("model", "init_from")
+                                 if getattr(cfg, k) and "://" in getattr(cfg, k)})  # URI -> this node's copy
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"  # before deepspeed is imported
     import deepspeed
     import ray.train
@@ -256,17 +342,24 @@ def train_loop(loop_cfg: dict) -> None:
         split_problems(rows, cfg.val_fraction)
     examples, _ = select_examples(train_rows, cfg.algo, cfg.rewards, cfg.filter_threshold, cfg.data)
     reward_mode = cfg.rewards if cfg.algo == "ilql" else None
-    encoded = [e for e in (encode(x, tok, fmt, cfg.max_length, reward_mode) for x in examples) if e is not None]
+    encoded = [e for e in (encode(x, tok, fmt, cfg.max_length, reward_mode, cfg.prompt_format) for x in examples)
+               if e is not None]
     if not encoded:
         raise DataError(f"every example is longer than max_length={cfg.max_length}", field="max_length")
     val_sel, _ = select_examples(val_rows, "bc", "sparse") if val_rows else ([], {})
-    val_encoded = [e for e in (encode(x, tok, fmt, cfg.max_length) for x in val_sel[:64]) if e is not None]
+    val_encoded = [e for e in (encode(x, tok, fmt, cfg.max_length, None, cfg.prompt_format) for x in val_sel[:64])
+                   if e is not None]
     val_probs = val_problems(val_rows, cfg.eval_problems)
 
     # engine
     ds_cfg = deepspeed_config(cfg, world, gpu_bf16_supported() if cfg.use_gpu else None)
     stage, bf16 = zero_stage(ds_cfg), ds_cfg["bf16"]["enabled"]
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray Train's process group
+    from training.ds_ops import clear_stale_locks, lock_hint, stage_timeout
+
+    clear_stale_locks()  # a lock left by a killed op build would make this rank wait forever
+    with stage_timeout("DeepSpeed init_distributed (CPU op build, process group)", cfg.startup_timeout_s,
+                       hint=lock_hint):
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray Train's group
     if stage == 3:  # from_pretrained then builds the LM under deepspeed.zero.Init: each rank holds only its shard
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -401,7 +494,8 @@ def _validate(engine, tok, fmt, val_encoded, val_probs, cfg, target, stage, devi
             out["val_loss"] = sum(losses) / len(losses)
         if val_probs:
             m = engine.module
-            d = Decomposer(m.lm, tok, fmt, str(device), m.heads, target, config={"ilql": cfg.ilql_dict()})
+            d = Decomposer(m.lm, tok, fmt, str(device), m.heads, target,
+                           config={"ilql": cfg.ilql_dict(), "prompt_format": cfg.prompt_format})
             gens = []
             for i in range(0, len(val_probs), 8):
                 gens += generate_subquestions(d, [p.problem for p in val_probs[i:i + 8]],
@@ -444,6 +538,30 @@ class _MetricsWriter:
                 f.result()
 
 
+def metric_panels(history: list[dict]) -> list[tuple[str, list[str]]]:
+    """metrics.png's axes: (title, metric keys), one quantity per axis, only those logged."""
+    keys = sorted({k for h in history for k in h})
+    panels = [("loss", [k for k in keys if k.endswith("loss")]), ("val BLEU", ["val_bleu"]),
+              ("#sub-questions", ["val_num_subq", "val_ref_num_subq"]), ("no-EOS share", ["val_no_eos_frac"])]
+    panels = [(t, [k for k in ks if any(k in h for h in history)]) for t, ks in panels]
+    return [(t, ks) for t, ks in panels if ks]
+
+
+def overfitting_note(history: list[dict], rise: float = 0.05) -> str | None:
+    """'overfitting: ...' when the validation loss rose more than `rise` (relative) above its minimum while the
+    training loss kept falling; else None. Shown on metrics.png and returned by run_train as `notes`."""
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if len(val) < 2:
+        return None
+    lo_step, lo = min(val, key=lambda x: x[1])
+    last_step, last = val[-1]
+    train = {h["step"]: h["loss"] for h in history if "loss" in h}
+    if last_step > lo_step and last > lo * (1 + rise) and train.get(last_step, 0) < train.get(lo_step, float("inf")):
+        return (f"overfitting: validation loss rose from {lo:.3f} (step {lo_step}) to {last:.3f} (step {last_step}) "
+                "while the training loss fell")
+    return None
+
+
 def _write_metrics(rd: str, history: list[dict]) -> None:
     """metrics.json, metrics.csv and metrics.png (loss curves + validation) in the run directory."""
     import matplotlib
@@ -458,18 +576,21 @@ def _write_metrics(rd: str, history: list[dict]) -> None:
     w.writeheader()
     w.writerows(history)
     storage.write_bytes_atomic(storage.join(rd, "metrics.csv"), buf.getvalue().encode())
-    loss_keys = [k for k in keys if k.endswith("loss")]
-    val_keys = [k for k in ("val_bleu", "val_num_subq") if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, 1 + bool(val_keys), figsize=(10 if val_keys else 6, 4), squeeze=False)
-    for k in loss_keys:
-        pts = [(h["step"], h[k]) for h in history if k in h]
-        axes[0][0].plot(*zip(*pts), marker=".", label=k)
-    axes[0][0].set_xlabel("step"), axes[0][0].set_title("losses"), axes[0][0].legend(fontsize=7)
-    for k in val_keys:
-        pts = [(h["step"], h[k]) for h in history if k in h]
-        axes[0][1].plot(*zip(*pts), marker="o", label=k)
-    if val_keys:
-        axes[0][1].set_xlabel("step"), axes[0][1].set_title("validation"), axes[0][1].legend(fontsize=7)
+    # one quantity per axis: losses (train and validation), val BLEU, #sub-questions (ours vs the teacher's),
+    # share of decompositions cut by the token budget; best/ marked on each; overfitting called out
+    panels = metric_panels(history)
+    best = next((h.get("best_step") for h in reversed(history) if h.get("best_step")), None)
+    note = overfitting_note(history)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (title, ks) in zip(axes[0], panels):
+        for k in ks:
+            pts = [(h["step"], h[k]) for h in history if k in h]
+            ax.plot(*zip(*pts), marker="o" if k.startswith("val") else ".", label=k)
+        if best is not None:
+            ax.axvline(best, color="green", linestyle="--", linewidth=1, label=f"best/ (step {best})")
+        ax.set_xlabel("step"), ax.set_title(title), ax.legend(fontsize=7)
+    if note:
+        fig.suptitle(note, color="red", fontsize=9)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=80)
@@ -541,43 +662,10 @@ def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int, de
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m training.train` (for `ray job submit`); the same flags as `subq train`."""
-    from subq.config import load_config
-    from subq.errors import SubqError
+    """`python -m training.train` (for `ray job submit`): the `subq train` command itself, same options."""
+    from subq.cli import main as subq_main
 
-    p = argparse.ArgumentParser(description="Train a decomposer (BC / Filtered BC / ILQL) with Ray Train + DeepSpeed.")
-    p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it.")
-    for name, f in TrainConfig.model_fields.items():
-        if name == "ilql":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if f.annotation is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.description)
-        else:
-            p.add_argument(flag, default=None, help=f.description)
-    p.add_argument("--ilql", action="append", default=None, metavar="KEY=VALUE",
-                   help="Repeatable ILQL override (gamma, tau, cql_weight, polyak, beta, ...).")
-    args = vars(p.parse_args(argv))
-    path = args.pop("config")
-    try:
-        if args["ilql"]:
-            import yaml
-
-            from subq.config import read_yaml
-
-            base = dict((read_yaml(path).get("ilql") or {}) if path else {})
-            for item in args["ilql"]:
-                if "=" not in item:
-                    raise ConfigError(f"expected KEY=VALUE, got {item!r}", field="--ilql")
-                k, v = item.split("=", 1)
-                base[k.strip()] = yaml.safe_load(v)
-            args["ilql"] = base
-        cfg = load_config(TrainConfig, path, args)
-        result = run_train(cfg)
-    except SubqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({k: v for k, v in result.items()}, default=str))
+    subq_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

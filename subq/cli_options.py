@@ -1,0 +1,154 @@
+"""One command-line definition per job: typer options derived from the job's config model, so a flag, a YAML
+field and a `python -m` entry point cannot drift apart.
+
+    from subq.cli_options import config_command
+
+    @app.command("train")
+    @config_command(TrainConfig, extra={"ray_address": (Optional[str], typer.Option(None, "--ray-address",
+                                                                                     help="..."))})
+    def train(config_path, overrides, ray_address):   # overrides: {field: value} of the flags given
+        cfg = load_config(TrainConfig, config_path, overrides)
+
+What it makes, for each field of a pydantic model (or dataclass): an option `--field-name` whose help is the
+field's description, with the field's default shown as `[default: ...]` (or "required"); bool fields as `--x/--no-x`; Literal fields
+list their choices; a nested model/dataclass field (e.g. `ilql`) becomes a repeatable `--ilql KEY=VALUE`
+(values parsed as YAML, merged over the nested mapping of the `--config` file), its help listing every key and its
+default. Every option defaults to None, meaning "not given": only given flags override the YAML `--config`
+(also added). Validation stays with pydantic (`subq.config.load_config`), which names the field on bad input.
+
+`python -m <module>` twins reuse the verb itself (`subq.cli.main(["train", *argv])`), so both show the same
+options; tests compare their `--help`. Pure typer + pydantic: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from typing import Any, Callable, Literal, Optional
+
+import typer
+import yaml
+
+from subq.config import read_yaml
+from subq.errors import ConfigError
+
+
+def _fields(cls) -> dict[str, tuple[Any, Any, str, bool]]:
+    """name -> (annotation, default, description, required)."""
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out[f.name] = (hints.get(f.name, f.type), default, (f.metadata or {}).get("description", ""),
+                           f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        return out
+    out = {}
+    for name, f in cls.model_fields.items():
+        required = f.is_required()
+        default = None if required else f.get_default(call_default_factory=True)
+        out[name] = (f.annotation, default, f.description or "", required)
+    return out
+
+
+def _unwrap_optional(t):
+    if typing.get_origin(t) is typing.Union or str(typing.get_origin(t)) == "types.UnionType":
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return t
+
+
+def _is_nested(t) -> bool:
+    return inspect.isclass(t) and (dataclasses.is_dataclass(t) or hasattr(t, "model_fields"))
+
+
+def _show(v) -> str:
+    if dataclasses.is_dataclass(v):
+        v = dataclasses.asdict(v)
+    elif hasattr(v, "model_dump"):
+        v = v.model_dump()
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def option_specs(cls) -> dict[str, tuple[Any, Any]]:
+    """field name -> (option type, typer.Option) for every field of `cls`."""
+    specs = {}
+    for name, (ann, default, desc, required) in _fields(cls).items():
+        flag = "--" + name.replace("_", "-")
+        t = _unwrap_optional(ann)
+        help_ = desc.rstrip()
+        if typing.get_origin(t) is Literal:
+            help_ += f" One of: {' | '.join(str(a) for a in typing.get_args(t))}."
+            t = str
+        if _is_nested(t):
+            keys = ", ".join(f"{k}={_show(d)}" for k, (_, d, _, _) in _fields(t).items())
+            help_ += f" Repeatable KEY=VALUE; keys and defaults: {keys}."
+            specs[name] = (Optional[list[str]], typer.Option(None, flag, help=help_, metavar="KEY=VALUE",
+                                                              show_default=False))
+            continue
+        shown = False if required else _show(default)  # the field's default, though the option's is None
+        if required:
+            help_ += " (required: here or in --config)"
+        if t is bool:
+            specs[name] = (Optional[bool], typer.Option(None, f"{flag}/--no-{name.replace('_', '-')}", help=help_,
+                                                        show_default=shown))
+        else:
+            if t not in (str, int, float):
+                t = str
+            specs[name] = (Optional[t], typer.Option(None, flag, help=help_, show_default=shown))
+    return specs
+
+
+def nested_overrides(cls, config_path: Optional[str], values: dict[str, Any]) -> dict[str, Any]:
+    """Turn `--nested KEY=VALUE` lists into mappings merged over the --config file's nested mapping."""
+    out = dict(values)
+    for name, (ann, _, _, _) in _fields(cls).items():
+        items = out.get(name)
+        if not (_is_nested(_unwrap_optional(ann)) and items):
+            continue
+        base = dict((read_yaml(config_path).get(name) or {}) if config_path else {})
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"expected KEY=VALUE, got {item!r}", field=f"--{name.replace('_', '-')}")
+            k, v = item.split("=", 1)
+            base[k.strip()] = yaml.safe_load(v)
+        out[name] = base
+    return out
+
+
+def config_command(cls, *, extra: Optional[dict[str, tuple[Any, Any]]] = None,
+                   exclude: tuple[str, ...] = ()) -> Callable:
+    """Decorator: the wrapped `fn(config_path, overrides, **extra)` becomes a typer command with `--config`, one
+    option per field of `cls` (minus `exclude`) and the `extra` options ({name: (type, typer.Option)})."""
+    specs = {k: v for k, v in option_specs(cls).items() if k not in exclude}
+    extra = dict(extra or {})
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(**kwargs):
+            config_path = kwargs.pop("config")
+            extras = {k: kwargs.pop(k) for k in extra}
+            overrides = nested_overrides(cls, config_path, {k: v for k, v in kwargs.items() if v is not None})
+            return fn(config_path, overrides, **extras)
+
+        params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                    default=typer.Option(None, "--config", help=f"YAML file of {cls.__name__} "
+                                                         "fields (the same names as these flags); flags override it."))]
+        for name, (t, opt) in {**specs, **extra}.items():
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=t, default=opt))
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # typer must see the generated signature, not fn's
+        return command
+
+    return deco
+
+
+def option_names(command: Any) -> set[str]:
+    """The long option names of a click/typer command (tests compare verbs and their `python -m` twins)."""
+    return {o for p in command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])
+            if o.startswith("--")}

@@ -1,0 +1,206 @@
+"""Training pre-flight on a real local multi-node Ray (issue 16): a `ray start --head` with no GPUs and two
+`ray start` worker nodes declaring logical GPUs (`--num-gpus 2`, accelerator types A100 and T4), token auth on,
+own temp dir and free ports. Each worker node runs in its own mount namespace (`unshare -m`) where a tmpfs hides
+one directory of the head's disk: what lives there exists on the head only, as on a real cluster.
+
+Refused before any worker starts, one line each: a local storage path the workers do not see, a model present
+only on the head, more workers than GPUs, bf16 on a T4, resume with another world size. A valid config passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                    reason="per-node filesystems need `unshare -m` as root")
+def test_preflight_on_local_multinode_cluster(tmp_path):
+    """In its own interpreter: token auth is process-global in Ray."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "NCCL_SOCKET_IFNAME")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    print(r.stdout[-3000:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert "SCENARIO OK" in r.stdout
+
+
+def test_serve_decomposer_device_follows_its_gpus():
+    from pipelines.serve import ServeConfig
+
+    gpu = ServeConfig(decomposer={"path": "m"}, decomposer_num_gpus=1)
+    assert gpu.decomposer.device == "cuda"  # a reserved GPU is used
+    assert ServeConfig(decomposer={"path": "m"}).decomposer.device == "cpu"
+    with pytest.raises(ValueError, match="Ray reserves no GPU"):
+        ServeConfig(decomposer={"path": "m", "device": "cuda"})  # a GPU used that Ray never reserved
+    with pytest.raises(ValueError, match="left idle"):
+        ServeConfig(decomposer={"path": "m", "device": "cpu"}, decomposer_num_gpus=1)
+
+
+def _start_cluster(temp_dir: str, hidden: Path) -> str:
+    from tests.test_cluster_jobs import free_port
+
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    port = free_port()
+    common = ["--disable-usage-stats", f"--object-store-memory={80 * 1024 ** 2}", f"--temp-dir={temp_dir}"]
+
+    def ports() -> list[str]:
+        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
+
+    head = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+            "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *ports(), *common]
+    _ray_start(head, env)
+    address = f"127.0.0.1:{port}"
+    for gpu in ("A100", "T4"):
+        worker = [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", "--num-gpus=2",
+                  f"--resources={json.dumps({f'accelerator_type:{gpu}': 1})}", *ports(), *common]
+        # this node's view of the disk: `hidden` is an empty tmpfs (the raylet and its workers inherit it)
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"', "sh", *worker]
+        _ray_start(cmd, env)
+    return address
+
+
+def _ray_start(cmd: list[str], env: dict) -> None:
+    """`ray start`. On a loaded machine its fixed 30 s wait for the raylet to register can pass while the raylet
+    (already running) registers later: that is not a failure; the scenario waits for the nodes to show up."""
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 or "timed out during startup" in r.stderr, r.stderr[-3000:]
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    import psutil
+
+    from tests.test_cluster_jobs import _own_ray_pids
+
+    pids = _own_ray_pids(temp_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)
+    for pid in _own_ray_pids(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def scenario(tmp: Path) -> None:
+    import ray
+
+    from subq.errors import ConfigError
+    from subq.schema import write_parquet
+    from tests.test_train import _rows
+    from training.config import PRESETS, TrainConfig
+    from training.init_model import create_tiny_model
+    from training.preflight import check_cluster
+    from training.train import run_train
+
+    hidden, shared = tmp / "head-only", tmp / "shared"
+    hidden.mkdir()
+    shared.mkdir()
+    head_model = create_tiny_model(str(hidden / "tiny"), n_layer=1, n_embd=32, vocab_size=400, max_texts=200)
+    model = shutil.copytree(head_model, shared / "tiny")
+    write_parquet(_rows(8), str(shared / "rows.parquet"))
+    bf16 = json.loads(PRESETS["zero2"].read_text())
+    bf16["bf16"] = {"enabled": True}
+    (shared / "bf16.json").write_text(json.dumps(bf16))
+    # a run to resume whose last checkpoint was written by 2 ranks (DeepSpeed's shard names)
+    ds = shared / "runs" / "old" / "checkpoint_2026-01-01_00-00-00.000000" / "ds"
+    ds.mkdir(parents=True)
+    (ds.parent.parent / "metrics.json").write_text("[]")
+    for r in (0, 1):
+        (ds / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+
+    temp_dir = tempfile.mkdtemp(prefix="rpf", dir="/tmp")  # short: AF_UNIX socket paths
+    try:
+        address = _start_cluster(temp_dir, hidden)
+        ray.init(address=address, log_to_driver=False)
+        deadline = time.time() + 300
+        while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.time() < deadline:
+            time.sleep(2)
+        assert sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]) == 4, ray.nodes()
+        base = dict(algo="bc", data=str(shared / "rows.parquet"), model=str(model), use_gpu=True, num_workers=2,
+                    storage_path=str(shared / "runs"), name="r", val_fraction=0, eval_problems=0)
+        cases = [
+            (dict(storage_path=str(hidden / "runs")), "field 'storage_path'", "is not shared"),
+            (dict(model=str(head_model)), "field 'model'", "not readable on node"),
+            (dict(num_workers=5), "field 'num_workers'", "4 GPUs"),
+            (dict(deepspeed=str(shared / "bf16.json")), "field 'deepspeed.bf16.enabled'", "T4"),
+            (dict(name="old", resume=True, num_workers=1), "field 'num_workers'", "written by 2 workers"),
+        ]
+        for overrides, field, needle in cases:
+            with pytest.raises(ConfigError) as e:
+                run_train({**base, **overrides})
+            msg = str(e.value)
+            assert field in msg and needle in msg and "\n" not in msg, msg
+            print("refused:", msg)
+        check_cluster(TrainConfig(**base))  # the same run with a shared model and storage passes
+        assert not (shared / "runs" / "r").exists() and not (hidden / "runs" / "r").exists()  # nothing started
+        _serve_deploy_keeps_num_gpus(model)
+        print("SCENARIO OK")
+    finally:
+        ray.shutdown()
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _serve_deploy_keeps_num_gpus(model: str) -> None:
+    """The shipped serve_config.yaml through Serve's deploy path (what `serve deploy` makes the dashboard do:
+    ServeDeploySchema -> deploy_apps) with `decomposer_num_gpus: 1`: the Decomposer deployment Serve reports
+    reserves that GPU (the YAML's `deployments` entry no longer replaces the code's ray_actor_options)."""
+    import time
+
+    import yaml
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.test_cluster_jobs import free_port
+
+    raw = yaml.safe_load((ROOT / "pipelines" / "serve_config.yaml").read_text())
+    raw["http_options"]["port"] = free_port()
+    args = raw["applications"][0]["args"]
+    args["decomposer_num_gpus"] = 1
+    args["decomposer"]["path"] = str(model)
+    args["solver"]["base_url"] = f"http://127.0.0.1:{free_port()}/v1"
+    config = ServeDeploySchema.model_validate(raw)
+    client = serve_api.serve_start(http_options=config.http_options.model_dump(),
+                                   proxy_location=config.proxy_location)
+    try:
+        client.deploy_apps(config, _blocking=False)
+        opts, deadline = None, time.time() + 240
+        while opts is None and time.time() < deadline:
+            deps = (client.get_serve_details().get("applications") or {}).get("subq", {}).get("deployments") or {}
+            if "Decomposer" in deps:
+                opts = deps["Decomposer"]["deployment_config"]["ray_actor_options"]
+            time.sleep(1)
+        assert opts is not None, client.get_serve_details()
+        print("serve: Decomposer ray_actor_options", opts)
+        assert opts.get("num_gpus") == 1 and opts.get("num_cpus") == 1, opts
+    finally:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    scenario(Path(sys.argv[1]))
