@@ -64,60 +64,34 @@ def check_ray() -> Check:
     return Check("ray", "ok", f"local instance started in {time.time() - t0:.1f}s ({res.get('CPU', 0):.0f} CPU){note}")
 
 
-def extension_build_dir(name: str) -> Path:
-    """Where torch builds the JIT extension NAME (DeepSpeed's ops): torch's own rule ($TORCH_EXTENSIONS_DIR, else
-    ~/.cache/torch_extensions/py<XY>_<cpu|cuXY>/NAME)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return Path(_get_build_directory(name, verbose=False))
-
-
-def extension_builder(build_dir: Path):
-    """The live process building in BUILD_DIR (ninja or the compiler run there), or None."""
-    import psutil
-
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if p.info["name"] in ("ninja", "c++", "g++", "cc", "gcc", "cc1plus", "ld") and Path(p.cwd()) == build_dir:
-                return p
-        except (psutil.Error, OSError):
-            continue
-    return None
-
-
 def check_deepspeed_ops(build: bool = False) -> Check:
-    """DeepSpeed's CPU shared-memory communication op: built once per machine, on first training if not before."""
+    """DeepSpeed's CPU shared-memory communication op: built once per machine, on first training if not before
+    (training.ds_ops holds the rules: where torch builds it, and when a build `lock` is stale)."""
     try:
         import deepspeed.ops  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return Check("deepspeed ops", "fail", f"deepspeed does not import: {type(e).__name__}: {e}")
-    ext = extension_build_dir("deepspeed_shm_comm")
-    built = any(ext.glob("*.so")) if ext.is_dir() else False
-    lock = ext / "lock"
-    if lock.exists() and not built:
-        p = extension_builder(ext)
-        if p is not None:
-            return Check("deepspeed ops", "ok", f"CPU comm op being built now by pid {p.pid} ({ext})")
-        if not build:
-            return Check("deepspeed ops", "fail", f"stale build lock {lock} (a killed build left it; every training "
-                         f"would wait on it forever): remove it (`rm {lock}`) or run `subq doctor --build-ops`")
-        lock.unlink(missing_ok=True)
-    if build and not built:
-        t0 = time.time()
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        r = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                           env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            return Check("deepspeed ops", "fail", f"building the CPU comm op failed (exit {r.returncode}): "
-                         f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-        built = any(ext.glob("*.so"))
-        return Check("deepspeed ops", "ok" if built else "warn",
-                     f"CPU comm op built in {time.time() - t0:.0f}s at {ext}" if built else
-                     f"build finished but no library in {ext}")
-    if built:
-        return Check("deepspeed ops", "ok", f"CPU comm op built ({ext})")
-    return Check("deepspeed ops", "warn", "CPU comm op not built yet: the first CPU training builds it (~1-2 min "
-                 "on 2 cores, once per machine); `subq doctor --build-ops` builds it now")
+    from training.ds_ops import BUILD_SECONDS, CPU_COMM_OP, clear_stale_locks, extensions_dir, lock_fix, op_built
+
+    ext = extensions_dir() / CPU_COMM_OP
+    removed, held = clear_stale_locks()
+    cleared = f"; removed a stale build lock left by a killed build ({removed[0]})" if removed else ""
+    if op_built():
+        return Check("deepspeed ops", "ok", f"CPU comm op built ({ext}){cleared}")
+    if held:
+        return Check("deepspeed ops", "warn", f"a build lock is held ({held[0]}): a build is running now, or one was "
+                     f"killed less than 2 minutes ago; if no training is running: {lock_fix(held[0])}")
+    if not build:
+        return Check("deepspeed ops", "warn", f"CPU comm op not built yet: the first CPU training builds it (about "
+                     f"{BUILD_SECONDS} on 2 cores, once per machine); `subq doctor --build-ops` builds it now{cleared}")
+    t0 = time.time()
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    r = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                       env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not op_built():
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:]
+        return Check("deepspeed ops", "fail", f"building the CPU comm op failed (exit {r.returncode}): {tail}")
+    return Check("deepspeed ops", "ok", f"CPU comm op built in {time.time() - t0:.0f}s at {ext}{cleared}")
 
 
 def check_torch_threads() -> Check:

@@ -40,16 +40,19 @@ def test_doctor_reports_every_check_and_never_a_key_value(subq_bin, tmp_path):
     assert r.returncode == (1 if any(c["status"] == "fail" for c in report["checks"]) else 0)
 
 
-def test_doctor_names_a_stale_extension_build_lock_and_build_ops_clears_it(tmp_path, monkeypatch):
+def test_doctor_clears_a_stale_extension_build_lock_and_names_the_fix_for_a_fresh_one(tmp_path, monkeypatch):
+    import os
+    import time
+
     from cluster.doctor import check_deepspeed_ops
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
-    lock.touch()  # what a build killed mid-way leaves behind: no builder runs in that directory
+    lock.touch()  # a lock seconds old: a build may be starting; reported with the fix, not removed
     c = check_deepspeed_ops(build=False)
-    assert c.status == "fail" and f"rm {lock}" in c.detail, c
-    assert lock.exists()  # reported, not touched, without --build-ops
-    lock.unlink()
+    assert c.status == "warn" and f"rm {lock}" in c.detail and lock.exists(), c
+    old = time.time() - 3600  # what a build killed an hour ago leaves: no builder works in that directory
+    os.utime(lock, (old, old))
     c = check_deepspeed_ops(build=False)
-    assert c.status == "warn" and "not built yet" in c.detail, c
+    assert not lock.exists() and "removed a stale build lock" in c.detail and "not built yet" in c.detail, c
