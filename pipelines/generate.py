@@ -797,26 +797,27 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         limiter = None
         run_id = hashlib.sha256(f"{cfg.output}|{time.time()}".encode()).hexdigest()[:12]
         owner = f"generate:{socket.gethostname()}:{os.getpid()}:{run_id}"
-        if cfg.rpm or cfg.tpm:
-            from actors.limiter import account_id
-            from subq import console
+        # always a limiter: without --rpm/--tpm it learns them from the provider's x-ratelimit-limit-* headers
+        from actors.limiter import account_id
+        from subq import console
 
-            # one detached limiter per (endpoint, model, account), shared with every other job and Serve replica
-            lname = limiter_name(cfg.base_url, cfg.model, account_id(os.environ.get(cfg.api_key_env)))
-            limiter = get_or_create_limiter(lname)
-            reg = ray.get(limiter.register.remote(owner, cfg.rpm, cfg.tpm, cfg.max_retry_after_s))
-            if reg["conflict"]:
-                console.echo(f"warning: limiter {lname}: {reg['conflict']}")
+        # one detached limiter per (endpoint, model, account), shared with every other job and Serve replica
+        lname = limiter_name(cfg.base_url, cfg.model, account_id(os.environ.get(cfg.api_key_env)))
+        limiter = get_or_create_limiter(lname)
+        reg = ray.get(limiter.register.remote(owner, cfg.rpm, cfg.tpm, cfg.max_retry_after_s)) \
+            if cfg.rpm or cfg.tpm else {"conflict": None}
+        if reg["conflict"]:
+            console.echo(f"warning: limiter {lname}: {reg['conflict']}")
 
-            def limiter_status() -> str:
-                st = ray.get(limiter.stats.remote(), timeout=5)
-                if st["blocked_for_s"] > 5:
-                    capped = f" (Retry-After {st['longest_retry_after_s']:.0f}s capped to {st['max_retry_after_s']:.0f}s)" \
-                        if st["retry_after_capped"] else ""
-                    return f"provider backoff {st['blocked_for_s']:.0f}s{capped}"
-                return ""
+        def limiter_status() -> str:
+            st = ray.get(limiter.stats.remote(), timeout=5)
+            if st["blocked_for_s"] > 5:
+                capped = f" (Retry-After {st['longest_retry_after_s']:.0f}s capped to {st['max_retry_after_s']:.0f}s)" \
+                    if st["retry_after_capped"] else ""
+                return f"provider backoff {st['blocked_for_s']:.0f}s{capped}"
+            return ""
 
-            progress.status_fn = limiter_status
+        progress.status_fn = limiter_status
         bname, budget = None, None
         if cfg.max_cost_usd is not None:
             bname = f"subq-budget:{run_id}"
