@@ -690,12 +690,12 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
                 seen.add(p.problem_id)
                 uniq.append(p)
         problems = uniq
+    if not cfg.dry_run and not cfg.cancel and not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
+                          hint="export the key (any non-empty value for a local server)")
     if not cfg.cancel:
         check_manifest(cfg)  # drift: refused before anything is written or sent
     if not cfg.dry_run and not cfg.cancel:
-        if not os.environ.get(cfg.api_key_env):
-            raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
-                              hint="export the key (any non-empty value for a local server)")
         lease.acquire()  # another live job on this output: refused here
         for sub in ("", "parts", "failures"):  # temps of writers killed earlier (we hold the lease: none is live)
             storage.sweep_temps(storage.join(cfg.output, sub) if sub else cfg.output, recursive=False)
