@@ -118,6 +118,8 @@ class TokenBucket:
     n_429: int = field(default=0, init=False)
     backoff_s_total: float = field(default=0.0, init=False)
     retry_after_capped: int = field(default=0, init=False)  # waits asked for beyond max_retry_after_s
+    corrections: int = field(default=0, init=False)  # times the provider's remaining-* moved our schedule
+    learned: dict = field(default_factory=dict, init=False)  # limits learned from x-ratelimit-limit-* headers
     longest_retry_after_s: float = field(default=0.0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -147,14 +149,49 @@ class TokenBucket:
             self.tokens_reserved += int(tokens)
             return max(0.0, start - now)
 
-    def settle(self, reserved: int, used: int, cost_usd: float = 0.0) -> None:
-        """After a reply: return unused reserved tokens to the bucket and account the spend."""
+    def settle(self, reserved: int, used: int, cost_usd: float = 0.0, headers: Optional[dict] = None,
+               age_s: float = 0.0) -> None:
+        """After a reply: account the spend (and return unused reserved tokens when refund_unused). `headers`: the
+        reply's x-ratelimit-* headers, sent `age_s` ago: see `correct_from_headers`."""
         with self._lock:
             self.tokens_used += int(used)
             self.spent_usd += float(cost_usd)
             if self.refund_unused and self.tpm and reserved > used:
                 self._next_tok -= 60.0 * (reserved - used) / self.tpm
                 self._next_tok = max(self._next_tok, self.clock() - self.burst_s)
+            if headers:
+                self._correct(headers, reserved, age_s)
+
+    def correct_from_headers(self, headers: dict, reserved: int = 0, age_s: float = 0.0) -> None:
+        with self._lock:
+            self._correct(headers, reserved, age_s)
+
+    def _correct(self, headers: dict, reserved: int, age_s: float) -> None:
+        """The provider's own count, as of admitting a request about `age_s` ago. Limits not given are learned
+        from `x-ratelimit-limit-*`. If `x-ratelimit-remaining-*` says less is left than the next call needs (one
+        request; `reserved` tokens), the next slot moves to when the provider will have it: a provider counting
+        differently from our estimate converges to its rule instead of answering 429s (lock held)."""
+        h = {str(k).lower(): v for k, v in headers.items()}
+
+        def num(v):
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                return None
+
+        admitted = self.clock() - max(0.0, age_s)
+        for kind, attr, nxt, need in (("requests", "rpm", "_next_req", 1.0), ("tokens", "tpm", "_next_tok",
+                                                                                 float(reserved))):
+            lim, rem = num(h.get(f"x-ratelimit-limit-{kind}")), num(h.get(f"x-ratelimit-remaining-{kind}"))
+            if lim and getattr(self, attr) is None:
+                setattr(self, attr, lim)
+                self.learned[attr] = lim
+            rate = getattr(self, attr)
+            if rate and rem is not None and need and rem < need:
+                ready = admitted + (need - rem) * 60.0 / rate
+                if ready > getattr(self, nxt) - self.burst_s:  # our next start (GCRA: TAT - burst) is earlier
+                    self.corrections += 1
+                    setattr(self, nxt, ready + self.burst_s)
 
     def report_429(self, retry_after_s: Optional[float] = None, headers: Optional[dict] = None) -> float:
         """A provider said 'too many requests': block everyone until its reset. Returns the block length (s)."""
@@ -196,7 +233,8 @@ class TokenBucket:
                     "tokens_reserved": self.tokens_reserved, "tokens_used": self.tokens_used,
                     "spent_usd": round(self.spent_usd, 8), "budget_usd": self.budget_usd,
                     "n_429": self.n_429, "backoff_s_total": round(self.backoff_s_total, 3),
-                    "retry_after_capped": self.retry_after_capped,
+                    "retry_after_capped": self.retry_after_capped, "corrections": self.corrections,
+                    "learned": dict(self.learned),
                     "longest_retry_after_s": round(self.longest_retry_after_s, 3),
                     "max_retry_after_s": self.max_retry_after_s,
                     "blocked_for_s": round(max(0.0, self._blocked_until - self.clock()), 3)}
@@ -291,9 +329,10 @@ class RateLimiter:
         """Drop a budget hold without spending (the call failed before a reply)."""
         self.held_usd = max(0.0, self.held_usd - est_cost_usd)
 
-    async def settle(self, reserved: int = 0, used: int = 0, cost_usd: float = 0.0, est_cost_usd: float = 0.0) -> None:
+    async def settle(self, reserved: int = 0, used: int = 0, cost_usd: float = 0.0, est_cost_usd: float = 0.0,
+                     headers: Optional[dict] = None, age_s: float = 0.0) -> None:
         self.held_usd = max(0.0, self.held_usd - est_cost_usd)
-        self.bucket.settle(reserved, used, cost_usd)
+        self.bucket.settle(reserved, used, cost_usd, headers, age_s)
 
     async def report_429(self, retry_after_s: Optional[float] = None, headers: Optional[dict] = None) -> float:
         return self.bucket.report_429(retry_after_s, headers)

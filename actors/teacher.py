@@ -530,6 +530,7 @@ class TeacherClient:
                     state) -> ChatResult:
         import openai
 
+        t_send = time.monotonic()
         try:
             raw = await client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
@@ -590,7 +591,12 @@ class TeacherClient:
         self.stats["prompt_tokens"] += pt
         self.stats["completion_tokens"] += ct
         self.stats["cost_usd"] += cost
-        await self._limiter_call("settle", est_tokens, pt + ct, cost)
+        rl = {k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit")}
+        lim = self.limiter
+        if lim is not None and hasattr(getattr(lim, "settle", None), "remote"):
+            await self._remote("settle", est_tokens, pt + ct, cost, 0.0, rl, time.monotonic() - t_send)
+        else:
+            await self._limiter_call("settle", est_tokens, pt + ct, cost, rl, time.monotonic() - t_send)
         return ChatResult(text, pt, ct, cost, attempts=state["attempts"], cached=False, key=key, model=self.model,
                           provenance=getattr(completion, "system_fingerprint", None), n_429=state["n_429"],
                           raw_headers={k: v for k, v in headers.items() if k.lower().startswith(("x-ratelimit", "x-subq"))})

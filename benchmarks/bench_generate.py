@@ -8,6 +8,9 @@
     actors, the cluster RateLimiter at L) vs a re-implementation of the released script's strategy (asyncio, a
     semaphore of 10, every failure retried after a fixed 5 s) in the same run. Reported: achieved requests/min / L
     over the steady window (first good reply + 3 s until 95% of the replies), and the share of 429 answers.
+(3) `tpm`: server limited only by T tokens/minute, counting each request as a provider admits it (prompt characters
+    / 4 + max_tokens, charged on arrival); subq with `--tpm T`. Reported: tokens charged per minute / T over the
+    steady window, and the share of 429 answers.
 (2) `overhead`: no limit, zero latency: subq's requests/s (steady window and end to end, Ray start included) vs a
     bare `AsyncOpenAI` loop in one process with the same number of calls in flight.
 """
@@ -35,6 +38,7 @@ class Sampler:
 
     def __init__(self, server: TeacherServer, every: float = 0.5):
         self.server, self.every, self.samples = server, every, []
+        self.charged: list = []  # (t, tokens the server charged: prompt + max_tokens of each admitted request)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -42,6 +46,7 @@ class Sampler:
         while not self._stop.is_set():
             s = self.server.stats(keys=False)
             self.samples.append((time.time(), s["by_status"].get("200", 0), s["by_status"].get("429", 0), s["total"]))
+            self.charged.append((time.time(), s["prompt_tokens"] + s["by_status"].get("200", 0) * 512))
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -66,12 +71,12 @@ class Sampler:
 
 
 def run_subq(ts: TeacherServer, n_problems: int, out: str, rpm: float | None, actors: str = "2,2",
-             max_concurrency: int = 32) -> float:
+             max_concurrency: int = 32, tpm: float | None = None) -> float:
     from pipelines.generate import run_generate
 
     t0 = time.time()
     run_generate({"input": "gsm8k:train", "limit": n_problems, "output": out, "base_url": ts.base_url,
-                  "rpm": rpm, "actors": actors, "ray_num_cpus": 2, "progress_interval_s": 30,
+                  "rpm": rpm, "tpm": tpm, "actors": actors, "ray_num_cpus": 2, "progress_interval_s": 30,
                   "max_concurrency": max_concurrency, "batch_size": 8})
     return time.time() - t0
 
@@ -137,6 +142,26 @@ def bench_limit(rpm: float, seconds: float, latency_s: float) -> str:
     return "\n".join(lines)
 
 
+def bench_tpm(tpm: float, seconds: float, latency_s: float) -> str:
+    per_call = 1100  # about: a paper prompt (~600 tokens) + max_tokens 512
+    n_problems = max(4, int(tpm / 60 * seconds / per_call / 15 * 1.15))
+    with TeacherServer(tpm=tpm, latency_s=latency_s, latency_jitter_s=latency_s / 4) as ts:
+        with tempfile.TemporaryDirectory() as tmp, Sampler(ts) as sm:
+            run_subq(ts, n_problems, os.path.join(tmp, "out"), None, tpm=tpm)
+    s = sm.steady()
+    first = next((t for t, ok, *_ in sm.samples if ok > 0), sm.samples[0][0]) + 3.0
+    final = sm.charged[-1][1]
+    a = next(((t, c) for t, c in sm.charged if t >= first), None)
+    b = next(((t, c) for t, c in sm.charged if c >= 0.95 * final), None)
+    rate = (b[1] - a[1]) / (b[0] - a[0]) * 60 if a and b and b[0] > a[0] else float("nan")
+    return "\n".join([f"Benchmark 3: teacher server limited to T = {tpm:.0f} tokens/min only (prompt/4 + max_tokens "
+                      f"charged on arrival), latency ~{latency_s * 1000:.0f} ms", "",
+                      "| strategy | good replies | tokens charged/min | used / T | 429 share | steady window (s) |",
+                      "|---|---|---|---|---|---|",
+                      f"| subq (2 actors, cluster limiter --tpm T) | {s['ok']} | {rate:.0f} | {rate / tpm:.3f} | "
+                      f"{s['share_429'] * 100:.2f}% | {(b[0] - a[0]) if a and b else 0:.1f} |"])
+
+
 def bench_overhead(n_problems: int) -> str:
     rows = []
     with TeacherServer() as ts:
@@ -163,7 +188,8 @@ def bench_overhead(n_problems: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--which", choices=["all", "limit", "overhead"], default="all")
+    ap.add_argument("--which", choices=["all", "limit", "tpm", "overhead"], default="all")
+    ap.add_argument("--tpm", type=float, default=60000.0, help="T, the server's token limit for benchmark 3")
     ap.add_argument("--rpm", type=float, default=600.0, help="L, the server's limit (requests/minute)")
     ap.add_argument("--seconds", type=float, default=40.0, help="target length of each limited run")
     ap.add_argument("--latency-ms", type=float, default=200.0)
@@ -173,6 +199,8 @@ def main() -> None:
     out = []
     if a.which in ("all", "limit"):
         out.append(bench_limit(a.rpm, a.seconds, a.latency_ms / 1000))
+    if a.which in ("all", "tpm"):
+        out.append(bench_tpm(a.tpm, a.seconds, a.latency_ms / 1000))
     if a.which in ("all", "overhead"):
         out.append(bench_overhead(a.overhead_problems))
     print("\n\n".join(out))

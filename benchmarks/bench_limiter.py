@@ -64,7 +64,12 @@ def main() -> None:
 
     from actors.limiter import get_or_create_limiter
 
-    ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, namespace="subq")
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):  # a running cluster
+        ray.init(log_to_driver=False, namespace="subq")
+    else:
+        ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, namespace="subq")
     name = f"subq-limiter:bench-{time.time_ns()}:model"
     lim = get_or_create_limiter(name, rpm=1e9, tpm=1e12)
     Actor = ray.remote(Client).options(num_cpus=0, max_concurrency=1000)

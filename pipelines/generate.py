@@ -691,12 +691,12 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
                 seen.add(p.problem_id)
                 uniq.append(p)
         problems = uniq
+    if not cfg.dry_run and not cfg.cancel and not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
+                          hint="export the key (any non-empty value for a local server)")
     if not cfg.cancel:
         check_manifest(cfg)  # drift: refused before anything is written or sent
     if not cfg.dry_run and not cfg.cancel:
-        if not os.environ.get(cfg.api_key_env):
-            raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
-                              hint="export the key (any non-empty value for a local server)")
         lease.acquire()  # another live job on this output: refused here
         for sub in ("", "parts", "failures"):  # temps of writers killed earlier (we hold the lease: none is live)
             storage.sweep_temps(storage.join(cfg.output, sub) if sub else cfg.output, recursive=False)
@@ -799,26 +799,27 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         limiter = None
         run_id = hashlib.sha256(f"{cfg.output}|{time.time()}".encode()).hexdigest()[:12]
         owner = f"generate:{socket.gethostname()}:{os.getpid()}:{run_id}"
-        if cfg.rpm or cfg.tpm:
-            from actors.limiter import account_id
-            from subq import console
+        # always a limiter: without --rpm/--tpm it learns them from the provider's x-ratelimit-limit-* headers
+        from actors.limiter import account_id
+        from subq import console
 
-            # one detached limiter per (endpoint, model, account), shared with every other job and Serve replica
-            lname = limiter_name(cfg.base_url, cfg.model, account_id(os.environ.get(cfg.api_key_env)))
-            limiter = get_or_create_limiter(lname)
-            reg = ray.get(limiter.register.remote(owner, cfg.rpm, cfg.tpm, cfg.max_retry_after_s))
-            if reg["conflict"]:
-                console.echo(f"warning: limiter {lname}: {reg['conflict']}")
+        # one detached limiter per (endpoint, model, account), shared with every other job and Serve replica
+        lname = limiter_name(cfg.base_url, cfg.model, account_id(os.environ.get(cfg.api_key_env)))
+        limiter = get_or_create_limiter(lname)
+        reg = ray.get(limiter.register.remote(owner, cfg.rpm, cfg.tpm, cfg.max_retry_after_s)) \
+            if cfg.rpm or cfg.tpm else {"conflict": None}
+        if reg["conflict"]:
+            console.echo(f"warning: limiter {lname}: {reg['conflict']}")
 
-            def limiter_status() -> str:
-                st = ray.get(limiter.stats.remote(), timeout=5)
-                if st["blocked_for_s"] > 5:
-                    capped = f" (Retry-After {st['longest_retry_after_s']:.0f}s capped to {st['max_retry_after_s']:.0f}s)" \
-                        if st["retry_after_capped"] else ""
-                    return f"provider backoff {st['blocked_for_s']:.0f}s{capped}"
-                return ""
+        def limiter_status() -> str:
+            st = ray.get(limiter.stats.remote(), timeout=5)
+            if st["blocked_for_s"] > 5:
+                capped = f" (Retry-After {st['longest_retry_after_s']:.0f}s capped to {st['max_retry_after_s']:.0f}s)" \
+                    if st["retry_after_capped"] else ""
+                return f"provider backoff {st['blocked_for_s']:.0f}s{capped}"
+            return ""
 
-            progress.status_fn = limiter_status
+        progress.status_fn = limiter_status
         bname, budget = None, None
         if cfg.max_cost_usd is not None:
             bname = f"subq-budget:{run_id}"

@@ -147,16 +147,21 @@ def test_faults_every_problem_ends_as_row_or_recorded_failure(tmp_path, subq_bin
 
 
 def test_failures_table_and_retry_failed_retries_only_those(tmp_path, subq_bin):
-    from pipelines.teacher_server import TeacherServer
+    from pipelines.teacher_server import TeacherServer, free_port
 
     out = tmp_path / "out"
+    port = free_port()  # one endpoint, first broken, then repaired (another endpoint would be settings drift)
     common = ["--input", "gsm8k:test", "--output", str(out), "--n-sets", "1", "--n-feedback", "1", "--actors", "1,1"]
-    with TeacherServer(fail_rate=1.0) as broken:
-        s = gen(subq_bin, *common, "--limit", "3", "--base-url", broken.base_url, "--max-retries", "1")
+    with TeacherServer(fail_rate=1.0, port=port) as broken:
+        r = gen(subq_bin, *common, "--limit", "3", "--base-url", broken.base_url, "--max-retries", "1", check=False)
+    # every problem failed: exit 2, the cause and where the reasons are on one line; the failures are recorded
+    errs = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(errs) == 1 and "HTTP 50" in errs[0] and "failures.jsonl" in errs[0], r.stderr
+    s = json.loads((out / "summary.json").read_text())
     assert s["rows_total"] == 0 and s["failures_open"] == 3
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert all("HTTP 50" in f["reason"] and f["stage"] == "qg" for f in failures)
-    with TeacherServer() as ok:
+    with TeacherServer(port=port) as ok:
         # plain re-run: recorded failures are not retried silently
         s = gen(subq_bin, *common, "--limit", "3", "--base-url", ok.base_url)
         assert s["pending_at_start"] == 0 and ok.stats()["total"] == 0
@@ -199,7 +204,7 @@ def test_bad_input_is_one_clear_line_and_nothing_is_damaged(tmp_path, subq_bin):
     ]
     for args, needle in cases:
         r = gen(subq_bin, "--output", str(out), *args, "--limit", "2", check=False)
-        lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+        lines = [x for x in r.stderr.strip().splitlines() if x.strip() and not x.startswith("logs: ")]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, r.stderr)
         assert not out.exists()
     r = gen(subq_bin, "--output", str(out), "--limit", "2", "--dry-run", check=False, key="")

@@ -296,3 +296,28 @@ def test_budget_stops_submitting_batches_and_a_rerun_goes_on(tmp_path, subq_bin)
         s2 = gen(subq_bin, *args, "--base-url", ts.base_url)
         st = bstats(ts)
     assert s2["rows_total"] == 4 and st["submitted_twice"] == [] and len(st["submitted_by_custom_id"]) == 60
+
+
+@pytest.mark.slow
+def test_a_batch_whose_id_never_reached_the_state_file_is_found_again_not_bought_again(tmp_path, subq_bin):
+    """The driver killed between `batches.create` returning and the state write: the re-run finds the batch by
+    its metadata (and the upload by its file name) instead of creating it again."""
+    import shutil
+
+    from pipelines.teacher_server import TeacherServer
+
+    out = tmp_path / "out"
+    args = ["--input", "gsm8k:test", "--limit", "2", "--output", str(out)]
+    with TeacherServer(batch_delay_s=0.2) as ts:
+        gen(subq_bin, *args, "--base-url", ts.base_url)
+        st = state(out)
+        name, sh = next((n, v) for n, v in st["shards"].items() if v["round"] == "answers")
+        sh.update(batch_id=None, file_id=None, status="pending", collected=False)  # as if killed before the write
+        (out / "batch" / "state.json").write_text(json.dumps(st))
+        shutil.rmtree(out / "parts")  # its problems are pending again; their replies are in the cache
+        before = bstats(ts)
+        s = gen(subq_bin, *args, "--base-url", ts.base_url)
+        after = bstats(ts)
+    assert s["rows_total"] == 2
+    assert after["batches_created"] == before["batches_created"] and after["uploads"] == before["uploads"]
+    assert state(out)["shards"][name]["batch_id"] is not None and after["submitted_twice"] == []

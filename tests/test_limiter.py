@@ -225,3 +225,17 @@ def test_limiter_outlives_the_job_that_created_it(ray_cluster, tmp_path):
     again = get_or_create_limiter(name, rpm=1200)  # a later job asking for more: the stricter limit stays
     st = ray.get(again.stats.remote())
     assert again._actor_id == lim._actor_id and st["rpm"] == 600 and st["reserved"] == 2
+
+
+def test_provider_headers_teach_missing_limits_and_correct_a_different_token_count():
+    clk = FakeClock()
+    b = TokenBucket(clock=clk)  # no limits given: learned from the provider's headers
+    b.settle(1000, 900, 0.0, {"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "60000",
+                              "x-ratelimit-remaining-requests": "599", "x-ratelimit-remaining-tokens": "59000"})
+    assert b.rpm == 600 and b.tpm == 60000 and b.stats()["learned"] == {"rpm": 600, "tpm": 60000}
+    t = TokenBucket(tpm=60000, burst_s=2.0, clock=clk)  # 1,000 tokens/s, 2 s of burst: we would send at once
+    assert t.reserve(1000) == 0
+    # the provider counted more than we did: only 200 tokens left when it admitted the call 0.1 s ago
+    t.settle(1000, 900, 0.0, {"x-ratelimit-limit-tokens": "60000", "x-ratelimit-remaining-tokens": "200"}, age_s=0.1)
+    assert t.stats()["corrections"] == 1
+    assert t.reserve(1000) == pytest.approx(0.8 - 0.1)  # when the provider will have 1,000 again
