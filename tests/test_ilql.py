@@ -189,7 +189,7 @@ def test_ilql_guided_decoding_picks_rewarded_continuation(tmp_path, ray_local):
     r = run_train(dict(algo="ilql", rewards="sparse", data=str(tmp_path / "syn.parquet"), model=model, steps=500,
                        batch_size=16, lr=1e-3, num_workers=1, deepspeed="zero0", storage_path=str(tmp_path / "runs"),
                        name="ilql-syn", val_fraction=0, checkpoint_every=1000, log_every=50, eval_problems=0,
-                       ilql={"polyak": 0.05}))
+                       ilql={"polyak": 0.05, "policy": "shared"}))  # the LM learns BC from scratch alongside
     d = load_decomposer(r["final_dir"])
     assert d.has_heads
     problems = [row.problem for row in rows]

@@ -52,22 +52,47 @@ def test_serve_decomposer_device_follows_its_gpus():
         ServeConfig(decomposer={"path": "m", "device": "cpu"}, decomposer_num_gpus=1)
 
 
-def _start_cluster(temp_dir: str, hidden: Path) -> str:
+def _ports() -> list[str]:
     from tests.test_cluster_jobs import free_port
 
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
+
+
+def _common(temp_dir: str, store_mb: int = 80) -> list[str]:
+    return ["--disable-usage-stats", f"--object-store-memory={store_mb * 1024 ** 2}", f"--temp-dir={temp_dir}"]
+
+
+def start_head(temp_dir: str, num_cpus: int, num_gpus: int = 0, store_mb: int = 80, env: dict | None = None) -> str:
+    """A `ray start --head` of its own (temp dir, free ports, no dashboard); returns its GCS address. Stop it with
+    `stop_cluster(temp_dir)`; wait for the node with `wait_nodes`."""
+    from tests.test_cluster_jobs import free_port
+
     port = free_port()
-    common = ["--disable-usage-stats", f"--object-store-memory={80 * 1024 ** 2}", f"--temp-dir={temp_dir}"]
+    head = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+            "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *_ports(),
+            *_common(temp_dir, store_mb)]
+    _ray_start(head, {**_env(), **(env or {})})
+    return f"127.0.0.1:{port}"
 
-    def ports() -> list[str]:
-        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
 
-    head = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
-            "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *ports(), *common]
-    _ray_start(head, env)
-    address = f"127.0.0.1:{port}"
+def wait_nodes(n: int, timeout_s: float = 300) -> None:
+    import ray
+
+    deadline = time.time() + timeout_s
+    while len([x for x in ray.nodes() if x["Alive"]]) < n and time.time() < deadline:
+        time.sleep(2)
+    assert len([x for x in ray.nodes() if x["Alive"]]) >= n, ray.nodes()
+
+
+def _env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+
+def _start_cluster(temp_dir: str, hidden: Path) -> str:
+    env, common, ports = _env(), _common(temp_dir), _ports
+    address = start_head(temp_dir, num_cpus=1)
     for gpu in ("A100", "T4"):
         worker = [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", "--num-gpus=2",
                   f"--resources={json.dumps({f'accelerator_type:{gpu}': 1})}", *ports(), *common]
@@ -85,7 +110,7 @@ def _ray_start(cmd: list[str], env: dict) -> None:
     assert r.returncode == 0 or "timed out during startup" in r.stderr, r.stderr[-3000:]
 
 
-def _stop_cluster(temp_dir: str) -> None:
+def stop_cluster(temp_dir: str) -> None:
     import psutil
 
     from tests.test_cluster_jobs import _own_ray_pids
@@ -135,9 +160,7 @@ def scenario(tmp: Path) -> None:
     try:
         address = _start_cluster(temp_dir, hidden)
         ray.init(address=address, log_to_driver=False)
-        deadline = time.time() + 300
-        while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.time() < deadline:
-            time.sleep(2)
+        wait_nodes(3)
         assert sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]) == 4, ray.nodes()
         base = dict(algo="bc", data=str(shared / "rows.parquet"), model=str(model), use_gpu=True, num_workers=2,
                     storage_path=str(shared / "runs"), name="r", val_fraction=0, eval_problems=0)
@@ -160,7 +183,7 @@ def scenario(tmp: Path) -> None:
         print("SCENARIO OK")
     finally:
         ray.shutdown()
-        _stop_cluster(temp_dir)
+        stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

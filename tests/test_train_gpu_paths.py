@@ -11,7 +11,11 @@ runs bf16, so the GPU defaults (bf16 + ZeRO-3, bf16 + ZeRO-2) run in a real 2-wo
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -71,18 +75,34 @@ def _count_host_syncs(log_dir: str):
 def ray_syncs(tmp_path_factory):
     import ray
 
+    from tests.test_preflight import start_head, stop_cluster, wait_nodes
+
     log_dir = str(tmp_path_factory.mktemp("syncs"))
-    for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s raylet start-up wait
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
-                     runtime_env={"worker_process_setup_hook": _count_host_syncs(log_dir)})
-            break
-        except Exception:  # noqa: BLE001
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield Path(log_dir)
-    ray.shutdown()
+    # `ray start` of its own rather than ray.init(num_cpus=...): on a loaded machine the raylet may register after
+    # ray.init's fixed 30 s wait, which ray.init treats as fatal
+    temp_dir = tempfile.mkdtemp(prefix="rgp", dir="/tmp")
+    try:
+        # auth as this process's ray.init() has it (token auth is cached per process; multi-node token auth is
+        # test_preflight's, in its own interpreter)
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        address = start_head(temp_dir, num_cpus=2, store_mb=150, env={"RAY_AUTH_MODE": mode})
+        deadline = time.time() + 300
+        while True:  # the raylet may register after `ray start` returned
+            try:
+                ray.init(address=address, log_to_driver=False,
+                         runtime_env={"worker_process_setup_hook": _count_host_syncs(log_dir)})
+                break
+            except (ConnectionError, RuntimeError):
+                ray.shutdown()
+                if time.time() > deadline:
+                    raise
+                time.sleep(5)
+        wait_nodes(1)
+        yield Path(log_dir)
+    finally:
+        ray.shutdown()
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _bf16_config(tmp_path: Path, stage: int) -> str:
@@ -165,6 +185,10 @@ def test_bc_zero2_bf16_two_workers_saves_fp32_master(tmp_path, tiny, ray_syncs, 
     assert r["metrics"]["zero_stage"] == 2 and r["metrics"]["bf16"] is True
     run = tmp_path / "runs" / "bc2"
     _assert_final_is_fp32_master(run / "final", _fp32_master(run))
+    # the pre-flight's resume check reads the world size from DeepSpeed's real shard names
+    from training.preflight import checkpoint_world_size, latest_checkpoint
+
+    assert checkpoint_world_size(latest_checkpoint(str(run))) == 2
     lines = [json.loads(x) for f in ray_syncs.glob("syncs-*.jsonl") for x in f.read_text().splitlines()]
     assert lines and all(x["nccl_ifname"] == "lo" for x in lines), lines
     for f in ray_syncs.glob("syncs-*.jsonl"):

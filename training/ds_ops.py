@@ -2,7 +2,7 @@
 
 On CPU, `deepspeed.init_distributed` JIT-compiles its shared-memory communication op (`deepspeed_shm_comm`) with
 torch's cpp_extension once per machine (about 1-2 minutes on 2 cores), under `$TORCH_EXTENSIONS_DIR` (default
-`~/.cache/torch_extensions/py<ver>_cpu/`). torch guards the build with a `lock` file and every later process
+`<venv>/torch_extensions/`, see use_own_extensions_dir). torch guards the build with a `lock` file and every later process
 waits on it with no timeout; a process killed during the build leaves the lock behind and every later training
 run then hangs. So before training:
 
@@ -27,12 +27,19 @@ BUILD_SECONDS = "1-2 minutes"
 
 
 def extensions_dir() -> Path:
-    """torch's JIT extension root for this interpreter (CPU build), as torch.utils.cpp_extension computes it."""
+    """torch's JIT extension root: $TORCH_EXTENSIONS_DIR, else this Python environment's own
+    (<sys.prefix>/torch_extensions, see use_own_extensions_dir)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root)
-    ver = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
-    return Path.home() / ".cache" / "torch_extensions" / ver
+    return Path(root) if root else Path(sys.prefix) / "torch_extensions"
+
+
+def use_own_extensions_dir() -> Path:
+    """Point torch's JIT builds at this Python environment's own directory unless TORCH_EXTENSIONS_DIR is set.
+    torch's default (~/.cache/torch_extensions) is shared by every install on the machine: two installs with
+    different paths rebuild the same op in turn over each other (and wait on each other's locks)."""
+    d = extensions_dir()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(d))
+    return d
 
 
 def op_built(name: str = CPU_COMM_OP, root: Path | None = None) -> bool:

@@ -97,8 +97,9 @@ def _announce_one_time_costs(cfg: TrainConfig) -> None:
     """Stale torch-extension locks on this machine are cleared (or reported with the fix); the one-time
     DeepSpeed CPU op build is announced with its expected duration."""
     from subq import console
-    from training.ds_ops import build_notice, clear_stale_locks, lock_fix
+    from training.ds_ops import build_notice, clear_stale_locks, lock_fix, use_own_extensions_dir
 
+    use_own_extensions_dir()  # before Ray starts: local workers inherit it
     removed, live = clear_stale_locks()
     for lock in removed:
         console.echo(f"removed a stale torch extension lock left by a killed build: {lock}")
@@ -312,6 +313,9 @@ def train_loop(loop_cfg: dict) -> None:
     cfg = cfg.model_copy(update={k: fetch_model(getattr(cfg, k)) for k in ("model", "init_from")
                                  if getattr(cfg, k) and "://" in getattr(cfg, k)})  # URI -> this node's copy
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"  # before deepspeed is imported
+    from training.ds_ops import use_own_extensions_dir
+
+    use_own_extensions_dir()  # this environment's own JIT op builds (not ~/.cache, shared by every install)
     import deepspeed
     import ray.train
     import torch
