@@ -234,11 +234,19 @@ def _accuracy(items: list[ItemResult]) -> dict:
 
 
 def error_reasons(items: list[ItemResult], top: int = 3) -> list[tuple[str, int]]:
-    """The most common failure reasons (digits folded so that 'after 5 attempts' and 'after 6' count together)."""
+    """The most common failure reasons, each as one real message (reasons that differ only in numbers, such as
+    'after 5 attempts' and 'after 6', count together)."""
     from collections import Counter
 
-    c = Counter(re.sub(r"\d+(\.\d+)?", "N", f"{it.error_stage}: {it.error}")[:200] for it in items if it.error)
-    return c.most_common(top)
+    c: Counter = Counter()
+    example: dict[str, str] = {}
+    for it in items:
+        if it.error:
+            text = f"{it.error_stage}: {it.error}"[:300]
+            key = re.sub(r"\d+(\.\d+)?", "N", text)
+            c[key] += 1
+            example.setdefault(key, text)
+    return [(example[k], n) for k, n in c.most_common(top)]
 
 
 def summarize_items(items: list[ItemResult], total: Optional[int] = None) -> dict:
@@ -911,6 +919,26 @@ def failure_verdict(runs: list[dict], out: str) -> tuple[Optional[str], Optional
                   f"most common: {reasons}")
 
 
+def _init_ray() -> None:
+    """Join RAY_ADDRESS (a cluster job) or start a local Ray. A local start that misses Ray's fixed 30 s window for
+    the raylet (a saturated machine) is tried again, twice."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from cluster.connect import init_ray
+
+    for attempt in range(3):
+        try:  # RAY_ADDRESS (a cluster job) is joined; the local-only options are dropped then
+            init_ray(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                     object_store_memory=200 * 1024**2, log_to_driver=False)
+            return
+        except Exception as e:  # noqa: BLE001 - only the start-up timeout is retried
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+
+
 def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     """The batch job: for each decomposer spec, Ray Data over the split -> decompose -> solve -> score; then the
     report directory. Solver calls go through the durable request cache (<out>/cache by default), so a re-run
@@ -929,10 +957,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     check_solver(cfg.solver)  # no key / endpoint down -> one error line before any work
     solver = cfg.solver.model_copy(update={"cache_dir": cfg.solver.cache_dir or cfg.cache_dir
                                            or storage.join(cfg.out, "cache")})
-    if not ray.is_initialized():
-        from cluster.connect import init_ray
-        init_ray(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                 object_store_memory=200 * 1024**2, log_to_driver=False)
+    _init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     runs = []

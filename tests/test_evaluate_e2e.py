@@ -39,6 +39,7 @@ def test_subq_eval_writes_report_directory(tmp_path, subq_bin):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **KEY_ENV})
         assert r.returncode == 0, r.stderr[-3000:]
         first = teacher.stats(keys=False)
+        res = json.loads((out / "results.json").read_text())
         # the same command again: every solver call is in the durable cache, the server sees no request
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **KEY_ENV})
         assert again.returncode == 0, again.stderr[-3000:]
@@ -53,7 +54,6 @@ def test_subq_eval_writes_report_directory(tmp_path, subq_bin):
     for png in ("accuracy_vs_cost.png", "subquestions_hist.png"):
         img = mpimg.imread(out / png)
         assert img.ndim == 3 and min(img.shape[:2]) > 100
-    res = json.loads((out / "results.json").read_text())
     md = (out / "report.md").read_text()
     for run in res["runs"]:
         assert len(run["items"]) == 6 and run["summary"]["n"] == 6
@@ -89,6 +89,7 @@ def test_subq_eval_killed_midway_resumes_paying_only_unfinished_calls(tmp_path, 
             deadline = time.time() + 300
             while teacher.stats(keys=False).get("completed", 0) < 5 and time.time() < deadline and p.poll() is None:
                 time.sleep(0.3)
+            assert p.poll() is None, "the run ended before it could be killed mid-way"
         finally:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()

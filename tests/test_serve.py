@@ -475,6 +475,16 @@ def test_running_cap_is_429_with_retry_after_and_delete_cancels(stack):
         assert c.delete(f"/v1/evaluations/{r3.json()['id']}").json()["deleted"] is True
 
 
+def test_cost_cap_stops_an_evaluation(client):
+    r = client.post("/v1/evaluations", json={"dataset": "gsm8k:test", "decomposer": "none", "limit": 30,
+                                             "max_cost_usd": 1e-9})
+    assert r.status_code == 202, r.text
+    v = wait_eval(client, r.json()["id"])
+    assert v["status"] == "stopped" and "cost cap" in v["error"] and v["done"] < 30, v
+    r = client.post("/v1/evaluations", json={"dataset": "gsm8k:test", "decomposer": "none", "max_cost_usd": 1e9})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_cost_usd"
+
+
 def test_ingress_killed_mid_evaluation_keeps_finished_items(stack):
     import ray
 
