@@ -123,7 +123,7 @@ def start_head(tmp: Path) -> dict:
            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", "--num-cpus=2",
            f"--object-store-memory={120 * 2 ** 20}", "--include-dashboard=true", "--disable-usage-stats"]
     markers = [temp_dir, f"--gcs-address=127.0.0.1:{gcs}", f"gcs_address=127.0.0.1:{gcs}"]
-    for _ in range(3):  # a node has 30 s to register: retried on a loaded shared machine
+    for _ in range(5):  # a node has 30 s to register: retried on a loaded shared machine
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         if r.returncode == 0:
             break
