@@ -174,16 +174,19 @@ def exactly_once(out: Path) -> tuple[bool, int]:
 
 
 def kill_node(node_id: str) -> bool:
-    """Kill the raylet of one fake node (its workers die with it), as a lost cloud instance."""
+    """Kill the raylet of one fake node (its workers die with it), as a lost cloud instance. The fake provider
+    starts each node's raylet with RAY_OVERRIDE_NODE_ID_FOR_TESTING=<its node id>."""
     import psutil
-    import ray
 
-    port = next(n["NodeManagerPort"] for n in ray.nodes() if n["NodeID"] == node_id)
     for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if cmd and cmd[0].endswith("raylet") and f"--node_manager_port={port}" in cmd:
-            os.kill(p.info["pid"], signal.SIGKILL)
-            return True
+        try:
+            cmd = p.info["cmdline"] or []
+            if cmd and cmd[0].endswith("raylet") and \
+                    p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                os.kill(p.info["pid"], signal.SIGKILL)
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return False
 
 
