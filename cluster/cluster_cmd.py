@@ -17,8 +17,8 @@ import typer
 _CTX = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-ADDRESS_HELP = ("Jobs API (dashboard) address [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is "
-                "http(s)://, else http://127.0.0.1:8265].")
+ADDRESS_HELP = ("Jobs API (dashboard) address (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is "
+                "http(s)://, else http://127.0.0.1:8265).")
 
 
 def _stream(chunk: str) -> None:

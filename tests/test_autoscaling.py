@@ -123,7 +123,7 @@ def start_head(tmp: Path) -> dict:
            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", "--num-cpus=2",
            f"--object-store-memory={120 * 2 ** 20}", "--include-dashboard=true", "--disable-usage-stats"]
     markers = [temp_dir, f"--gcs-address=127.0.0.1:{gcs}", f"gcs_address=127.0.0.1:{gcs}"]
-    for _ in range(3):  # a node has 30 s to register: retried on a loaded shared machine
+    for _ in range(5):  # a node has 30 s to register: retried on a loaded shared machine
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         if r.returncode == 0:
             break
@@ -174,16 +174,19 @@ def exactly_once(out: Path) -> tuple[bool, int]:
 
 
 def kill_node(node_id: str) -> bool:
-    """Kill the raylet of one fake node (its workers die with it), as a lost cloud instance."""
+    """Kill the raylet of one fake node (its workers die with it), as a lost cloud instance. The fake provider
+    starts each node's raylet with RAY_OVERRIDE_NODE_ID_FOR_TESTING=<its node id>."""
     import psutil
-    import ray
 
-    port = next(n["NodeManagerPort"] for n in ray.nodes() if n["NodeID"] == node_id)
     for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if cmd and cmd[0].endswith("raylet") and f"--node_manager_port={port}" in cmd:
-            os.kill(p.info["pid"], signal.SIGKILL)
-            return True
+        try:
+            cmd = p.info["cmdline"] or []
+            if cmd and cmd[0].endswith("raylet") and \
+                    p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                os.kill(p.info["pid"], signal.SIGKILL)
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return False
 
 

@@ -78,7 +78,7 @@ def head():
            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
            "--num-cpus=2", f"--object-store-memory={150 * 1024 ** 2}", "--include-dashboard=true",
            "--disable-usage-stats"]
-    for _ in range(3):  # `ray start` gives a node 30 s to register: retried on a loaded shared machine
+    for _ in range(5):  # `ray start` gives a node 30 s to register: retried on a loaded shared machine
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if r.returncode == 0:
             break
