@@ -128,6 +128,8 @@ def start_head(tmp: Path) -> dict:
         if r.returncode == 0:
             break
         _stop(markers)
+    if r.returncode != 0:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return {"gcs": f"127.0.0.1:{gcs}", "address": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir,
             "markers": markers}
