@@ -571,14 +571,17 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         t0 = time.time()
         if cfg.offline:  # before Ray starts: Serve replicas and actors inherit the environment of the local Ray
             os.environ[LOCAL_KEY_ENV] = LOCAL_KEY
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        where = "joined the running Ray"
         if not ray.is_initialized():
-            kw = {} if address else {"num_cpus": max(2, os.cpu_count() or 2), "include_dashboard": False}
             from cluster.connect import init_ray
-            init_ray(cfg.ray_address, log_to_driver=False, **kw)
-            started_ray = True
+
+            # local-only options are dropped by init_ray when it joins a cluster
+            target = init_ray(cfg.ray_address, log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2),
+                              include_dashboard=False)
+            where = f"joined {target.address}" if target.joining else "local"
+            started_ray = not target.joining
         res = ray.cluster_resources()
-        say(f"[1/8] ray       {'joined ' + address if address else 'local'}: {res.get('CPU', 0):.0f} CPU, "
+        say(f"[1/8] ray       {where}: {res.get('CPU', 0):.0f} CPU, "
             f"{res.get('GPU', 0):.0f} GPU ({time.time() - t0:.0f}s)")
         times.record("ray", time.time() - t0)
 
