@@ -109,7 +109,7 @@ def _fp32_master(run_dir: Path) -> dict:
     """DeepSpeed's zero_to_fp32 consolidation of the run's last Ray Train checkpoint (tag "ds")."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    last = sorted(run_dir.glob("checkpoint_*"))[-1]
+    last = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]  # not checkpoint_manager_snapshot.json
     return get_fp32_state_dict_from_zero_checkpoint(str(last), tag="ds")
 
 
