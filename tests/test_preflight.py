@@ -90,9 +90,26 @@ def _env() -> dict:
     return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
 
+def connect(address: str, **kw) -> None:
+    """ray.init(address), retried while the head's raylet has not registered yet (late on a loaded machine)."""
+    import ray
+
+    deadline = time.time() + 300
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False, **kw)
+            return
+        except (ConnectionError, RuntimeError):
+            ray.shutdown()
+            if time.time() > deadline:
+                raise
+            time.sleep(5)
+
+
 def _start_cluster(temp_dir: str, hidden: Path) -> str:
     env, common, ports = _env(), _common(temp_dir), _ports
     address = start_head(temp_dir, num_cpus=1)
+    connect(address)  # the head is registered before workers join it
     for gpu in ("A100", "T4"):
         worker = [str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", "--num-gpus=2",
                   f"--resources={json.dumps({f'accelerator_type:{gpu}': 1})}", *ports(), *common]
@@ -158,8 +175,7 @@ def scenario(tmp: Path) -> None:
 
     temp_dir = tempfile.mkdtemp(prefix="rpf", dir="/tmp")  # short: AF_UNIX socket paths
     try:
-        address = _start_cluster(temp_dir, hidden)
-        ray.init(address=address, log_to_driver=False)
+        _start_cluster(temp_dir, hidden)
         wait_nodes(3)
         assert sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]) == 4, ray.nodes()
         base = dict(algo="bc", data=str(shared / "rows.parquet"), model=str(model), use_gpu=True, num_workers=2,

@@ -304,6 +304,8 @@ def test_ilql_dense_zero3_worker_killed_resumes_from_checkpoint(tmp_path, tiny, 
 
 @pytest.mark.slow
 def test_ilql_policy_frozen_leaves_the_policy_bit_identical(tmp_path, tiny, ray_local):
+    import torch
+
     from training.ilql import load_heads
     from training.train import run_train
 

@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +74,7 @@ def _count_host_syncs(log_dir: str):
 def ray_syncs(tmp_path_factory):
     import ray
 
-    from tests.test_preflight import start_head, stop_cluster, wait_nodes
+    from tests.test_preflight import connect, start_head, stop_cluster, wait_nodes
 
     log_dir = str(tmp_path_factory.mktemp("syncs"))
     # `ray start` of its own rather than ray.init(num_cpus=...): on a loaded machine the raylet may register after
@@ -86,17 +85,7 @@ def ray_syncs(tmp_path_factory):
         # test_preflight's, in its own interpreter)
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
         address = start_head(temp_dir, num_cpus=2, store_mb=150, env={"RAY_AUTH_MODE": mode})
-        deadline = time.time() + 300
-        while True:  # the raylet may register after `ray start` returned
-            try:
-                ray.init(address=address, log_to_driver=False,
-                         runtime_env={"worker_process_setup_hook": _count_host_syncs(log_dir)})
-                break
-            except (ConnectionError, RuntimeError):
-                ray.shutdown()
-                if time.time() > deadline:
-                    raise
-                time.sleep(5)
+        connect(address, runtime_env={"worker_process_setup_hook": _count_host_syncs(log_dir)})
         wait_nodes(1)
         yield Path(log_dir)
     finally:
@@ -120,7 +109,7 @@ def _fp32_master(run_dir: Path) -> dict:
     """DeepSpeed's zero_to_fp32 consolidation of the run's last Ray Train checkpoint (tag "ds")."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    last = sorted(run_dir.glob("checkpoint_*"))[-1]
+    last = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]  # not checkpoint_manager_snapshot.json
     return get_fp32_state_dict_from_zero_checkpoint(str(last), tag="ds")
 
 

@@ -644,7 +644,8 @@ def _save_final(engine, tok, cfg: TrainConfig, target, stage: int, rank: int, de
     lm_sd = {k[3:]: v for k, v in sd.items() if k.startswith("lm.")}
     fresh = AutoModelForCausalLM.from_config(module.lm.config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict({k: v.float() for k, v in lm_sd.items()}, strict=False)
-    tied = {k for k, _ in fresh.named_parameters()} - set(lm_sd)
+    params = {k for k, _ in fresh.named_parameters()}  # tied duplicates (lm_head.weight) are not listed here
+    tied = (set(fresh.state_dict()) - params) | (params - set(lm_sd))
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"consolidated state dict does not fit the model: missing {missing}, unexpected {unexpected}")
     fresh.tie_weights()
