@@ -364,16 +364,18 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
     results = []
     for i, algo in enumerate(runs):
         t0 = time.time()
-        dec = DecomposerSettings(path=runs[algo]["final_dir"], name=algo, max_new_tokens=cfg.max_new_tokens,
+        dec = DecomposerSettings(path=runs[algo]["run_dir"], name=algo,  # a run dir: its best/ (val BLEU)
+                                 max_new_tokens=cfg.max_new_tokens,
                                  beta=cfg.beta, device=device)
         scfg = ServeConfig(host="127.0.0.1", port=port, app_name="subq-demo", decomposer=dec, solver=solver,
                            decomposer_max_replicas=1, solver_max_replicas=1,
-                           decomposer_num_gpus=1.0 if cfg.use_gpu else 0.0, eval_concurrency=8)
+                           decomposer_num_gpus=1.0 if cfg.use_gpu else 0.0, eval_concurrency=8,
+                           datasets={"heldout": heldout}, results_root=str(out / "serve-evaluations"))
         base = start_serve(scfg, ray_init={})
         say(f"      serving decomposer {algo} + solver {cfg.solver} at {base} ({time.time() - t0:.0f}s)")
         kinds = ([("none", "none"), ("teacher", "teacher")] if i == 0 else []) + [(algo, "distilled")]
         for name, kind in kinds:
-            results.append(_evaluate(base, heldout, len(held), name, kind, cfg.solver, say))
+            results.append(_evaluate(base, "heldout", len(held), name, kind, cfg.solver, say))  # a registered name
     config = {"fingerprint": fingerprint, "heldout": heldout, "solver": solver.model_dump(),
               "decomposers": {a: runs[a]["final_dir"] for a in runs},
               "evaluation_ids": {r["decomposer"]: r["evaluation_id"] for r in results}}

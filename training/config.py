@@ -13,14 +13,41 @@ need nvcc / a C++ toolchain that cluster nodes do not have.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from subq.errors import ConfigError
-from training.ilql import ILQLConfig
+
+POLICY_MODES = ("frozen", "shared")
+
+
+@dataclass
+class ILQLConfig:
+    """ILQL hyperparameters (training/ilql.py has the losses; paper defaults)."""
+
+    gamma: float = 0.999  # discount (paper: 0.999)
+    tau: float = 0.9  # expectile of the V loss (paper: 0.9)
+    cql_weight: float = 0.01  # weight of the CQL cross-entropy on Q logits (paper: 0.01)
+    polyak: float = 0.005  # target-head Polyak rate per sync (paper: 0.005)
+    td_weight: float = 1.0  # weight of the TD loss of the twin Q heads
+    v_weight: float = 1.0  # weight of the expectile V loss
+    lm_weight: float = 1.0  # weight of the LM (BC) loss kept during ILQL (0 = heads only)
+    awac_temperature: float | None = None  # None: plain BC LM loss; else AWAC weights exp(adv / temperature)
+    awac_max_weight: float = 20.0  # clip of the AWAC weights
+    target_sync_every: int = 1  # optimizer steps between Polyak syncs (the rate is rescaled: polyak_rate)
+    beta: float = 1.0  # guidance weight used by validation decoding (paper: 1)
+    # "frozen" (release-faithful): the LM (policy) is frozen, the heads learn on its detached features; lm_weight
+    # then has no effect. "shared" (trlx-style): Q/V/CQL gradients also flow into the LM, and lm_weight (the BC
+    # loss) is the only thing anchoring the policy (lm_weight=0 lets it drift).
+    policy: str = "frozen"
+
+    def __post_init__(self):
+        if self.policy not in POLICY_MODES:
+            raise ValueError(f"ilql.policy must be one of {', '.join(POLICY_MODES)}, got {self.policy!r}")
+
 
 DS_DIR = Path(__file__).parent / "deepspeed_configs"
 PRESETS = {p.stem: p for p in sorted(DS_DIR.glob("*.json"))}
