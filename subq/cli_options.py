@@ -90,9 +90,9 @@ def option_specs(cls) -> dict[str, tuple[Any, Any]]:
             specs[name] = (Optional[list[str]], typer.Option(None, flag, help=help_, metavar="KEY=VALUE",
                                                               show_default=False))
             continue
-        shown = False if required else _show(default)  # the field's default, though the option's is None
-        if required:
-            help_ += " (required: here or in --config)"
+        # the field's default, though the option's is None (click would print a string show_default in parentheses)
+        help_ += " [required: here or in --config]" if required else f" [default: {_show(default)}]"
+        shown = False
         if t is bool:
             specs[name] = (Optional[bool], typer.Option(None, f"{flag}/--no-{name.replace('_', '-')}", help=help_,
                                                         show_default=shown))
