@@ -97,7 +97,7 @@ class DecomposerSettings(BaseModel):
     beta: float = Field(1.0, description="ILQL guidance weight (log pi + beta*(minQ - V)); ignored without heads; 0 = plain BC decoding.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
-    max_new_tokens: int = Field(128, gt=0, le=4096, description="Max generated tokens per decomposition.")
+    max_new_tokens: int = Field(256, gt=0, le=4096, description="Max generated tokens per decomposition (training.decomposer.DEFAULT_MAX_NEW_TOKENS; the release allowed the reference length + 200).")
     device: str = Field("cpu", description="torch device for the model (cpu, cuda).")
     price_input_per_1k: float = Field(0.0, ge=0, description="$ per 1K prompt tokens (a local model costs 0 unless you price it, e.g. subq.costs.scaled_price).")
     price_output_per_1k: float = Field(0.0, ge=0, description="$ per 1K completion tokens.")
