@@ -591,10 +591,15 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         t0 = time.time()
         teacher_url = cfg.base_url
         if cfg.offline:
-            from pipelines.teacher_server import TeacherServer
+            from pipelines.teacher_server import TeacherServer, free_port
 
+            # the same endpoint on every run of this OUT: replies are cached and the run manifest recorded per
+            # endpoint, so a re-run on another port would pay again (and is refused as drift)
+            port_file = out / "teacher_port"
+            port = int(port_file.read_text()) if port_file.is_file() else free_port()
+            port_file.write_text(str(port))
             teacher = TeacherServer(rpm=cfg.rpm, tpm=cfg.tpm, latency_s=cfg.teacher_latency_s,
-                                    latency_jitter_s=cfg.teacher_latency_s / 3).start()
+                                    latency_jitter_s=cfg.teacher_latency_s / 3, port=port).start()
             teacher_url = teacher.base_url
             say(f"[2/8] teacher   local replay server at {teacher_url} (rpm {cfg.rpm}, latency "
                 f"{cfg.teacher_latency_s * 1000:.0f} ms): released ChatGPT replies, synthetic where unrecorded")
