@@ -32,9 +32,11 @@ def test_running_job_exports_its_metrics_to_rays_prometheus_endpoint(tmp_path, m
 
     port = free_port()
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=port, log_to_driver=False, namespace="subq")
+    # a 1 s report interval (Ray's default is 10 s: a short job on a fast machine ends before its first report)
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=port, log_to_driver=False, namespace="subq",
+             _system_config={"metrics_report_interval_ms": 1000})
     try:
-        with TeacherServer(latency_s=0.3) as ts:
+        with TeacherServer(latency_s=0.6) as ts:
             cfg = GenerateConfig(input="gsm8k:test", limit=6, output=str(tmp_path / "out"), base_url=ts.base_url,
                                  n_sets=1, n_feedback=1, actors=(1, 1), batch_size=2, rpm=600,
                                  progress_interval_s=1)
