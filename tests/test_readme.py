@@ -77,13 +77,17 @@ def test_readme_runnable_blocks_run_as_written(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "RAY_ADDRESS", "SUBQ_VERBOSE")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", N="4", EVAL_N="4",
                STEPS="2", WORKERS="1", SUBQ_LOG_DIR=str(tmp_path / "logs"), HOME=env.get("HOME", str(tmp_path)))
-    proc = subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=1500)
-    finally:
-        _kill_session(proc)  # background servers the README starts
+    log = tmp_path / "readme.log"  # a file, not a pipe: the servers the README starts in the background keep it open
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=tmp_path, env=env, start_new_session=True,
+                                stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=1500)
+        finally:
+            _kill_session(proc)  # background servers the README starts
+    out = log.read_text()
     assert proc.returncode == 0, f"README blocks failed (exit {proc.returncode}):\n{out[-6000:]}"
+    assert '"accuracy"' in out and (tmp_path / "reports" / "eval1" / "report.md").is_file(), out[-3000:]
 
 
 def test_ci_runs_the_readme_test_command():
