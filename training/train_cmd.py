@@ -26,10 +26,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Create a tiny random-init causal LM with a byte-level BPE tokenizer trained locally on GSM8K (offline
         stand-in for `gpt2`); loads with AutoModelForCausalLM / AutoTokenizer. Prints the directory."""
+        from subq import console
         from training.init_model import create_tiny_model
 
+        console.activate("init-model")  # transformers' and DeepSpeed's lines go to the run's log
         print(create_tiny_model(out, n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab_size, seed=seed,
-                                arch=arch))
+                                arch=arch), file=console.out(), flush=True)
 
     @app.command("train")
     @config_command(TrainConfig, extra={
