@@ -49,6 +49,7 @@ def _pgid(pid: int):
         return None
 
 
+@pytest.mark.timeout(1800)  # three demo runs (BC, FBC, ILQL each) on 2 cores
 def test_demo_killed_while_generating_resumes_without_regenerating_and_reports(tmp_path, subq_bin):
     out = tmp_path / "demo"
     args = [subq_bin, "demo", "--out", str(out), "--problems", str(N), "--eval-problems", str(M), "--n-sets", "1",

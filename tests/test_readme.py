@@ -68,6 +68,7 @@ def _pgid(pid: int):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # every README job, three trainings included
 def test_readme_runnable_blocks_run_as_written(tmp_path):
     code = [c for _, mark, c in blocks(README.read_text()) if mark]
     assert code, "no runnable block in the README"
