@@ -123,22 +123,26 @@ def progress_line(cfg: TrainConfig, every_s: float = 2.0):
     stop = threading.Event()
     bar = console.progress_bar(total=cfg.steps, desc=f"train {cfg.label}", unit="step")
 
+    seen: list = [None]
+
+    def update() -> None:
+        try:
+            last = json.loads(storage.read_bytes(path))[-1] if storage.exists(path) else None
+        except (OSError, ValueError, IndexError):
+            return  # being written; next time
+        if not last or last.get("step") == seen[0]:
+            return
+        bar.update(int(last["step"]) - bar.n)
+        seen[0] = last["step"]
+        post = {"loss": f"{last['loss']:.3f}" if "loss" in last else "-",
+                "tok/s": f"{last.get('tokens_per_s_rank', 0) * last.get('world_size', 1):.0f}"}
+        if "val_bleu" in last:
+            post["val_bleu"] = f"{last['val_bleu']:.1f}"
+        bar.set_postfix(post, refresh=True)
+
     def poll() -> None:
-        seen = None
         while not stop.wait(every_s):
-            try:
-                last = json.loads(storage.read_bytes(path))[-1] if storage.exists(path) else None
-            except (OSError, ValueError, IndexError):
-                continue  # being written; next time
-            if not last or last.get("step") == seen:
-                continue
-            bar.update(int(last["step"]) - bar.n)
-            seen = last["step"]
-            post = {"loss": f"{last['loss']:.3f}" if "loss" in last else "-",
-                    "tok/s": f"{last.get('tokens_per_s_rank', 0) * last.get('world_size', 1):.0f}"}
-            if "val_bleu" in last:
-                post["val_bleu"] = f"{last['val_bleu']:.1f}"
-            bar.set_postfix(post, refresh=True)
+            update()
 
     t = threading.Thread(target=poll, name="subq-train-progress", daemon=True)
     t.start()
@@ -147,6 +151,7 @@ def progress_line(cfg: TrainConfig, every_s: float = 2.0):
     finally:
         stop.set()
         t.join(5)
+        update()  # the last logged step, which a run shorter than the poll interval would otherwise never show
         bar.close()
 
 
