@@ -44,15 +44,15 @@ def _own_ray_pids(temp_dir: str) -> list[int]:
     return pids
 
 
-def _stop(temp_dir: str) -> None:
-    """Stop only this test's Ray processes (found by their temp dir)."""
+def _stop(temp_dir: str, wait_s: float = 5) -> None:
+    """Stop only this test's Ray processes (found by their temp dir): SIGTERM, wait_s, then SIGKILL."""
     pids = _own_ray_pids(temp_dir)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
+    psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=wait_s)
     for pid in _own_ray_pids(temp_dir):
         try:
             os.kill(pid, signal.SIGKILL)

@@ -128,22 +128,9 @@ def _ray_start(cmd: list[str], env: dict) -> None:
 
 
 def stop_cluster(temp_dir: str) -> None:
-    import psutil
+    from tests.test_cluster_jobs import _stop
 
-    from tests.test_cluster_jobs import _own_ray_pids
-
-    pids = _own_ray_pids(temp_dir)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)
-    for pid in _own_ray_pids(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _stop(temp_dir, wait_s=10)
 
 
 def scenario(tmp: Path) -> None:
