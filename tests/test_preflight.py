@@ -51,6 +51,27 @@ def test_serve_decomposer_device_follows_its_gpus():
         ServeConfig(decomposer={"path": "m", "device": "cpu"}, decomposer_num_gpus=1)
 
 
+def test_fetch_model_copies_a_flat_model_directory_given_as_a_uri(tmp_path, monkeypatch):
+    """A model directory with no sub-folders (a tiny model, most hub snapshots) given as file://: pyarrow's
+    copy_files creates only the sub-folders it lists, so the destination must exist before the copy."""
+    from training.preflight import fetch_model
+
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile as _tf
+
+    monkeypatch.setattr(_tf, "tempdir", None)
+    got = Path(fetch_model(f"file://{src}"))
+    assert got.is_relative_to(tmp_path / "tmp")
+    assert sorted(p.name for p in got.iterdir()) == [".subq-complete", "config.json", "tokenizer.json"]
+    assert fetch_model(f"file://{src}") == str(got)  # copied once; a second call re-uses it
+    assert fetch_model(str(src)) == str(src)  # a local path is used as it is
+
+
 def _ports() -> list[str]:
     from tests.test_cluster_jobs import free_port
 

@@ -187,6 +187,7 @@ def fetch_model(location: str) -> str:
             fs, path = storage.resolve(location)
             part = Path(str(dest) + ".part")
             shutil.rmtree(part, ignore_errors=True)
+            part.mkdir()  # copy_files creates only the sub-folders it lists, not the destination itself
             pafs.copy_files(path, str(part), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             (part / ".subq-complete").write_text(location)
             shutil.rmtree(dest, ignore_errors=True)
