@@ -6,7 +6,8 @@ callers on many nodes never race for the same token; reservations are spaced `60
 small burst), and tokens are charged up front (prompt estimate + max_tokens, as providers do; the real
 `usage` is recorded afterwards, and refunded only with `refund_unused`). A 429 with `Retry-After` (or `x-ratelimit-remaining-* = 0` with
 `x-ratelimit-reset-*`) pushes *every* caller's next slot past the reset time: one actor hitting the limit
-backs the whole cluster off. It also keeps the job's spend and an optional budget, so a budget cap is
+backs the whole cluster off; a short one (a call that came a few ms early to a provider bucket that holds
+less than one call) also teaches a pacing margin (`slack_s`) that covers the callers' send jitter. It also keeps the job's spend and an optional budget, so a budget cap is
 enforced cluster-wide before a call is sent.
 
 `RateLimiter` is the Ray actor around it. Use ONE per limit key (endpoint + model + account), found by name; it is
@@ -106,8 +107,12 @@ class TokenBucket:
     refund_unused: bool = False
     # the longest Retry-After / reset honoured; a longer one blocks this long and is counted (never a silent freeze)
     max_retry_after_s: Optional[float] = 120.0
+    # the most pacing margin learned from short 429s (see `report_429`); decays by `slack_decay` per settled call
+    max_slack_s: float = 0.25
+    slack_decay: float = 0.9998
     clock: Callable[[], float] = time.monotonic
     # state
+    slack_s: float = field(default=0.0, init=False)  # learned: added to each paced interval
     _next_req: float = field(default=0.0, init=False)  # earliest time the next request may start (GCRA TAT)
     _next_tok: float = field(default=0.0, init=False)
     _blocked_until: float = field(default=0.0, init=False)
@@ -137,12 +142,12 @@ class TokenBucket:
             now = self.clock()
             start = max(now, self._blocked_until)
             if self.rpm:
-                interval = 60.0 / self.rpm
+                interval = 60.0 / self.rpm + self.slack_s
                 # GCRA: a request may start once the theoretical arrival time minus the burst allowance has passed
                 start = max(start, self._next_req - self.burst_s)
                 self._next_req = max(self._next_req, start) + interval
             if self.tpm and tokens:
-                tok_interval = 60.0 * tokens / self.tpm
+                tok_interval = 60.0 * tokens / self.tpm + self.slack_s
                 start = max(start, self._next_tok - self.burst_s)
                 self._next_tok = max(self._next_tok, start) + tok_interval
             self.reserved += 1
@@ -154,6 +159,7 @@ class TokenBucket:
         """After a reply: account the spend (and return unused reserved tokens when refund_unused). `headers`: the
         reply's x-ratelimit-* headers, sent `age_s` ago: see `correct_from_headers`."""
         with self._lock:
+            self.slack_s *= self.slack_decay
             self.tokens_used += int(used)
             self.spent_usd += float(cost_usd)
             if self.refund_unused and self.tpm and reserved > used:
@@ -202,6 +208,11 @@ class TokenBucket:
             if wait is None:
                 wait = 60.0 / self.rpm if self.rpm else 1.0
             wait = self._cap(wait)
+            if 0 < wait <= self.max_slack_s and (self.rpm or self.tpm):
+                # a short wait: the call came a little early for a provider bucket that had to be (nearly) full,
+                # i.e. our send times jitter by about this much. Space later calls by it (a few % of the limit at
+                # most; a bucket holding several calls never answers these, so this stays 0 there)
+                self.slack_s = min(self.max_slack_s, self.slack_s + wait)
             now = self.clock()
             until = now + max(0.0, wait)
             if until > self._blocked_until:
@@ -236,6 +247,7 @@ class TokenBucket:
                     "retry_after_capped": self.retry_after_capped, "corrections": self.corrections,
                     "learned": dict(self.learned),
                     "longest_retry_after_s": round(self.longest_retry_after_s, 3),
+                    "slack_ms": round(self.slack_s * 1000, 2),
                     "max_retry_after_s": self.max_retry_after_s,
                     "blocked_for_s": round(max(0.0, self._blocked_until - self.clock()), 3)}
 

@@ -208,14 +208,15 @@ class Replier:
 class _Bucket:
     """Continuous-refill token bucket; capacity = burst_s seconds of the per-minute limit."""
 
-    def __init__(self, per_min: Optional[float], burst_s: float):
+    def __init__(self, per_min: Optional[float], burst_s: float, clock=time.monotonic):
         self.rate = per_min / 60.0 if per_min else None
         self.capacity = max(1.0, (self.rate or 0) * burst_s)
         self.level = self.capacity
-        self.t = time.monotonic()
+        self.clock = clock
+        self.t = clock()
 
     def _refill(self):
-        now = time.monotonic()
+        now = self.clock()
         if self.rate:
             self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
         self.t = now
@@ -254,7 +255,7 @@ def create_app(cfg: TeacherServerConfig):
     req_bucket, tok_bucket = _Bucket(cfg.rpm, cfg.burst_s), _Bucket(cfg.tpm, cfg.burst_s)
     lock = threading.Lock()
     stats = {"total": 0, "by_status": {}, "malformed": 0, "timeouts": 0, "in_flight": 0, "max_in_flight": 0,
-             "prompt_tokens": 0, "completion_tokens": 0, "by_template": {}, "provenance": {},
+             "prompt_tokens": 0, "completion_tokens": 0, "charged_tokens": 0, "by_template": {}, "provenance": {},
              "completed_by_key": {}, "started": time.time()}
 
     def count(status: int):
@@ -297,7 +298,8 @@ def create_app(cfg: TeacherServerConfig):
     @app.post("/v1/stats/reset")
     async def reset_stats():
         with lock:
-            for k in ("total", "malformed", "timeouts", "max_in_flight", "prompt_tokens", "completion_tokens"):
+            for k in ("total", "malformed", "timeouts", "max_in_flight", "prompt_tokens", "completion_tokens",
+                      "charged_tokens"):
                 stats[k] = 0
             for k in ("by_status", "by_template", "provenance", "completed_by_key"):
                 stats[k] = {}
@@ -339,6 +341,7 @@ def create_app(cfg: TeacherServerConfig):
                              "rate_limit_exceeded", h)
             req_bucket.take(1)
             tok_bucket.take(prompt_tokens + max_tokens)
+            stats["charged_tokens"] += prompt_tokens + max_tokens  # what the token limit counted
             headers = ratelimit_headers()
             stats["in_flight"] += 1
             stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
