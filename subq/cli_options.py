@@ -97,6 +97,8 @@ def option_specs(cls) -> dict[str, tuple[Any, Any]]:
             specs[name] = (Optional[bool], typer.Option(None, f"{flag}/--no-{name.replace('_', '-')}", help=help_,
                                                         show_default=shown))
         else:
+            if typing.get_origin(t) in (dict, list):
+                help_ += " (YAML, e.g. '{a: 1}' or '[x, y]')"
             if t not in (str, int, float):
                 t = str
             specs[name] = (Optional[t], typer.Option(None, flag, help=help_, show_default=shown))
@@ -107,6 +109,11 @@ def nested_overrides(cls, config_path: Optional[str], values: dict[str, Any]) ->
     """Turn `--nested KEY=VALUE` lists into mappings merged over the --config file's nested mapping."""
     out = dict(values)
     for name, (ann, _, _, _) in _fields(cls).items():
+        if typing.get_origin(_unwrap_optional(ann)) in (dict, list) and isinstance(out.get(name), str):
+            try:
+                out[name] = yaml.safe_load(out[name])
+            except yaml.YAMLError as e:
+                raise ConfigError(f"not valid YAML: {e}", field=f"--{name.replace('_', '-')}") from None
         items = out.get(name)
         if not (_is_nested(_unwrap_optional(ann)) and items):
             continue

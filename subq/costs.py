@@ -74,7 +74,7 @@ class PriceTable:
                 return self.prices[name]
         raise ConfigError(
             f"no price for model {model!r}", field="model",
-            hint="add it with --price-input/--price-output or a --price-table YAML file",
+            hint="add it with --price-input-per-1k/--price-output-per-1k or a --price-table YAML file",
         )
 
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:

@@ -332,7 +332,10 @@ def _help_options(text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
 
 
-@pytest.mark.parametrize("module,verb", [("training.train", "train"), ("training.init_model", "init-model")])
+@pytest.mark.parametrize("module,verb", [("training.train", "train"), ("training.init_model", "init-model"),
+                                         ("pipelines.generate", "generate"), ("pipelines.serve", "serve"),
+                                         ("pipelines.evaluate", "eval"), ("pipelines.demo", "demo"),
+                                         ("pipelines.teacher_server", "teacher-server")])
 def test_python_m_help_lists_the_same_options_as_the_subq_verb(module, verb):
     import sys
 
@@ -348,15 +351,20 @@ def test_python_m_help_lists_the_same_options_as_the_subq_verb(module, verb):
     verb_help = CliRunner().invoke(app, [verb, "--help"], env=env, terminal_width=250)
     assert verb_help.exit_code == 0
     assert _help_options(r.stdout) == _help_options(verb_help.output)
-    if verb == "train":  # every config field is a flag, each shows its default
+    if verb in ("train", "generate"):  # every config field is a flag, each shows its default
         import typer
 
-        cmd = typer.main.get_command(app).commands["train"]
-        fields = {"--" + f.replace("_", "-") for f in TrainConfig.model_fields}
+        from pipelines.generate_config import GenerateConfig
+
+        model = {"train": TrainConfig, "generate": GenerateConfig}[verb]
+        cmd = typer.main.get_command(app).commands[verb]
+        fields = {"--" + f.replace("_", "-") for f in model.model_fields}
         assert fields <= option_names(cmd) and fields <= _help_options(r.stdout)
+        extra = {o for o in option_names(cmd) - fields if not o.startswith("--no-")}
+        assert extra <= {"--config", "--ray-address"}, extra
         shown = r.stdout.count("[default:")
-        required = sum(1 for f in TrainConfig.model_fields.values() if f.is_required())
-        assert shown >= len(TrainConfig.model_fields) - required - 1  # ilql lists its keys' defaults instead
+        required = sum(1 for f in model.model_fields.values() if f.is_required())
+        assert shown >= len(model.model_fields) - required - 1  # ilql lists its keys' defaults instead
 
 
 def test_metrics_plot_one_quantity_per_axis_best_step_and_overfitting(tmp_path):
