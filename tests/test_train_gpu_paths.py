@@ -220,3 +220,40 @@ def test_target_q_of_the_actions_equals_the_full_vocabulary_gather_and_sync_rate
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))
+
+
+def test_batched_decoding_reads_the_device_only_every_few_steps(tiny):
+    """Decoding (validation, serving, evaluation) keeps tokens, EOS bookkeeping and sampling on the device: the
+    host reads a value once every SYNC_EVERY steps and once at the end, never once per row per token."""
+    import torch
+
+    from training import decomposer as dec
+
+    d = dec.load_decomposer(tiny)
+    problems = [f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?" for i in range(6)]
+    greedy = dec.generate_subquestions(d, problems, max_new_tokens=32, fixed_steps=True)
+    count = [0]
+    originals = {}
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu"):
+        orig = originals[name] = getattr(torch.Tensor, name)
+
+        def f(self, *a, _orig=orig, **k):
+            if dec.__file__ == sys._getframe(1).f_code.co_filename:
+                count[0] += 1
+            return _orig(self, *a, **k)
+
+        setattr(torch.Tensor, name, f)
+    try:
+        for sample in (False, True):
+            count[0] = 0
+            gens = dec.generate_subquestions(d, problems, max_new_tokens=32, do_sample=sample, seed=0)
+            assert count[0] <= 32 // dec.SYNC_EVERY + 3, (sample, count[0])  # was 7 per step (one per row + all())
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+    again = dec.generate_subquestions(d, problems, max_new_tokens=32)
+    assert [g.text for g in again] == [g.text for g in greedy]  # stopping early changes no row
+    assert all(g.completion_tokens <= 32 for g in gens + again)
+    s1 = dec.generate_subquestions(d, problems, max_new_tokens=16, do_sample=True, seed=3)
+    s2 = dec.generate_subquestions(d, problems, max_new_tokens=16, do_sample=True, seed=3)
+    assert [g.text for g in s1] == [g.text for g in s2]  # seeded sampling is reproducible

@@ -86,6 +86,10 @@ class TrainConfig(BaseModel):
     storage_path: str = Field("runs", description="Where runs are stored: local dir or pyarrow URI (s3://, gs://, ...); shared storage on multi-node clusters.")
     resume: bool = Field(False, description="Continue <storage_path>/<name> from its latest checkpoint (else an existing run dir is an error).")
     checkpoint_every: int = Field(50, gt=0, description="Optimizer steps between Ray Train checkpoints.")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="async: training goes on while a checkpoint uploads to the storage path (Ray Train's "
+        "CheckpointUploadMode.ASYNC; the local copy is removed once uploaded, and the run waits for the last upload "
+        "before it ends); sync: each checkpoint step waits for its upload.")
     keep_checkpoints: int = Field(2, gt=0, description="Ray Train checkpoints kept (CheckpointConfig.num_to_keep).")
     max_failures: int = Field(0, ge=-1, description="Worker failures recovered from the latest checkpoint (FailureConfig; -1 = unlimited).")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")

@@ -115,6 +115,9 @@ def encode_prompts(decomposer: Decomposer, problems: list[str], max_prompt_token
     return ids, attn
 
 
+SYNC_EVERY = 8  # decode steps between the host's 'all rows finished?' checks
+
+
 def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                           do_sample: bool = False, temperature: float = 1.0, beta: float | None = None,
                           seed: int | None = None, fixed_steps: bool = False,
@@ -145,14 +148,16 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
     ids, attn = encode_prompts(d, problems, budget)
     ids, attn = ids.to(d.device), attn.to(d.device)
     prompt_tokens = attn.sum(1).tolist()
-    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    B = ids.shape[0]
-    out = [[] for _ in range(B)]
+    # the whole decode stays on the device: tokens accumulate in cur_ids, sampling uses a device generator, and the
+    # host reads a value only every SYNC_EVERY steps (all rows finished?) and once at the end (no per-row syncs)
+    gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
+    B, T0 = ids.shape
     finished = torch.zeros(B, dtype=torch.bool, device=d.device)
+    eos_t = torch.full((B,), eos, dtype=ids.dtype, device=d.device)
     past = None
     cur_ids, cur_attn = ids, attn
     with torch.no_grad():
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             pos = (cur_attn.cumsum(-1) - 1).clamp(min=0)
             step_pos = pos if past is None else pos[:, -1:]
             res = model(input_ids=cur_ids if past is None else cur_ids[:, -1:], attention_mask=cur_attn,
@@ -168,20 +173,20 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
                 scores = torch.log_softmax(logits, dim=-1)
             if do_sample:
                 probs = torch.softmax(scores / temperature, dim=-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(d.device)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             else:
                 nxt = scores.argmax(-1)
-            nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
-            for i in range(B):
-                if not finished[i]:
-                    out[i].append(int(nxt[i]))
+            nxt = torch.where(finished, eos_t, nxt)  # a finished row only pads with EOS
             finished |= nxt == eos
             cur_ids = torch.cat([cur_ids, nxt[:, None]], dim=1)
             cur_attn = torch.cat([cur_attn, torch.ones_like(nxt[:, None])], dim=1)
-            if not fixed_steps and bool(finished.all()):
+            if not fixed_steps and (step + 1) % SYNC_EVERY == 0 and bool(finished.all()):
                 break
+    new_ids, done = cur_ids[:, T0:].tolist(), finished.tolist()
     gens = []
     for i in range(B):
-        text = tok.decode(out[i], skip_special_tokens=True)
-        gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), len(out[i]), bool(finished[i])))
+        row = new_ids[i]
+        row = row[:row.index(eos) + 1] if eos in row else row  # up to and with the first EOS
+        text = tok.decode(row, skip_special_tokens=True)
+        gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), len(row), bool(done[i])))
     return gens

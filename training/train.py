@@ -450,13 +450,19 @@ def train_loop(loop_cfg: dict) -> None:
         if writer is not None:
             writer.submit(history)  # json/csv/png written by a helper thread, off the training loop
         if do_ckpt:
-            with tempfile.TemporaryDirectory() as d:
-                engine.save_checkpoint(d, tag="ds")
-                if rank == 0:
-                    torch.save({"step": step, "history": history, "best": best,
-                                "target": target.state_dict() if target is not None else None},
-                               Path(d) / "trainer_state.pt")
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            from ray.train import CheckpointUploadMode
+
+            # a fresh local directory per checkpoint; Ray removes it once uploaded (async: in the background, while
+            # training goes on; the run's end waits for the last upload)
+            d = tempfile.mkdtemp(prefix="subq-ckpt-")
+            engine.save_checkpoint(d, tag="ds")
+            if rank == 0:
+                torch.save({"step": step, "history": history, "best": best,
+                            "target": target.state_dict() if target is not None else None},
+                           Path(d) / "trainer_state.pt")
+            mode = CheckpointUploadMode.ASYNC if cfg.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=True)
         else:
             ray.train.report(metrics)
 
