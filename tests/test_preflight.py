@@ -72,6 +72,33 @@ def test_fetch_model_copies_a_flat_model_directory_given_as_a_uri(tmp_path, monk
     assert fetch_model(str(src)) == str(src)  # a local path is used as it is
 
 
+def test_a_run_directory_given_as_a_uri_is_served_from_its_best_copied_once(tmp_path, monkeypatch):
+    """`--decomposer-path s3://.../runs/x` (here file://): the checkpoint a local run directory would give (best/,
+    else final/) is copied to the node's cache and loaded from there; only that folder is copied."""
+    import tempfile as _tf
+
+    import torch
+
+    from training.decomposer import load_decomposer
+    from training.init_model import create_tiny_model
+
+    run = tmp_path / "runs" / "x"
+    create_tiny_model(str(run / "final"), n_layer=1, n_embd=32, seed=1, max_texts=200)
+    create_tiny_model(str(run / "best"), n_layer=1, n_embd=32, seed=2, max_texts=200)
+    (run / "checkpoint_000001").mkdir()
+    (run / "checkpoint_000001" / "big.bin").write_bytes(b"0" * 1000)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(_tf, "tempdir", None)
+    d = load_decomposer(f"file://{run}")
+    assert Path(d.path).is_relative_to(tmp_path / "tmp") and not list((tmp_path / "tmp").rglob("big.bin"))
+    best = load_decomposer(str(run / "best"))
+    for a, b in zip(d.model.state_dict().values(), best.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="no model there"):
+        load_decomposer(f"file://{tmp_path / 'runs'}")
+
+
 def _ports() -> list[str]:
     from tests.test_cluster_jobs import free_port
 

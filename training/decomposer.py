@@ -75,14 +75,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def fetch_checkpoint(path: str | Path) -> str:
+    """A model or run directory given as a URI (s3://, gs://, file://, ...): the directory `resolve_checkpoint`
+    would pick there (the model directory itself, else best/, else final/) copied once to this node's cache
+    (`training.preflight.fetch_model`), and that local copy returned. A local path is returned as it is."""
+    if "://" not in str(path):
+        return str(path)
+    from subq import storage
+    from training.preflight import fetch_model
+
+    loc = str(path).rstrip("/")
+    for cand in (loc, storage.join(loc, "best"), storage.join(loc, "final")):
+        if storage.exists(storage.join(cand, "config.json")):
+            return fetch_model(cand)
+    raise ConfigError("no model there (no config.json in it, its best/ or its final/)", field="decomposer.path",
+                      source=loc)
+
+
 def load_decomposer(path: str, device: str = "cpu") -> Decomposer:
-    """Load (a run directory: its best/, else final/; see resolve_checkpoint) model + tokenizer with `from_pretrained`, the ILQL heads if `ilql_heads.safetensors` is beside them,
+    """Load (a run directory: its best/, else final/; see resolve_checkpoint; a URI is copied to this node first:
+    fetch_checkpoint) model + tokenizer with `from_pretrained`, the ILQL heads if `ilql_heads.safetensors` is beside them,
     and the text format from the saved training config (default "paper")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.ilql import HEADS_FILE, load_heads
 
-    p = resolve_checkpoint(path)
+    p = resolve_checkpoint(fetch_checkpoint(path))
     if not (p / "config.json").exists():
         raise ConfigError("not a model directory (no config.json); give a `subq train` final/ directory or an HF "
                           "causal LM saved with save_pretrained", field="decomposer.path", source=str(path))
