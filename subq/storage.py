@@ -51,6 +51,22 @@ def read_bytes(location: str) -> bytes:
 TEMP_PREFIX = "_tmp-"  # pyarrow's dataset discovery and `list_files` skip names starting with "_" or "."
 
 
+FAULT_PAUSE_ENV = "SUBQ_FAULT_PAUSE_IN_WRITE"
+
+
+def _fault_pause_in_write(path: str) -> None:
+    """Fault injection for crash tests: with SUBQ_FAULT_PAUSE_IN_WRITE=<text> in the environment, a write whose file
+    name contains <text> stops half-way (half its bytes in the temp file) until the process is killed."""
+    import os
+
+    text = os.environ.get(FAULT_PAUSE_ENV)
+    if text and text in Path(path).name:
+        import time
+
+        while True:
+            time.sleep(60)
+
+
 def write_bytes_atomic(location: str, data: bytes) -> None:
     """Write a whole file so readers never see half of it. On local disk: a temp file named `_tmp-<unique>-<name>`
     beside it (unique per writer; skipped by every reader), fsync, rename, fsync of the directory. A kill between
@@ -66,6 +82,10 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
+            half = len(data) // 2
+            while len(view) > half:
+                view = view[os.write(fd, view[:len(view) - half]):]
+            _fault_pause_in_write(path)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)

@@ -92,8 +92,8 @@ def test_drift_is_refused_naming_each_field_and_a_second_job_on_the_output_refus
 
 def test_kill_9_at_five_points_then_resume_every_problem_once_no_paid_call_repeated(tmp_path, subq_bin):
     """SIGKILL the whole job (driver and the local Ray it started) at five points: just after it took the lease,
-    mid-calls, just after the first part was written, later mid-calls, after several parts; before each resume a
-    torn temp is left in parts/ and failures/ (what a kill mid-write leaves). The final run holds every problem
+    mid-calls, just after the first part was written, later mid-calls, and in the middle of writing a part (half its
+    bytes in the temp file); before each resume a torn temp is also left in parts/ and failures/. The final run holds every problem
     exactly once; no call the job had received (cached) is paid again, only those in flight at a kill."""
     import signal
     import subprocess
@@ -112,13 +112,20 @@ def test_kill_9_at_five_points_then_resume_every_problem_once_no_paid_call_repea
               ("8 calls cached", lambda: len(keys()) >= 8),
               ("first part written", lambda: len(parts()) >= 1),
               ("+12 calls cached", lambda: len(keys()) >= start + 12),
-              ("3 parts written", lambda: len(parts()) >= 3)]
+              ("mid-write of a part", lambda: any(p.name not in torn and p.stat().st_size > 0
+                                                   for p in (out / "parts").glob("_tmp-*part-*")))]
     env = {**os.environ, "OPENAI_API_KEY": "unused"}
     in_flight_total = 0
     with TeacherServer(latency_s=0.1) as ts:
         for name, reached in points:
             start = len(keys())
-            proc = subprocess.Popen([subq_bin, *args, "--base-url", ts.base_url], env=env, start_new_session=True,
+            torn = {p.name for p in (out / "parts").glob("_tmp-*")} if (out / "parts").exists() else set()
+            run_env = dict(env)
+            if name.startswith("mid-write"):  # the job's part writer stops half-way through a temp; killed there
+                from subq.storage import FAULT_PAUSE_ENV
+
+                run_env[FAULT_PAUSE_ENV] = "part-"
+            proc = subprocess.Popen([subq_bin, *args, "--base-url", ts.base_url], env=run_env, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.time() + 300
             while time.time() < deadline and not reached() and proc.poll() is None:
