@@ -188,18 +188,44 @@ def test_http_ray_address_shell_submit_jobs_and_local_verbs(head, tmp_path):
     r = subq("generate", "--dry-run", "--input", "gsm8k:test", "--limit", "3", "--output", str(tmp_path / "dry"),
              token=head["token"], extra_env=shell)
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["dry_run"] is True, r.stderr
+    # two generation jobs on one endpoint and one cluster limiter (issue 11): a local job A creates the limiter (20 rpm);
+    # while A runs, a submitted job B starts on the same endpoint; A exits first. Before, the limiter died with A
+    # and every later call of B failed (RayActorError); now B ends with no failure.
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head["address"], headers={"Authorization": f"Bearer {head['token']}"})
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(shell, RAY_AUTH_TOKEN=head["token"], OPENAI_API_KEY="unused")
+    keys = lambda out: {p.stem for p in (out / "cache").rglob("*.json")} if (out / "cache").exists() else set()  # noqa: E731
     with TeacherServer(latency_s=0.01) as ts:
-        r = subq("generate", "--input", "gsm8k:test", "--limit", "2", "--output", str(tmp_path / "local"),
-                 "--base-url", ts.base_url, "--actors", "1,1", "--n-sets", "1", "--n-feedback", "1",
-                 token=head["token"], extra_env={**shell, "OPENAI_API_KEY": "unused"}, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "is the Jobs API of the Ray running on this machine; joined it" in r.stderr
-        assert json.loads(r.stdout.strip().splitlines()[-1])["rows_total"] == 2
-        r = subq("submit", "generate", "--wait", "--timeout", "300", "--", "--input", "gsm8k:test", "--limit", "1",
-                 "--output", str(tmp_path / "job"), "--base-url", ts.base_url, "--actors", "1,1", "--n-sets", "1",
-                 "--n-feedback", "1", token=head["token"], extra_env={**shell, "OPENAI_API_KEY": "unused"},
-                 timeout=400)
+        common = ["--base-url", ts.base_url, "--actors", "1,1", "--n-sets", "1", "--n-feedback", "1", "--rpm", "20",
+                  "--input", "gsm8k:test"]
+        a_out, b_out = tmp_path / "local", tmp_path / "job"
+        proc_a = subprocess.Popen([str(BIN / "subq"), "generate", *common, "--limit", "5", "--output", str(a_out)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while not keys(a_out) and proc_a.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        r = subq("submit", "generate", "--", *common, "--limit", "5", "--output", str(b_out),
+                 token=head["token"], extra_env={**shell, "OPENAI_API_KEY": "unused"}, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
+        job_id = r.stdout.strip().splitlines()[0]
+        while not keys(b_out) and client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING) \
+                and time.time() < deadline:
+            time.sleep(0.5)
+        assert keys(b_out) and proc_a.poll() is None, "B must be calling while A still runs"
+        a_stdout, a_stderr = proc_a.communicate(timeout=300)
+        assert proc_a.returncode == 0, a_stderr[-3000:]
+        assert "is the Jobs API of the Ray running on this machine; joined it" in a_stderr
+        assert json.loads(a_stdout.strip().splitlines()[-1])["rows_total"] == 5
+        assert client.get_job_status(job_id) == JobStatus.RUNNING  # B outlives A
+        while client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING) and time.time() < deadline + 300:
+            time.sleep(1)
+        logs = client.get_job_logs(job_id)
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+        summary = json.loads((b_out / "summary.json").read_text())
+        assert summary["rows_total"] == 5 and summary["failures_open"] == 0, summary
+        assert "RayActorError" not in logs
     # a GCS address is the driver's business only: the Jobs API is still found (Ray's own lookup)
     r = subq("jobs", "list", "--json", token=head["token"], extra_env={"RAY_API_SERVER_ADDRESS": head["address"],
                                                                      "RAY_ADDRESS": "127.0.0.1:1"})
