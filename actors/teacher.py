@@ -315,6 +315,7 @@ class TeacherClient:
             self.limiter = self._make_limiter(rpm, tpm)
         self.fatal: Optional[str] = None  # set after a fatal error: later calls are refused (TeacherStopped)
         self._sem: Optional[asyncio.Semaphore] = None
+        self._batcher = None  # actors.limiter.AcquireBatcher, made on the first acquisition (in the event loop)
         self._max_concurrency = max_concurrency
         self._client = None
         self.metrics = TeacherMetrics(self.base_url, model)
@@ -374,7 +375,11 @@ class TeacherClient:
         if lim is None:
             return
         if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
-            res = await self._remote("acquire", tokens, 0.0)
+            if self._batcher is None:  # acquisitions made while one is on its way go together in the next
+                from actors.limiter import AcquireBatcher
+
+                self._batcher = AcquireBatcher(lambda items: self._remote("acquire_many", items))
+            res = await self._batcher.acquire(tokens, 0.0)
             if res["stop"]:
                 cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
                 raise cls(res["stop"], upstream=self.base_url)

@@ -3,6 +3,7 @@ one acquisition adds to a call; prints a markdown table.
 
     .venv/bin/python benchmarks/bench_limiter.py                  # clients 1,4,16; 64 calls in flight per client
     .venv/bin/python benchmarks/bench_limiter.py --clients 1,4 --seconds 5 --block 16
+    .venv/bin/python benchmarks/bench_limiter.py --mode batcher     # the teacher client's path
 
 Each client actor calls the one named, detached RateLimiter (`actors.limiter.get_or_create_limiter`) as the
 teacher client does (`acquire`: stop flag, budget, pacing) with `--in-flight` calls outstanding, under a limit
@@ -28,14 +29,20 @@ class Client:
 
         self.lim = ray.get_actor(name, namespace="subq")
 
-    async def run(self, seconds: float, in_flight: int, block: int) -> int:
+    async def run(self, seconds: float, in_flight: int, block: int, batcher: bool = False) -> int:
+        from actors.limiter import AcquireBatcher
+
         n = 0
         end = time.monotonic() + seconds
+        b = AcquireBatcher(lambda items: self.lim.acquire_many.remote(items))
 
         async def worker():
             nonlocal n
             while time.monotonic() < end:
-                if block > 1:
+                if batcher:  # the teacher client's path (actors.teacher: acquisitions grouped per round trip)
+                    await b.acquire(100, 0.0)
+                    n += 1
+                elif block > 1:
                     res = await self.lim.acquire_block.remote(block, 100, 0.0)
                     n += len(res["waits"])
                 else:
@@ -58,6 +65,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--in-flight", type=int, default=64)
     ap.add_argument("--block", type=int, default=1)
+    ap.add_argument("--mode", choices=["acquire", "batcher"], default="acquire",
+                    help="acquire: one actor call per acquisition (or --block N per call); batcher: the teacher "
+                         "client's path, acquisitions made during a round trip grouped into the next")
     ap.add_argument("--num-cpus", type=int, default=4)
     a = ap.parse_args()
     import ray
@@ -82,15 +92,17 @@ def main() -> None:
             clients = [Actor.remote(name) for _ in range(n)]
             ray.get([c.latency.remote(5) for c in clients])  # warm: handles resolved, workers up
             t = time.perf_counter()
-            counts = ray.get([c.run.remote(a.seconds, a.in_flight, a.block) for c in clients])
+            counts = ray.get([c.run.remote(a.seconds, a.in_flight, a.block, a.mode == "batcher") for c in clients])
             el = time.perf_counter() - t
             rows.append((n, sum(counts), sum(counts) / el))
             for c in clients:
                 ray.kill(c)
-        print(f"| clients | in flight/client | block | acquisitions | acquisitions/s | added latency/call (1 client, idle) |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("| mode | clients | in flight/client | block | acquisitions | acquisitions/s | added latency/call "
+              "(1 client, idle) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for n, total, rate in rows:
-            print(f"| {n} | {a.in_flight} | {a.block} | {total} | {rate:,.0f} | {lat * 1000:.2f} ms |")
+            print(f"| {a.mode} | {n} | {a.in_flight} | {a.block if a.mode == 'acquire' else '-'} | {total} | "
+                  f"{rate:,.0f} | {lat * 1000:.2f} ms |")
     finally:
         ray.kill(lim)
         ray.shutdown()

@@ -292,3 +292,35 @@ def test_tpm_pacing_learns_send_jitter_against_a_bucket_smaller_than_one_call(tp
     used = (len(oks) - 201) * cost / (oks[-1] - oks[200]) * 60 / tpm  # after the first 200 calls
     assert n_429 / (n_ok + n_429) <= 0.005, (n_429, n_ok, used)
     assert used >= 0.95, used
+
+
+def test_acquisitions_made_during_a_round_trip_go_together_in_the_next():
+    """The teacher client's path to the limiter actor (AcquireBatcher): one acquisition alone goes at once; 200 made
+    at the same moment take a handful of round trips, each caller gets its own wait (its own reservation, in
+    order); a failed round trip fails only its own callers."""
+    import asyncio
+
+    from actors.limiter import AcquireBatcher
+
+    bucket = TokenBucket(rpm=600)  # 0.1 s apart
+    sent = []
+
+    async def send(items):
+        sent.append(len(items))
+        await asyncio.sleep(0.01)  # the round trip
+        if any(t == -1 for t, _ in items):
+            raise RuntimeError("limiter lost")
+        return [{"wait_s": bucket.reserve(t), "stop": None, "kind": None} for t, _ in items]
+
+    async def main():
+        b = AcquireBatcher(send)
+        one = await b.acquire(0)
+        assert sent == [1] and one["wait_s"] == 0.0
+        waits = [r["wait_s"] for r in await asyncio.gather(*(b.acquire(0) for _ in range(200)))]
+        assert sum(sent[1:]) == 200 and len(sent) - 1 <= 3, sent
+        assert waits == sorted(waits) and waits[-1] == pytest.approx(200 * 0.1, abs=0.2)
+        with pytest.raises(RuntimeError, match="limiter lost"):
+            await b.acquire(-1)
+        assert (await b.acquire(0))["stop"] is None  # the next round trip works
+
+    asyncio.run(main())
