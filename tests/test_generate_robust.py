@@ -145,8 +145,11 @@ def test_kill_9_at_five_points_then_resume_every_problem_once_no_paid_call_repea
                 (out / d).mkdir(parents=True, exist_ok=True)
                 (out / d / f"part-torn-{name.replace(' ', '_')}.parquet.tmp").write_bytes(b"PAR1torn")
                 (out / d / f"_tmp-{len(keys())}-part-x.parquet").write_bytes(b"PAR1")
+        cached, completed = len(keys()), ts.stats(keys=False)["completed"]
         s = gen(subq_bin, *args[1:], "--base-url", ts.base_url)
         st = ts.stats()
+    # the last run sent exactly the calls that had no cached reply, each once
+    assert st["completed"] - completed == n * 2 * 3 - cached == s["this_run"]["requests_sent"]
     assert s["rows_total"] == n and s["failures_open"] == 0
     ids = part_ids(out)
     assert len(ids) == len(set(ids)) == n
