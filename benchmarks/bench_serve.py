@@ -124,7 +124,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"\nDecomposer /v1/decompose, tiny GPT-2, max_new_tokens={args.max_new_tokens}, greedy, 1 replica, "
+    print(f"\nDecomposer /v1/decompose, {args.model or 'tiny random GPT-2'}, max_new_tokens={args.max_new_tokens}, greedy, 1 replica, "
           f"{args.requests} requests per cell\n")
     print("| max_batch_size | clients | req/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|")
