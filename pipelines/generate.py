@@ -53,9 +53,7 @@ import os
 import socket
 import sys
 import time
-from typing import Literal, Optional
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Optional
 
 from actors.teacher import (TeacherActor, TeacherAuthError, TeacherBudgetExceeded, TeacherError,
                             TeacherRequestError, TeacherStopped)
@@ -64,7 +62,7 @@ from subq.config import load_config
 from subq.errors import ConfigError, SubqError
 
 
-from pipelines.generate_config import GenerateConfig  # noqa: E402,F401  (the job's config: one definition)
+from pipelines.generate_config import GenerateConfig  # noqa: F401  (the job's config, defined once there)
 
 
 # ------------------------------------------------------------------ per-problem work (inside actors)
