@@ -59,10 +59,8 @@ from actors.teacher import (TeacherActor, TeacherAuthError, TeacherBudgetExceede
                             TeacherRequestError, TeacherStopped)
 from subq import storage
 from subq.config import load_config
-from subq.errors import ConfigError, SubqError
-
-
 from pipelines.generate_config import GenerateConfig  # noqa: F401  (the job's config, defined once there)
+from subq.errors import ConfigError, SubqError
 
 
 # ------------------------------------------------------------------ per-problem work (inside actors)
