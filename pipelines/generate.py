@@ -57,9 +57,9 @@ from typing import Optional
 
 from actors.teacher import (TeacherActor, TeacherAuthError, TeacherBudgetExceeded, TeacherError,
                             TeacherRequestError, TeacherStopped)
+from pipelines.generate_config import GenerateConfig  # noqa: F401  (the job's config, defined once there)
 from subq import storage
 from subq.config import load_config
-from pipelines.generate_config import GenerateConfig  # noqa: F401  (the job's config, defined once there)
 from subq.errors import ConfigError, SubqError
 
 
