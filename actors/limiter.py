@@ -372,7 +372,6 @@ class AcquireBatcher:
         self.send, self.max_batch = send, max_batch
         self.pending: list = []
         self.running = False
-        self.round_trips = 0
 
     async def acquire(self, tokens: int = 0, est_cost_usd: float = 0.0) -> dict:
         import asyncio
@@ -388,7 +387,6 @@ class AcquireBatcher:
         try:
             while self.pending:
                 batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
-                self.round_trips += 1
                 try:
                     results = await self.send([item for item, _ in batch])
                 except BaseException as e:  # noqa: BLE001 - handed to the callers of this batch

@@ -54,7 +54,14 @@ TEMP_PREFIX = "_tmp-"  # pyarrow's dataset discovery and `list_files` skip names
 FAULT_PAUSE_ENV = "SUBQ_FAULT_PAUSE_IN_WRITE"
 
 
-def _fault_pause_in_write(path: str) -> None:
+def _write_all(fd: int, view: memoryview) -> None:
+    import os
+
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fault_pause_in_write(path: str, fd: int, view: memoryview) -> None:
     """Fault injection for crash tests: with SUBQ_FAULT_PAUSE_IN_WRITE=<text> in the environment, a write whose file
     name contains <text> stops half-way (half its bytes in the temp file) until the process is killed."""
     import os
@@ -63,6 +70,7 @@ def _fault_pause_in_write(path: str) -> None:
     if text and text in Path(path).name:
         import time
 
+        _write_all(fd, view[:len(view) // 2])
         while True:
             time.sleep(60)
 
@@ -81,13 +89,8 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
         tmp = str(Path(parent) / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{Path(path).name}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            half = len(data) // 2
-            while len(view) > half:
-                view = view[os.write(fd, view[:len(view) - half]):]
-            _fault_pause_in_write(path)
-            while view:
-                view = view[os.write(fd, view):]
+            _fault_pause_in_write(path, fd, memoryview(data))
+            _write_all(fd, memoryview(data))
             os.fsync(fd)
         finally:
             os.close(fd)

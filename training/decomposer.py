@@ -63,13 +63,16 @@ def read_training_config(path: str | Path) -> dict:
     return yaml.safe_load(f.read_text()) or {}
 
 
+RUN_CHECKPOINTS = ("best", "final")  # what a run directory stands for, in order of preference
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model directory as given, or for a `subq train` run directory its best/ (best validation BLEU, as the
     release) if it has one, else its final/. The chosen directory is the returned Decomposer's `path`."""
     p = Path(path)
     if (p / "config.json").exists():
         return p
-    for sub in ("best", "final"):
+    for sub in RUN_CHECKPOINTS:
         if (p / sub / "config.json").exists():
             return p / sub
     return p
@@ -85,7 +88,7 @@ def fetch_checkpoint(path: str | Path) -> str:
     from training.preflight import fetch_model
 
     loc = str(path).rstrip("/")
-    for cand in (loc, storage.join(loc, "best"), storage.join(loc, "final")):
+    for cand in (loc, *(storage.join(loc, sub) for sub in RUN_CHECKPOINTS)):
         if storage.exists(storage.join(cand, "config.json")):
             return fetch_model(cand)
     raise ConfigError("no model there (no config.json in it, its best/ or its final/)", field="decomposer.path",

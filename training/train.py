@@ -324,7 +324,7 @@ def train_loop(loop_cfg: dict) -> None:
     import deepspeed
     import ray.train
     import torch
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
     from ray.train.torch import get_device
     from transformers import AutoTokenizer
 
@@ -340,6 +340,7 @@ def train_loop(loop_cfg: dict) -> None:
     torch.manual_seed(cfg.seed)
     fmt = get_format(cfg.text_format)
     ilql_cfg = ILQLConfig(**cfg.ilql_dict())
+    upload_mode = CheckpointUploadMode.ASYNC if cfg.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
 
     # data
     tok = AutoTokenizer.from_pretrained(cfg.init_from or cfg.model)
@@ -450,8 +451,6 @@ def train_loop(loop_cfg: dict) -> None:
         if writer is not None:
             writer.submit(history)  # json/csv/png written by a helper thread, off the training loop
         if do_ckpt:
-            from ray.train import CheckpointUploadMode
-
             # a fresh local directory per checkpoint; Ray removes it once uploaded (async: in the background, while
             # training goes on; the run's end waits for the last upload)
             d = tempfile.mkdtemp(prefix="subq-ckpt-")
@@ -460,8 +459,7 @@ def train_loop(loop_cfg: dict) -> None:
                 torch.save({"step": step, "history": history, "best": best,
                             "target": target.state_dict() if target is not None else None},
                            Path(d) / "trainer_state.pt")
-            mode = CheckpointUploadMode.ASYNC if cfg.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_upload_mode=mode,
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_upload_mode=upload_mode,
                              delete_local_checkpoint_after_upload=True)
         else:
             ray.train.report(metrics)
