@@ -75,13 +75,18 @@ class Sampler:
 
 def run_subq(ts: TeacherServer, n_problems: int, out: str, rpm: float | None, actors: str = "2,2",
              max_concurrency: int = 32, tpm: float | None = None) -> float:
+    """Runs `subq generate` in this process; returns its wall time (its summary is kept in LAST_SUMMARY)."""
     from pipelines.generate import run_generate
 
     t0 = time.time()
-    run_generate({"input": "gsm8k:train", "limit": n_problems, "output": out, "base_url": ts.base_url,
+    LAST_SUMMARY.clear()
+    LAST_SUMMARY.update(run_generate({"input": "gsm8k:train", "limit": n_problems, "output": out, "base_url": ts.base_url,
                   "rpm": rpm, "tpm": tpm, "actors": actors, "ray_num_cpus": 2, "progress_interval_s": 30,
-                  "max_concurrency": max_concurrency, "batch_size": 8})
+                  "max_concurrency": max_concurrency, "batch_size": 8}))
     return time.time() - t0
+
+
+LAST_SUMMARY: dict = {}
 
 
 async def released_strategy(base_url: str, prompts: list[list[dict]], semaphore: int = 10, retry_s: float = 5.0,
@@ -149,8 +154,9 @@ def bench_tpm(tpms: list[float], seconds: float, latency_s: float) -> str:
     rows = [_tpm_row(t, seconds, latency_s) for t in tpms]
     return "\n".join([f"Benchmark 3: teacher server limited to T tokens/min only (prompt/4 + max_tokens charged on "
                       f"arrival; its bucket holds 1 s of T), latency ~{latency_s * 1000:.0f} ms", "",
-                      "| strategy | T | good replies | tokens charged/min | used / T | 429 share (all / steady) | steady window (s) |",
-                      "|---|---|---|---|---|---|---|", *rows])
+                      "| strategy | T | good replies | tokens charged/min | used / T | 429 share (all / steady) | steady window (s) "
+                      "| pacing margin learned (ms) |",
+                      "|---|---|---|---|---|---|---|---|", *rows])
 
 
 def _tpm_row(tpm: float, seconds: float, latency_s: float) -> str:
@@ -166,7 +172,8 @@ def _tpm_row(tpm: float, seconds: float, latency_s: float) -> str:
     b = next(((t, c) for t, c in sm.charged if c >= 0.95 * final), None)
     rate = (b[1] - a[1]) / (b[0] - a[0]) * 60 if a and b and b[0] > a[0] else float("nan")
     return (f"| subq (2 actors, cluster limiter --tpm T) | {tpm:.0f} | {s['ok']} | {rate:.0f} | {rate / tpm:.3f} | "
-            f"{s['share_429'] * 100:.2f}% / {s['share_429_steady'] * 100:.2f}% | {(b[0] - a[0]) if a and b else 0:.1f} |")
+            f"{s['share_429'] * 100:.2f}% / {s['share_429_steady'] * 100:.2f}% | {(b[0] - a[0]) if a and b else 0:.1f} | "
+            f"{((LAST_SUMMARY.get('limiter') or {}).get('rate') or {}).get('slack_ms', '-')} |")
 
 
 def bench_overhead(n_problems: int) -> str:

@@ -287,23 +287,40 @@ def _write_table(table, location: str) -> None:
 # ------------------------------------------------------------------ driver side
 
 
-def read_done(output: str) -> tuple[set, dict]:
-    """(ids of problems with a row, open failures by problem id) already in OUTPUT; a row wins over a failure.
-    Column reads of the finished parts only (writers' temps skipped): no row objects, so resuming a million
-    problems stays small and fast."""
+def done_ids(output: str):
+    """The ids of the problems with a row in OUTPUT, as a pyarrow array: one column read from the finished parts
+    (writers' temps skipped), no row objects, so resuming a million problems stays small and fast."""
+    import pyarrow as pa
+
     from subq.schema import read_parquet_table
 
-    rows: set = set()
     parts = storage.join(output, "parts")
-    if storage.list_files(parts, ".parquet"):
-        rows = set(read_parquet_table(parts, columns=["problem_id"]).column(0).to_pylist())
+    if not storage.list_files(parts, ".parquet"):
+        return pa.array([], pa.string())
+    return read_parquet_table(parts, columns=["problem_id"]).column(0).combine_chunks()
+
+
+def read_failures(output: str, done) -> dict:
+    """The open failures in OUTPUT by problem id (the newest of each), leaving out problems in DONE (a row wins)."""
+    import pyarrow.compute as pc
+
     fails: dict = {}
     fdir = storage.join(output, "failures")
     if storage.list_files(fdir, ".parquet"):
-        for f in read_parquet_table(fdir, schema=FAILURE_SCHEMA).to_pylist():
-            if f["problem_id"] not in rows and (f["problem_id"] not in fails or f["time"] > fails[f["problem_id"]]["time"]):
+        from subq.schema import read_parquet_table
+
+        ft = read_parquet_table(fdir, schema=FAILURE_SCHEMA)
+        ft = ft.filter(pc.invert(pc.is_in(ft.column("problem_id"), value_set=done)))
+        for f in ft.to_pylist():
+            if f["problem_id"] not in fails or f["time"] > fails[f["problem_id"]]["time"]:
                 fails[f["problem_id"]] = f
-    return rows, fails
+    return fails
+
+
+def read_done(output: str) -> tuple[set, dict]:
+    """(ids of problems with a row, open failures by problem id) already in OUTPUT; a row wins over a failure."""
+    done = done_ids(output)
+    return set(done.to_pylist()), read_failures(output, done)
 
 
 def estimate(cfg: GenerateConfig, problems, prices) -> dict:
@@ -412,8 +429,11 @@ def compact_parts(output: str) -> int:
     if len(files) < 2:
         return 0
     fs, _ = storage.resolve(parts_dir)
-    ids = read_parquet_table(parts_dir, columns=["problem_id"]).column(0).to_pylist()
-    if len(ids) == len(set(ids)):
+    import pyarrow.compute as pc
+
+    ids = read_parquet_table(parts_dir, columns=["problem_id"]).column(0)
+    n_ids = len(ids)
+    if pc.count_distinct(ids).as_py() == n_ids:
         return 0
     rows: dict = {}
     for r in read_parquet(parts_dir):
@@ -424,7 +444,7 @@ def compact_parts(output: str) -> int:
     for f in files:
         if not f.endswith(name):
             fs.delete_file(f)
-    return len(ids) - len(ordered)
+    return n_ids - len(ordered)
 
 
 def export(output: str) -> dict:
@@ -432,16 +452,16 @@ def export(output: str) -> dict:
     from subq.schema import iter_parquet_sorted, write_paper_chunks
 
     compact_parts(output)
-    ids, fails = read_done(output)
+    done = done_ids(output)
+    fails = read_failures(output, done)
     parts = storage.join(output, "parts")
     paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),
              "paper_dataset": storage.join(output, "paper_dataset.json"),
              "failures": storage.join(output, "failures.jsonl"), "parts": storage.join(output, "parts")}
-    if ids:  # streamed in source order, one chunk of row objects at a time (a million rows fit in memory)
-        for fmt in ("paper_raw", "paper_dataset"):
-            write_paper_chunks(iter_parquet_sorted(parts), paths[fmt], fmt)
+    if len(done):  # streamed in source order, one chunk of row objects at a time (a million rows fit in memory)
+        write_paper_chunks(iter_parquet_sorted(parts), {f: paths[f] for f in ("paper_raw", "paper_dataset")})
     storage.write_bytes_atomic(paths["failures"], "".join(json.dumps(f) + "\n" for f in fails.values()).encode())
-    return {"rows": len(ids), "failures": len(fails), "paths": paths}
+    return {"rows": len(done), "failures": len(fails), "paths": paths}
 
 
 # ------------------------------------------------------------------ run manifest and lease
@@ -589,17 +609,21 @@ def run_generate(config: GenerateConfig | dict) -> dict:
 
 
 def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
-    from subq.problems import load_problems
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from subq.problems import load_problem_table, problems_from_table
 
     prices = cfg.prices()
-    problems = load_problems(cfg.input, cfg.limit)  # DataError before anything is written
-    if len({p.problem_id for p in problems}) != len(problems):
-        seen, uniq = set(), []
-        for p in problems:
-            if p.problem_id not in seen:
-                seen.add(p.problem_id)
-                uniq.append(p)
-        problems = uniq
+    # a pyarrow table, not an object per problem: resuming a million problems builds objects only for the pending
+    table = load_problem_table(cfg.input, cfg.limit)  # DataError before anything is written
+    if pc.count_distinct(table.column("problem_id")).as_py() != table.num_rows:  # the same problem twice: keep the first
+        seen, keep = set(), []
+        for pid in table.column("problem_id").to_pylist():
+            keep.append(pid not in seen)
+            seen.add(pid)
+        table = table.filter(keep)
+    n_problems = table.num_rows
     if not cfg.dry_run and not cfg.cancel and not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
                           hint="export the key (any non-empty value for a local server)")
@@ -609,17 +633,23 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
         lease.acquire()  # another live job on this output: refused here
         for sub in ("", "parts", "failures"):  # temps of writers killed earlier (we hold the lease: none is live)
             storage.sweep_temps(storage.join(cfg.output, sub) if sub else cfg.output, recursive=False)
-    rows, fails = read_done(cfg.output)
+    done = done_ids(cfg.output)
+    fails = read_failures(cfg.output, done)
+    ids = table.column("problem_id")
+    has_row = pc.is_in(ids, value_set=done)
+    failed = pc.is_in(ids, value_set=pa.array(list(fails), pa.string()))
     if cfg.retry_failed:
-        pending = [p for p in problems if p.problem_id in fails and p.problem_id not in rows]
+        mask = pc.and_(failed, pc.invert(has_row))
     else:
-        pending = [p for p in problems if p.problem_id not in rows and p.problem_id not in fails]
+        mask = pc.invert(pc.or_(has_row, failed))
+    pending = problems_from_table(table.filter(mask), str(cfg.input))
+    del table, done, ids
     if cfg.dry_run:
         from pipelines.batch import batch_estimate
 
         est = estimate(cfg, pending, prices)
         return {**est, **batch_estimate(est, prices, cfg.model), "api": cfg.api,
-                "already_done": len(problems) - len(pending)}
+                "already_done": n_problems - len(pending)}
     if not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
                           hint="export the key (any non-empty value for a local server)")
@@ -657,9 +687,9 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     c = progress.c
     stopped = "fatal" if fatal else "interrupted" if interrupted else "budget" if c["budget"] else None
     summary = {
-        "output": cfg.output, "input": cfg.input, "model": cfg.model, "problems": len(problems),
+        "output": cfg.output, "input": cfg.input, "model": cfg.model, "problems": n_problems,
         "pending_at_start": len(pending), "rows_total": exp["rows"], "failures_open": exp["failures"],
-        "not_done": len(problems) - exp["rows"] - exp["failures"],
+        "not_done": n_problems - exp["rows"] - exp["failures"],
         "this_run": {"rows": c["rows"], "failed": c["failed"], "skipped_budget": c["budget"],
                      "calls": c["calls"], "cache_hits": c["cached"], "requests_sent": c["attempts"],
                      "n_429": c["n_429"], "prompt_tokens": c["new_prompt_tokens"],

@@ -64,6 +64,7 @@ ROW_SCHEMA = pa.schema(
     ],
     metadata={"subq.schema_version": SCHEMA_VERSION, "subq.dataset": "GSM8K-AI-SubQ"},
 )
+ROW_FIELDS = frozenset(ROW_SCHEMA.names)
 
 REQUIRED_COLUMNS = ("problem_id", "problem", "sets")
 
@@ -121,8 +122,7 @@ class SubQRow:
             s.questions = list(s.questions or [])
             s.feedback_texts = list(s.feedback_texts or [])
             s.usefulness = list(s.usefulness or [])
-        known = {f.name for f in ROW_SCHEMA}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in ROW_FIELDS})
 
 
 # ---------------------------------------------------------------- Arrow / Parquet
@@ -299,37 +299,83 @@ def write_paper(rows: list[SubQRow], location: str, fmt: PaperFormat) -> None:
 
 def iter_parquet_sorted(location: str, chunk_rows: int = 20_000) -> Iterable[list[SubQRow]]:
     """The rows of a Parquet file or part directory in `sort_rows` order, as lists of at most `chunk_rows` row
-    objects: the sort runs on Arrow columns, so only one chunk is ever held as Python objects."""
+    objects. Only the sort keys of every row are held at once (the sort runs on them); the parts a chunk draws
+    from are decoded when it needs them and dropped when the next does not, so an output written in source order
+    (as a run writes it) is read about once with a few parts in memory."""
+    import numpy as np
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    table = read_parquet_table(location)
-    idx = pc.sort_indices(table, sort_keys=[("source", "ascending", "at_start"),
-                                            ("source_index", "ascending", "at_start"),
-                                            ("problem_id", "ascending", "at_start")])
-    for lo in range(0, len(idx), chunk_rows):
-        yield table_to_rows(table.take(idx[lo:lo + chunk_rows]), str(location))
+    fs, _ = storage.resolve(location)
+    files = parquet_files(location)
+    keys = []
+    for i, f in enumerate(files):
+        try:
+            pf = pq.ParquetFile(f, filesystem=fs)
+            names = pf.schema_arrow.names
+            t = pf.read(columns=[c for c in ("source", "source_index", "problem_id") if c in names])
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"cannot read Parquet: {e}", source=str(f)) from e
+        keys.append(pa.table({
+            "source": t.column("source").cast(pa.string()) if "source" in names else pa.nulls(len(t), pa.string()),
+            "source_index": t.column("source_index").cast(pa.int64()) if "source_index" in names
+            else pa.nulls(len(t), pa.int64()),
+            "problem_id": t.column("problem_id").cast(pa.string()) if "problem_id" in names
+            else pa.nulls(len(t), pa.string()),
+            "_file": pa.array(np.full(len(t), i, np.int64)), "_row": pa.array(np.arange(len(t), dtype=np.int64))}))
+    if not keys:
+        return
+    keys = pa.concat_tables(keys)
+    idx = pc.sort_indices(keys, sort_keys=[("source", "ascending", "at_start"),
+                                           ("source_index", "ascending", "at_start"),
+                                           ("problem_id", "ascending", "at_start")])
+    file_of = keys.column("_file").take(idx).to_numpy()
+    row_of = keys.column("_row").take(idx).to_numpy()
+    del keys, idx
+    decoded: dict = {}
+    for lo in range(0, len(file_of), chunk_rows):
+        fi, ri = file_of[lo:lo + chunk_rows], row_of[lo:lo + chunk_rows]
+        needed = np.unique(fi)
+        decoded = {k: v for k, v in decoded.items() if k in set(needed.tolist())}
+        order = np.argsort(fi, kind="stable")  # chunk positions grouped by part
+        pieces = []
+        for k in needed.tolist():
+            if k not in decoded:
+                decoded[k] = validate_table(pq.read_table(files[k], filesystem=fs), str(files[k]))
+            pieces.append(decoded[k].take(pa.array(ri[order[fi[order] == k]])))
+        grouped = pa.concat_tables(pieces)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        yield table_to_rows(grouped.take(pa.array(inverse)), str(location))
 
 
-def write_paper_chunks(chunks: Iterable[list[SubQRow]], location: str, fmt: PaperFormat) -> int:
+def write_paper_chunks(chunks: Iterable[list[SubQRow]], location: str | dict, fmt: PaperFormat | None = None) -> int:
     """`write_paper` for rows arriving in chunks (large outputs), byte for byte the same file; returns the row
-    count."""
+    count. LOCATION may be {format: location}: every file written in one pass over the chunks."""
+    import contextlib
+
+    targets = location if isinstance(location, dict) else {fmt: location}
     n = 0
-    with storage.open_atomic(location) as f:
-        first = True
-        if fmt != "paper_raw":
-            f.write(b"[")
+    with contextlib.ExitStack() as stack:
+        files = {f: stack.enter_context(storage.open_atomic(loc)) for f, loc in targets.items()}
+        first = dict.fromkeys(files, True)
+        for f, out in files.items():
+            if f != "paper_raw":
+                out.write(b"[")
         for rows in chunks:
             n += len(rows)
-            if fmt == "paper_raw":
-                f.write(dumps_paper(rows, fmt).encode("utf-8"))
-                continue
-            items = [row_to_raw(r, gold_as_number=True) for r in rows] if fmt == "paper_chat" else \
-                [e for r in rows for e in dataset_entries(r)]
-            for item in items:
-                f.write((("" if first else ", ") + json.dumps(item)).encode("utf-8"))
-                first = False
-        if fmt != "paper_raw":
-            f.write(b"]")
+            for f, out in files.items():
+                if f == "paper_raw":
+                    out.write(dumps_paper(rows, f).encode("utf-8"))
+                    continue
+                items = [row_to_raw(r, gold_as_number=True) for r in rows] if f == "paper_chat" else \
+                    [e for r in rows for e in dataset_entries(r)]
+                if items:
+                    out.write((("" if first[f] else ", ") + ", ".join(json.dumps(i) for i in items)).encode("utf-8"))
+                    first[f] = False
+        for f, out in files.items():
+            if f != "paper_raw":
+                out.write(b"]")
     return n
 
 

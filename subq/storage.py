@@ -34,7 +34,8 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_bytes(location: str) -> bytes:
+def read_bytes(location: str, limit: int | None = None) -> bytes:
+    """The file's bytes (its first LIMIT bytes when given)."""
     fs, path = resolve(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -43,7 +44,7 @@ def read_bytes(location: str) -> bytes:
         raise DataError("is a directory, expected a file", source=str(location))
     try:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit)
     except OSError as e:
         raise DataError(f"cannot read: {e}", source=str(location)) from e
 

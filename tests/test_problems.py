@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,3 +52,41 @@ def test_bad_inputs_name_the_problem(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "a?", "answer": "#### 1"}\n{oops\n')
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_problems(str(tmp_path / "bad.jsonl"))
+
+
+def test_column_reader_matches_the_record_reader(tmp_path):
+    """JSON Lines and Parquet are read column-wise (issue 11: a million problems at resume); every value and
+    error is the record-by-record reader's."""
+    from subq.problems import _columns_from_records, load_problem_table, parse_json_records
+
+    def by_records(path, limit=None):
+        texts, golds = _columns_from_records(parse_json_records(path.read_bytes(), str(path)), str(path), limit)
+        return texts.to_pylist(), golds.to_pylist()
+
+    recs = [{"question": "a?", "answer": "#### 1"}, {"problem": " b? ", "true_answer": 2.0},
+            {"question": None, "problem": "c?", "gold_answer": 3}, {"question": "d?", "true_answer": 2.5,
+                                                                     "extra": {"nested": [1]}}]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n\n" for r in recs))  # blank lines are not records
+    t = load_problem_table(str(f))
+    assert (t.column("problem").to_pylist(), t.column("gold_answer").to_pylist()) == by_records(f)
+    assert t.column("gold_answer").to_pylist() == ["#### 1", "#### 2", "#### 3", "#### 2.5"]
+    assert t.column("problem_id").to_pylist() == [problem_id(x) for x in ("a?", "b?", "c?", "d?")]
+    assert t.column("index").to_pylist() == [0, 1, 2, 3]
+    assert load_problem_table(str(f), limit=2).num_rows == 2
+    real = Path(__file__).resolve().parents[1] / "subq" / "data" / "gsm8k" / "test.jsonl"
+    t = load_problem_table(str(real))
+    assert (t.column("problem").to_pylist(), t.column("gold_answer").to_pylist()) == by_records(real)
+    pq.write_table(pa.table({"question": ["a?", "b?"], "true_answer": [1.0, 2.0]}), tmp_path / "p.parquet")
+    assert load_problem_table(str(tmp_path / "p.parquet")).column("gold_answer").to_pylist() == ["#### 1", "#### 2"]
+    # errors name the record and field, as before
+    (tmp_path / "gap.jsonl").write_text(json.dumps({"question": "a?", "answer": "1"}) + "\n"
+                                        + json.dumps({"answer": "#### 2"}) + "\n")
+    with pytest.raises(DataError, match="record 1 has no problem text"):
+        load_problem_table(str(tmp_path / "gap.jsonl"))
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"question": " \u00a0", "answer": "1"}) + "\n")
+    with pytest.raises(DataError, match="record 0 has an empty problem text"):
+        load_problem_table(str(tmp_path / "blank.jsonl"))
+    (tmp_path / "nogold.jsonl").write_text(json.dumps({"question": "a?"}) + "\n")
+    with pytest.raises(DataError, match="record 0 has no gold answer"):
+        load_problem_table(str(tmp_path / "nogold.jsonl"))
