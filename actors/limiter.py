@@ -262,6 +262,7 @@ class RateLimiter:
         self.stopped: Optional[str] = None  # set by stop(): every later acquire is refused with this reason
         self.held_usd = 0.0  # estimated cost of calls in flight, held against the budget
         self.owners: dict[str, dict] = {}  # owner -> {rpm, tpm, seen}: the limits each job / replica asked for
+        self.node_id = _node_id()  # callers on this node sleep until `start_at` (see `acquire`)
 
     OWNER_TTL_S = 900.0  # an owner that neither renewed nor unregistered (a crashed job) stops counting after this
 
@@ -310,8 +311,11 @@ class RateLimiter:
 
     async def acquire(self, tokens: int = 0, est_cost_usd: float = 0.0) -> dict:
         """Like reserve, plus the stop flag and the budget check:
-        {'wait_s': float, 'stop': None | reason, 'kind': None | 'budget' | 'stopped'}. The estimated cost is
-        held against the budget until `settle` replaces it with the real cost."""
+        {'wait_s': float, 'start_at': wall-clock time to send, 'node': this actor's node, 'stop': None | reason,
+        'kind': None | 'budget' | 'stopped'}. A caller on the same node sleeps until `start_at` (one clock: the
+        reply's variable trip back does not shift its send time, so sends keep the limiter's spacing); elsewhere
+        it sleeps `wait_s` (clocks of two nodes may differ). The estimated cost is held against the budget until
+        `settle` replaces it with the real cost."""
         if self.stopped:
             return {"wait_s": 0.0, "stop": self.stopped, "kind": "stopped"}
         left = self.bucket.budget_left()
@@ -319,7 +323,8 @@ class RateLimiter:
             if left - self.held_usd - est_cost_usd < 0:
                 return {"wait_s": 0.0, "stop": f"budget of ${self.bucket.budget_usd:.4f} reached", "kind": "budget"}
             self.held_usd += est_cost_usd
-        return {"wait_s": self.bucket.reserve(tokens), "stop": None, "kind": None}
+        wait = self.bucket.reserve(tokens)
+        return {"wait_s": wait, "start_at": time.time() + wait, "node": self.node_id, "stop": None, "kind": None}
 
     async def acquire_many(self, items: list) -> list[dict]:
         """`acquire` for each (tokens, est_cost_usd) of `items`, in order, in one round trip (what `AcquireBatcher`
@@ -399,6 +404,24 @@ class AcquireBatcher:
                         fut.set_result(res)
         finally:
             self.running = False
+
+
+def _node_id() -> Optional[str]:
+    """This process's Ray node id (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - no node id: callers use the relative wait
+        return None
+
+
+def start_delay(res: dict, node_id: Optional[str]) -> float:
+    """Seconds to sleep before sending, from an `acquire` result: until its `start_at` when the caller is on the
+    limiter's node (same clock), else its `wait_s`."""
+    if node_id is not None and res.get("node") == node_id and res.get("start_at") is not None:
+        return max(0.0, res["start_at"] - time.time())
+    return res["wait_s"]
 
 
 def account_id(api_key: Optional[str]) -> Optional[str]:

@@ -316,6 +316,7 @@ class TeacherClient:
         self.fatal: Optional[str] = None  # set after a fatal error: later calls are refused (TeacherStopped)
         self._sem: Optional[asyncio.Semaphore] = None
         self._batcher = None  # actors.limiter.AcquireBatcher, made on the first acquisition (in the event loop)
+        self._node: Any = False  # this process's Ray node id, looked up on the first shared-limiter acquisition
         self._max_concurrency = max_concurrency
         self._client = None
         self.metrics = TeacherMetrics(self.base_url, model)
@@ -383,7 +384,11 @@ class TeacherClient:
             if res["stop"]:
                 cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
                 raise cls(res["stop"], upstream=self.base_url)
-            wait = res["wait_s"]
+            from actors.limiter import _node_id, start_delay
+
+            if self._node is False:
+                self._node = _node_id()
+            wait = start_delay(res, self._node)
         else:
             wait = lim.reserve(tokens)
         if wait > 0:

@@ -324,3 +324,43 @@ def test_acquisitions_made_during_a_round_trip_go_together_in_the_next():
         assert (await b.acquire(0))["stop"] is None  # the next round trip works
 
     asyncio.run(main())
+
+
+def test_a_client_on_the_limiters_node_sends_at_the_limiters_start_time(monkeypatch):
+    """Send jitter from the limiter's reply (issue 11, token limits with a bucket smaller than one call): a wait
+    measured from when the reply arrives shifts each send by that reply's trip, so two calls paced 1.1 s apart
+    can reach the provider 1.08 s apart (a 429). A client on the limiter's node sleeps until the limiter's
+    `start_at` instead; one on another node (another clock) keeps the relative wait."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from actors import teacher as T
+
+    slept = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(s):
+        slept.append(s)
+
+    class SlowReply:  # a limiter actor whose reply takes 50 ms to come back
+        def __init__(self, node):
+            self.node = node
+
+            async def acquire_many(items):
+                t = time.time()
+                await real_sleep(0.05)
+                return [{"wait_s": 0.2, "start_at": t + 0.2, "node": self.node, "stop": None, "kind": None}
+                        for _ in items]
+
+            self.acquire = SimpleNamespace(remote=None)
+            self.acquire_many = SimpleNamespace(remote=acquire_many)
+
+    async def run(limiter_node):
+        c = T.TeacherClient("gpt-3.5-turbo", "http://127.0.0.1:9/v1", api_key="k")
+        c.limiter, c._node = SlowReply(limiter_node), "node-a"
+        await c._acquire(100, 0.0)
+        return slept.pop()
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)  # records what the client sleeps
+    assert asyncio.run(run("node-a")) <= 0.2 - 0.04  # until start_at: the 50 ms trip is not added
+    assert asyncio.run(run("node-b")) == 0.2  # another node: the relative wait
