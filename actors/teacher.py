@@ -317,6 +317,8 @@ class TeacherClient:
         self._sem: Optional[asyncio.Semaphore] = None
         self._batcher = None  # actors.limiter.AcquireBatcher, made on the first acquisition (in the event loop)
         self._node: Any = False  # this process's Ray node id, looked up on the first shared-limiter acquisition
+        self._last_wait = 0.0  # the wait of the latest slot: paced when > SLOT_HORIZON_S (see `_acquire`)
+        self._far_gate: Optional[asyncio.Semaphore] = None
         self._max_concurrency = max_concurrency
         self._client = None
         self.metrics = TeacherMetrics(self.base_url, model)
@@ -363,6 +365,9 @@ class TeacherClient:
                                               timeout=self.timeout_s)
         return self._client
 
+    FAR_SLOTS = 1  # paced: this client's calls holding a slot more than SLOT_HORIZON_S ahead (see `_acquire`)
+    SLOT_HORIZON_S = 0.5
+
     # -- limiter, works with a Ray actor handle, a local TokenBucket or None
     async def _acquire(self, tokens: int, est_cost: float) -> None:
         if self.fatal:
@@ -375,25 +380,44 @@ class TeacherClient:
         lim = self.limiter
         if lim is None:
             return
-        if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
-            if self._batcher is None:  # acquisitions made while one is on its way go together in the next
-                from actors.limiter import AcquireBatcher
+        # Paced (the last slot was more than SLOT_HORIZON_S away): at most FAR_SLOTS of this client's calls hold
+        # a slot that far ahead; the others wait here before asking. Slots are then given out only a little ahead,
+        # so what the limiter learns (the provider's remaining-* headers as of a late send, the pacing margin)
+        # moves the slots that follow instead of the ones after a long queue. Unpaced, nothing waits here.
+        gate = None
+        if self._last_wait > self.SLOT_HORIZON_S:
+            if self._far_gate is None:
+                self._far_gate = asyncio.Semaphore(self.FAR_SLOTS)
+            gate = self._far_gate
+            await gate.acquire()
+        try:
+            if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
+                if self._batcher is None:  # acquisitions made while one is on its way go together in the next
+                    from actors.limiter import AcquireBatcher
 
-                self._batcher = AcquireBatcher(lambda items: self._remote("acquire_many", items))
-            res = await self._batcher.acquire(tokens, 0.0)
-            if res["stop"]:
-                cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
-                raise cls(res["stop"], upstream=self.base_url)
-            from actors.limiter import _node_id, start_delay
+                    self._batcher = AcquireBatcher(lambda items: self._remote("acquire_many", items))
+                res = await self._batcher.acquire(tokens, 0.0)
+                if res["stop"]:
+                    cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
+                    raise cls(res["stop"], upstream=self.base_url)
+                from actors.limiter import _node_id, start_delay
 
-            if self._node is False:
-                self._node = _node_id()
-            wait = start_delay(res, self._node)
-        else:
-            wait = lim.reserve(tokens)
-        if wait > 0:
-            self.stats["limiter_wait_s"] += wait
-            await asyncio.sleep(wait)
+                if self._node is False:
+                    self._node = _node_id()
+                wait = start_delay(res, self._node)
+            else:
+                wait = lim.reserve(tokens)
+            self._last_wait = wait
+            deadline = time.monotonic() + wait
+            if wait > 0:
+                self.stats["limiter_wait_s"] += wait
+            if gate is not None and wait > self.SLOT_HORIZON_S:
+                await asyncio.sleep(wait - self.SLOT_HORIZON_S)
+        finally:
+            if gate is not None:
+                gate.release()
+        if deadline > time.monotonic():
+            await asyncio.sleep(deadline - time.monotonic())
 
     async def _limiter_call(self, method: str, *args) -> Any:
         lim = self.limiter

@@ -83,8 +83,13 @@ _register_layers()
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors print one line and exit 2, without a traceback."""
+    import faulthandler
+    import signal
+
     from subq import console
 
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack to stderr (a job that seems stuck)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app(args=argv, standalone_mode=True)
     except SubqError as e:

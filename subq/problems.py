@@ -129,7 +129,7 @@ def load_problem_table(source: str, limit: int | None = None):
         if not head.lstrip().startswith(b"["):
             try:
                 cols = _columns_from_table(_read_json_lines(location), name, limit)
-            except pa.ArrowException:
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # not a Ctrl-C
                 cols = None  # the record-by-record reader names the line (or reads mixed types)
         if cols is None:
             cols = _columns_from_records(parse_json_records(storage.read_bytes(location), name), name, limit)

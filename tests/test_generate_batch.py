@@ -245,7 +245,14 @@ def test_ctrl_c_leaves_batches_running_and_cancel_cancels_them(tmp_path, subq_bi
         live = gen(subq_bin, *args, "--base-url", ts.base_url, "--cancel", check=False)
         assert live.returncode == 2 and "another job is writing this output" in live.stderr  # stop it first
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # Ctrl-C did not stop it: show where every thread is, then fail
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"subq generate still running 60 s after SIGINT; its threads:\n{err[-6000:]}")
         assert proc.returncode == 130 and "--cancel" in err
         assert list(bstats(ts)["batches"].values()) == ["in_progress"]  # left running at the provider
         s = gen(subq_bin, *args, "--base-url", ts.base_url, "--cancel")
