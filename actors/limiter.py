@@ -262,7 +262,7 @@ class RateLimiter:
         self.stopped: Optional[str] = None  # set by stop(): every later acquire is refused with this reason
         self.held_usd = 0.0  # estimated cost of calls in flight, held against the budget
         self.owners: dict[str, dict] = {}  # owner -> {rpm, tpm, seen}: the limits each job / replica asked for
-        self.node_id = _node_id()  # callers on this node sleep until `start_at` (see `acquire`)
+        self.node_id = node_id()  # callers on this node sleep until `start_at` (see `acquire`)
 
     OWNER_TTL_S = 900.0  # an owner that neither renewed nor unregistered (a crashed job) stops counting after this
 
@@ -406,7 +406,7 @@ class AcquireBatcher:
             self.running = False
 
 
-def _node_id() -> Optional[str]:
+def node_id() -> Optional[str]:
     """This process's Ray node id (None outside Ray)."""
     try:
         import ray

@@ -400,10 +400,10 @@ class TeacherClient:
                 if res["stop"]:
                     cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
                     raise cls(res["stop"], upstream=self.base_url)
-                from actors.limiter import _node_id, start_delay
+                from actors.limiter import node_id, start_delay
 
                 if self._node is False:
-                    self._node = _node_id()
+                    self._node = node_id()
                 wait = start_delay(res, self._node)
             else:
                 wait = lim.reserve(tokens)

@@ -317,12 +317,6 @@ def read_failures(output: str, done) -> dict:
     return fails
 
 
-def read_done(output: str) -> tuple[set, dict]:
-    """(ids of problems with a row, open failures by problem id) already in OUTPUT; a row wins over a failure."""
-    done = done_ids(output)
-    return set(done.to_pylist()), read_failures(output, done)
-
-
 def estimate(cfg: GenerateConfig, problems, prices) -> dict:
     """Dry-run estimate: calls, prompt tokens (rendered prompts), completion tokens (typical and upper bound)."""
     from subq.costs import estimate_tokens

@@ -335,11 +335,11 @@ def iter_parquet_sorted(location: str, chunk_rows: int = 20_000) -> Iterable[lis
     decoded: dict = {}
     for lo in range(0, len(file_of), chunk_rows):
         fi, ri = file_of[lo:lo + chunk_rows], row_of[lo:lo + chunk_rows]
-        needed = np.unique(fi)
-        decoded = {k: v for k, v in decoded.items() if k in set(needed.tolist())}
+        needed = np.unique(fi).tolist()
+        decoded = {k: v for k, v in decoded.items() if k in needed}
         order = np.argsort(fi, kind="stable")  # chunk positions grouped by part
         pieces = []
-        for k in needed.tolist():
+        for k in needed:
             if k not in decoded:
                 decoded[k] = validate_table(pq.read_table(files[k], filesystem=fs), str(files[k]))
             pieces.append(decoded[k].take(pa.array(ri[order[fi[order] == k]])))

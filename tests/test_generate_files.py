@@ -29,7 +29,7 @@ def _failure(p) -> dict:
 
 
 def test_torn_temps_in_parts_and_failures_do_not_break_resume(tmp_path):
-    from pipelines.generate import FAILURE_SCHEMA, _write_table, read_done
+    from pipelines.generate import FAILURE_SCHEMA, _write_table, done_ids, read_failures
 
     probs = load_problems("gsm8k:test", 4)
     out = tmp_path / "out"
@@ -38,12 +38,13 @@ def test_torn_temps_in_parts_and_failures_do_not_break_resume(tmp_path):
     # what a kill between "write the temp" and "rename" left behind with the old naming, half written
     (out / "parts" / "part-c.parquet.tmp").write_bytes(b"PAR1\x00\x01torn")
     (out / "failures" / "part-d.parquet.tmp").write_bytes(b"PAR1")
-    rows, fails = read_done(str(out))
+    done = done_ids(str(out))
+    rows, fails = done.to_pylist(), read_failures(str(out), done)
     assert set(rows) == {probs[0].problem_id, probs[1].problem_id} and set(fails) == {probs[2].problem_id}
 
 
 def test_a_kill_between_write_and_rename_leaves_a_temp_readers_skip_and_the_sweep_removes(tmp_path, monkeypatch):
-    from pipelines.generate import read_done
+    from pipelines.generate import done_ids
 
     probs = load_problems("gsm8k:test", 3)
     out = tmp_path / "out"
@@ -61,7 +62,7 @@ def test_a_kill_between_write_and_rename_leaves_a_temp_readers_skip_and_the_swee
     assert len(left) == 2 and any(n != "part-a.parquet" for n in left)
     temp = next(n for n in left if n != "part-a.parquet")
     assert temp.startswith(("_", ".")), temp  # a name pyarrow's dataset discovery and our readers skip
-    rows, _ = read_done(str(out))
+    rows = done_ids(str(out)).to_pylist()
     assert set(rows) == {probs[0].problem_id}
     assert storage.list_files(str(out / "parts"), ".parquet") == [str(out / "parts" / "part-a.parquet")]
     assert storage.sweep_temps(str(out)) == 1 and sorted(p.name for p in (out / "parts").iterdir()) == ["part-a.parquet"]
