@@ -60,7 +60,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="Decomposer checkpoint (default: a tiny random GPT-2 made now).")
     ap.add_argument("--requests", type=int, default=64, help="Requests per cell (at least the concurrency).")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="Decode budget per request (serving's default).")
+    ap.add_argument("--replica-cpus", type=float, default=2.0, help="CPUs of the one decomposer replica (its torch "
+                    "threads); the local Ray gets max(2, this) CPUs.")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--batch-sizes", default="32,1", help="max_batch_size settings to compare.")
     ap.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one).")
@@ -87,7 +89,7 @@ def main() -> None:
         create_tiny_model(model)
     problems = [p.problem for p in load_problems("gsm8k:test", 64)]
     conc = [int(c) for c in args.concurrency.split(",")]
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    ray.init(num_cpus=max(2, int(args.replica_cpus)), include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     rows, auth_rows = [], []
     import os
@@ -97,6 +99,7 @@ def main() -> None:
             cfg = ServeConfig(port=args.port, decomposer={"path": model, "max_new_tokens": args.max_new_tokens},
                               max_batch_size=mbs, batch_wait_timeout_s=0.01 if mbs > 1 else 0.0,
                               decomposer_max_ongoing_requests=max(32, mbs), decomposer_min_replicas=1,
+                              decomposer_num_cpus=args.replica_cpus,
                               decomposer_max_replicas=1, max_queued_requests=1024, ingress_max_ongoing_requests=256)
             serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
             base = f"http://127.0.0.1:{args.port}"
@@ -104,12 +107,15 @@ def main() -> None:
             for c in conc:
                 r = asyncio.run(drive(base, problems, max(args.requests, c), c, args.max_new_tokens))
                 rows.append({"max_batch_size": mbs, "clients": c, **r})
+                print(f"max_batch_size {mbs}, {c} clients: {r['rps']:.2f} req/s, p50 {r['p50_ms']:.0f} ms "
+                      f"({r['wall_s']:.0f} s)", flush=True)
             serve.delete("bench")
         key = "sk-bench-" + os.urandom(12).hex()
         os.environ["SUBQ_BENCH_API_KEYS"] = key  # read by build_app in this driver; only its digest is deployed
         for auth in (False, True):
             cfg = ServeConfig(port=args.port, decomposer={"path": model, "max_new_tokens": args.max_new_tokens},
                               decomposer_min_replicas=1, decomposer_max_replicas=1, max_queued_requests=1024,
+                              decomposer_num_cpus=args.replica_cpus,
                               ingress_max_ongoing_requests=256, api_keys_env="SUBQ_BENCH_API_KEYS" if auth else None,
                               results_root=f"{tmp}/results")
             serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
@@ -124,12 +130,12 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"\nDecomposer /v1/decompose, {args.model or 'tiny random GPT-2'}, max_new_tokens={args.max_new_tokens}, greedy, 1 replica, "
-          f"{args.requests} requests per cell\n")
+    print(f"\nDecomposer /v1/decompose, {args.model or 'tiny random GPT-2'}, max_new_tokens={args.max_new_tokens}, greedy, 1 replica "
+          f"({args.replica_cpus:g} CPUs), {args.requests} requests per cell\n")
     print("| max_batch_size | clients | req/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['max_batch_size']} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
+        print(f"| {r['max_batch_size']} | {r['clients']} | {r['rps']:.3g} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
     print(f"\nAPI-key auth off vs on, {args.auth_clients} clients (GET /v1/models: no model work; /v1/decompose: "
           f"the tiny model)\n")
     print("| route | auth | requests | req/s | p50 ms | p99 ms | errors |")

@@ -14,10 +14,11 @@ Stages (one line each on stdout; the generation job's progress line on stderr):
 4. **model**    a tiny random-init GPT-2 + locally trained tokenizer (`subq init-model`) unless `--model`;
 5. **train**    each of `--algos` with Ray Train + DeepSpeed (training.train); FBC and ILQL start from the BC
    checkpoint as in the paper -> OUT/runs/<algo>-<hash of data, base model and settings>/;
-6. **serve**    the Serve app (pipelines.serve) with each distilled decomposer and the solver (the teacher endpoint);
+6. **serve**    the Serve app (pipelines.serve) for every distilled decomposer at once (one application each, at
+   `/<label>`), each beside the solver (the teacher endpoint);
 7. **evaluate** `POST /v1/evaluations` on the next `--eval-problems` problems of `--input` (held out: never
    generated nor trained on) for single-stage (`none`), the teacher's decomposition (`teacher`) and each distilled
-   decomposer -> OUT/eval/ (results.json, report.md, PNGs, paper_raw files);
+   decomposer, all running at once -> OUT/eval/ (results.json, report.md, PNGs, paper_raw files);
 8. **report**   OUT/report.md + OUT/report.json: rows, tokens, $, 429s, training end points, accuracy per scoring mode,
    tokens/$ per stage, and what ran offline (so what the numbers mean).
 
@@ -348,35 +349,42 @@ def reusable_evaluation(cfg: DemoConfig, out: Path, runs: dict, held: list) -> O
 
 def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list, solver_url: Optional[str],
                              say: Callable[[str], None]) -> dict:
-    """Deploy the Serve app (once per distilled decomposer) and evaluate through POST /v1/evaluations: single-stage
-    (`none`) and the teacher's decomposition (`teacher`) once, then each distilled decomposer. A finished evaluation
-    of the same held-out problems, models and solver is re-used (it paid for its solver calls)."""
-    from pipelines.evaluate import DecomposerSettings, ItemResult, SolverSettings, write_report
-    from pipelines.serve import ServeConfig, start_serve
+    """Serve every distilled decomposer at once (one Serve application each, `/<label>` on one port, deployed
+    together) and evaluate through POST /v1/evaluations: single-stage (`none`) and the teacher's decomposition
+    (`teacher`) once, and each distilled decomposer, all five evaluations running at the same time. A finished
+    evaluation of the same held-out problems, models and solver is re-used (it paid for its solver calls)."""
+    from pipelines.evaluate import DecomposerSettings, SolverSettings, write_report
+    from pipelines.serve import ServeConfig, start_serve, wait_healthy
     from pipelines.teacher_server import free_port
 
     # the solver's calls go through the same cluster limiter as generation's (one per endpoint and model)
     solver = SolverSettings(name=cfg.solver, base_url=solver_url, rpm=cfg.rpm, tpm=cfg.tpm,
                             api_key_env=cfg.api_key_env if cfg.solver_base_url else cfg.key_env)
     fingerprint = _eval_fingerprint(cfg, runs, held)
-    device = "cuda" if cfg.use_gpu else "cpu"
     port = cfg.port or free_port()
     heldout = str(out / "heldout.jsonl")
-    results = []
-    for i, algo in enumerate(runs):
-        t0 = time.time()
+    # the replicas share the machine: each reserves half a CPU (one decoding thread) and a share of the GPU
+    share = {"decomposer_num_cpus": 0.5, **({"decomposer_num_gpus": 1.0 / len(runs)} if cfg.use_gpu else {})}
+    t0 = time.time()
+    bases = {}
+    for algo in runs:
         dec = DecomposerSettings(path=runs[algo]["run_dir"], name=algo,  # a run dir: its best/ (val BLEU)
-                                 max_new_tokens=cfg.max_new_tokens,
-                                 beta=cfg.beta, device=device)
-        scfg = ServeConfig(host="127.0.0.1", port=port, app_name="subq-demo", decomposer=dec, solver=solver,
-                           decomposer_max_replicas=1, solver_max_replicas=1,
-                           decomposer_num_gpus=1.0 if cfg.use_gpu else 0.0, eval_concurrency=8,
-                           datasets={"heldout": heldout}, results_root=str(out / "serve-evaluations"))
-        base = start_serve(scfg, ray_init={})
-        say(f"      serving decomposer {algo} + solver {cfg.solver} at {base} ({time.time() - t0:.0f}s)")
-        kinds = ([("none", "none"), ("teacher", "teacher")] if i == 0 else []) + [(algo, "distilled")]
-        for name, kind in kinds:
-            results.append(_evaluate(base, "heldout", len(held), name, kind, cfg.solver, say))  # a registered name
+                                 max_new_tokens=cfg.max_new_tokens, beta=cfg.beta,
+                                 device="cuda" if cfg.use_gpu else "cpu")
+        scfg = ServeConfig(host="127.0.0.1", port=port, app_name=f"subq-demo-{algo}", route_prefix=f"/{algo}",
+                           decomposer=dec, solver=solver, decomposer_max_replicas=1, solver_max_replicas=1, **share,
+                           eval_concurrency=8, datasets={"heldout": heldout}, results_root=str(out / "serve-evaluations"))
+        bases[algo] = start_serve(scfg, ray_init={}, wait=False)
+    for base in bases.values():
+        wait_healthy(base)
+    say(f"      serving {', '.join(runs)} (one application each) + solver {cfg.solver} at "
+        f"http://127.0.0.1:{port} ({time.time() - t0:.0f}s)")
+    first = next(iter(runs))
+    plan = [("none", "none", bases[first]), ("teacher", "teacher", bases[first])] + [
+        (algo, "distilled", bases[algo]) for algo in runs]
+    started = [_start_evaluation(base, "heldout", len(held), name, kind) for name, kind, base in plan]  # all at once
+    results = [_follow_evaluation(base, eid, t, len(held), name, cfg.solver, say)
+               for (name, _, base), (eid, t) in zip(plan, started)]
     config = {"fingerprint": fingerprint, "heldout": heldout, "solver": solver.model_dump(),
               "decomposers": {a: runs[a]["final_dir"] for a in runs},
               "evaluation_ids": {r["decomposer"]: r["evaluation_id"] for r in results}}
@@ -384,19 +392,25 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
     return {"runs": results, "written": written}
 
 
-def _evaluate(base: str, dataset: str, n: int, name: str, kind: str, solver: str, say) -> dict:
-    """One evaluation through the endpoint: start it, poll it to completion, fetch the per-item results."""
+def _start_evaluation(base: str, dataset: str, n: int, name: str, kind: str) -> tuple[str, float]:
+    """POST /v1/evaluations for `n` problems of a registered dataset; returns (evaluation id, start time)."""
     import httpx
-    from subq import console
-
-    from pipelines.evaluate import ItemResult
 
     t0 = time.time()
     r = httpx.post(base + "/v1/evaluations", timeout=60,
                    json={"dataset": dataset, "decomposer": kind, "limit": n, "scoring_mode": "paper"})
     if r.status_code != 202:
         raise SubqError(f"POST /v1/evaluations ({name}) answered {r.status_code}: {r.text[:300]}")
-    eid = r.json()["id"]
+    return r.json()["id"], t0
+
+
+def _follow_evaluation(base: str, eid: str, t0: float, n: int, name: str, solver: str, say) -> dict:
+    """Poll one evaluation to completion (a progress bar), then fetch its per-item results."""
+    import httpx
+    from subq import console
+
+    from pipelines.evaluate import ItemResult
+
     with console.progress_bar(total=n, desc=f"      {name:>12}", unit="problem") as bar:
         while True:
             view = httpx.get(f"{base}/v1/evaluations/{eid}", timeout=60).json()
@@ -416,8 +430,9 @@ def _evaluate(base: str, dataset: str, n: int, name: str, kind: str, solver: str
     acc = full["summary"]["accuracy"]
     say(f"      {name:>12} -> {solver}: paper {acc['paper']['accuracy']:.3f}  strict {acc['strict']['accuracy']:.3f}  "
         f"flexible {acc['flexible']['accuracy']:.3f}  ({len(items)} problems, {full['summary']['errors']} errors, "
-        f"{time.time() - t0:.0f}s, {eid})")
-    return {"decomposer": name, "solver": solver, "summary": full["summary"], "items": items, "evaluation_id": eid}
+        f"{full['finished'] - t0:.0f}s, {eid})")
+    return {"decomposer": name, "solver": solver, "summary": full["summary"], "items": items, "evaluation_id": eid,
+            "ran": [full["created"], full["finished"]]}
 
 
 # ---------------------------------------------------------------- report
@@ -445,7 +460,7 @@ def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dic
               "accuracy": {m: r["summary"]["accuracy"][m]["accuracy"] for m in ("paper", "strict", "flexible")},
               "correct_paper": r["summary"]["accuracy"]["paper"]["correct"], "n": r["summary"]["n"],
               "usage": r["summary"]["usage"], "mean_subq": r["summary"]["sub_questions"]["mean"],
-              "errors": r["summary"]["errors"]} for r in ev["runs"]]
+              "errors": r["summary"]["errors"], "ran": r.get("ran")} for r in ev["runs"]]
     report = {"config": cfg.model_dump(), "offline": cfg.offline, "generation": g,
               "training": {a: {k: v for k, v in r.items() if k != "history"} for a, r in runs.items()},
               "evaluation": evals, "timings_s": times.seconds(), "stages": times.now,
@@ -646,7 +661,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         else:
             say(f"[6/8] serve     Ray Serve on 127.0.0.1: Decomposer -> Solver ({cfg.solver}) behind the FastAPI ingress")
             say(f"[7/8] evaluate  {len(held)} held-out problems through POST /v1/evaluations: none, teacher, "
-                f"{', '.join(runs)}")
+                f"{', '.join(runs)}, all at once")
             started_serve = True
             ev = stage_serve_and_evaluate(cfg, out, runs, held, cfg.solver_base_url or teacher_url, say)
             times.record("serve+evaluate", time.time() - t0)

@@ -80,7 +80,8 @@ class ServeConfig(BaseModel):
     decomposer_max_ongoing_requests: int = Field(16, ge=1, description="Per-replica concurrent requests (>= max_batch_size).")
     decomposer_min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
     decomposer_max_replicas: int = Field(2, ge=1, description="Autoscaling upper bound.")
-    decomposer_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decomposer replica.")
+    decomposer_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decomposer replica; it decodes with "
+                                       "that many torch threads (rounded down, at least 1).")
     decomposer_num_gpus: float = Field(0.0, ge=0, description="GPUs per decomposer replica; > 0 puts the model on cuda (bf16 where supported).")
     solver_max_ongoing_requests: int = Field(64, ge=1, description="Solver calls in flight per replica (they wait on I/O).")
     solver_min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
@@ -182,10 +183,11 @@ class DecomposerDeployment:
     """The distilled decomposer, batched. Methods return plain dicts; errors come back as {"ok": False, ...}
     so a bad request never takes the replica down."""
 
-    def __init__(self, settings: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
+    def __init__(self, settings: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+                 num_threads: int = 1):
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(num_threads)  # the CPUs Ray reserved for this replica (decomposer_num_cpus), no more
         self.settings = DecomposerSettings(**settings)
         self.local = LocalDecomposer(self.settings)
         if self.settings.device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -229,7 +231,9 @@ class DecomposerDeployment:
                                                       u["prompt_tokens"], u["completion_tokens"])}
 
     def stats(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes)}
+        import torch
+
+        return {"batch_sizes": list(self.batch_sizes), "torch_threads": torch.get_num_threads()}
 
 
 @serve.deployment(name="Solver")
@@ -851,7 +855,8 @@ def build_app(config: ServeConfig):
             max_ongoing_requests=cfg.decomposer_max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
             autoscaling_config=autoscaling(cfg.decomposer_min_replicas, cfg.decomposer_max_replicas),
             ray_actor_options={"num_cpus": cfg.decomposer_num_cpus, "num_gpus": cfg.decomposer_num_gpus},
-        ).bind(cfg.decomposer.model_dump(), cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        ).bind(cfg.decomposer.model_dump(), cfg.max_batch_size, cfg.batch_wait_timeout_s,
+               max(1, int(cfg.decomposer_num_cpus)))
     solver = SolverDeployment.options(
         max_ongoing_requests=cfg.solver_max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         autoscaling_config=autoscaling(cfg.solver_min_replicas, cfg.solver_max_replicas),
@@ -891,19 +896,24 @@ def start_serve(config: ServeConfig, *, ray_init: Optional[dict] = None, wait: b
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     base = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
     if wait:
-        import httpx
-
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise SubqError(f"the Serve app did not become healthy at {base}/healthz within 120 s")
-            time.sleep(0.5)
+        wait_healthy(base)
     return base
+
+
+def wait_healthy(base: str, timeout_s: float = 120) -> None:
+    """Wait until the application at `base` answers GET /healthz with 200."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise SubqError(f"the Serve app did not become healthy at {base}/healthz within {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def stop_serve(shutdown_ray: bool = True) -> None:

@@ -95,6 +95,9 @@ def test_demo_killed_while_generating_resumes_without_regenerating_and_reports(t
     evals = {e["decomposer"]: e for e in report["evaluation"]}
     assert list(evals) == ["none", "teacher", "bc", "filtered_bc", "ilql-dense"]
     assert all(e["n"] == M and e["errors"] == 0 for e in evals.values())
+    # the decomposers are served together: every distilled evaluation started before the first of them ended
+    ran = [evals[k]["ran"] for k in ("bc", "filtered_bc", "ilql-dense")]
+    assert max(c for c, _ in ran) < min(f for _, f in ran), ran
     assert evals["none"]["usage"]["decompose"]["calls"] == 0
     assert evals["teacher"]["usage"]["decompose"]["cost_usd"] > 0
     assert evals["bc"]["usage"]["decompose"]["completion_tokens"] > 0

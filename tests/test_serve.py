@@ -512,3 +512,28 @@ def test_ingress_killed_mid_evaluation_keeps_finished_items(stack):
     assert v is not None and v["status"] == "interrupted", v and v["status"]
     assert v["done"] >= done_before >= 3 and len(v["items"]) == v["done"]
     assert all(it["answer_text"] for it in v["items"] if not it["error"])
+
+
+def test_a_decomposer_replica_decodes_with_the_cpus_it_reserves(tmp_path):
+    """The replica build_app makes for decomposer_num_cpus=N uses N torch threads (rounded down, at least 1), not
+    always one: a replica given the whole machine must not leave cores idle. Built in-process from the app's own
+    bound arguments (the thread count is process state, so it is restored after)."""
+    import torch
+
+    from pipelines.serve import ServeConfig, build_app
+    from training.init_model import create_tiny_model
+
+    model_dir = str(tmp_path / "tiny")
+    create_tiny_model(model_dir, n_layer=1, n_embd=32)
+    before = torch.get_num_threads()
+    try:
+        for cpus, want in ((2.0, 2), (0.5, 1), (1.0, 1)):
+            app = build_app(ServeConfig(decomposer={"path": model_dir}, decomposer_num_cpus=cpus, api_keys_env=None))
+            dep = app._bound_deployment.init_args[0]._bound_deployment  # the Decomposer deployment, as bound
+            assert dep.ray_actor_options["num_cpus"] == cpus
+            torch.set_num_threads(7)
+            replica = dep.func_or_class(*dep.init_args)
+            assert torch.get_num_threads() == want, cpus
+            assert replica.stats()["torch_threads"] == want
+    finally:
+        torch.set_num_threads(before)

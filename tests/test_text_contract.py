@@ -121,3 +121,55 @@ def test_chat_prompt_format_is_the_same_ids_in_training_and_serving(model_dir):
     head, tail = chat_frame(d.tokenizer)
     assert trained[:len(head)] == head and trained[-len(tail):] == tail
     assert QUESTION in d.tokenizer.decode(trained[len(head):-len(tail)])
+
+
+def test_rows_that_end_leave_the_batch_and_every_row_decodes_as_alone(tmp_path_factory):
+    """A batched decode drops a row that reached EOS at the next host check (every SYNC_EVERY steps): the steps
+    after run only the rows still decoding (what makes a served batch of mixed lengths cheap), and every row's
+    decomposition is the one it gets decoded alone. Constructed case: a tiny GPT-2 overfit on a one-question and a
+    five-question decomposition."""
+    import torch
+
+    from subq.textformat import get_format
+    from training.bc import bc_loss
+    from training.data import Example, collate, encode
+    from training.decomposer import SYNC_EVERY, generate_subquestions, load_decomposer
+    from training.init_model import create_tiny_model
+
+    path = create_tiny_model(str(tmp_path_factory.mktemp("mixed") / "m"), n_layer=2, n_embd=64, vocab_size=800,
+                             max_texts=400)
+    d = load_decomposer(path)
+    short_p, long_p = "Mia has 4 pears. " + QUESTION, "Tom picks apples. " + QUESTION
+    targets = {short_p: ["How many pears does Mia have?"],
+               long_p: [f"How many apples did Tom pick on day {i} and how many did he give to Mia?" for i in range(5)]}
+    encs = [encode(Example(str(i), p, qs), d.tokenizer, get_format("paper"), 400) for i, (p, qs) in enumerate(targets.items())]
+    batch = collate(encs, d.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = d.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss = bc_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                       batch["input_ids"], batch["target_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    alone = {p: generate_subquestions(d, [p])[0] for p in targets}
+    assert [alone[p].questions for p in targets] == list(targets.values()) and all(g.eos for g in alone.values())
+    short_n, long_n = alone[short_p].completion_tokens, alone[long_p].completion_tokens
+    assert short_n + 2 * SYNC_EVERY < long_n
+
+    sizes = []
+    h = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        together = generate_subquestions(d, [short_p, long_p])
+    finally:
+        h.remove()
+    for g, p in zip(together, targets):
+        assert (g.questions, g.text, g.eos, g.completion_tokens, g.prompt_tokens) == \
+            (alone[p].questions, alone[p].text, alone[p].eos, alone[p].completion_tokens, alone[p].prompt_tokens)
+    assert long_n <= len(sizes) < long_n + SYNC_EVERY  # one forward per new token of the longest row, to the check
+    assert sizes[0] == 2 and sizes.count(2) <= short_n + SYNC_EVERY  # the short row left at the next check
+    assert set(sizes[sizes.count(2):]) == {1}

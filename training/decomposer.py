@@ -170,11 +170,16 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
     ids, attn = ids.to(d.device), attn.to(d.device)
     prompt_tokens = attn.sum(1).tolist()
     # the whole decode stays on the device: tokens accumulate in cur_ids, sampling uses a device generator, and the
-    # host reads a value only every SYNC_EVERY steps (all rows finished?) and once at the end (no per-row syncs)
+    # host reads a value only every SYNC_EVERY steps (which rows finished?) and once at the end (no per-row syncs).
+    # At each such check the rows that reached EOS leave the batch (their ids, mask and KV cache rows), so a batch of
+    # mixed lengths costs what its rows still decoding cost, not what the longest costs at the full batch size.
     gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
     B, T0 = ids.shape
     finished = torch.zeros(B, dtype=torch.bool, device=d.device)
     eos_t = torch.full((B,), eos, dtype=ids.dtype, device=d.device)
+    rows = list(range(B))  # the original row of each row still in the batch
+    new_ids: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
     past = None
     cur_ids, cur_attn = ids, attn
     with torch.no_grad():
@@ -201,9 +206,20 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
             finished |= nxt == eos
             cur_ids = torch.cat([cur_ids, nxt[:, None]], dim=1)
             cur_attn = torch.cat([cur_attn, torch.ones_like(nxt[:, None])], dim=1)
-            if not fixed_steps and (step + 1) % SYNC_EVERY == 0 and bool(finished.all()):
-                break
-    new_ids, done = cur_ids[:, T0:].tolist(), finished.tolist()
+            if not fixed_steps and (step + 1) % SYNC_EVERY == 0 and step + 1 < max_new_tokens:
+                fin = finished.tolist()
+                if all(fin):
+                    break
+                if any(fin):  # the finished rows leave the batch
+                    for i in (i for i, f in enumerate(fin) if f):
+                        new_ids[rows[i]], done[rows[i]] = cur_ids[i, T0:].tolist(), True
+                    keep = [i for i, f in enumerate(fin) if not f]
+                    idx = torch.tensor(keep, device=cur_ids.device)
+                    cur_ids, cur_attn, finished, eos_t = cur_ids[idx], cur_attn[idx], finished[idx], eos_t[idx]
+                    past.reorder_cache(idx)
+                    rows = [rows[i] for i in keep]
+    for i, (row_ids, fin) in enumerate(zip(cur_ids[:, T0:].tolist(), finished.tolist())):
+        new_ids[rows[i]], done[rows[i]] = row_ids, fin
     gens = []
     for i in range(B):
         row = new_ids[i]
