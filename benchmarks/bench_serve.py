@@ -65,8 +65,10 @@ def main() -> None:
                     "threads); the local Ray gets max(2, this) CPUs.")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--batch-sizes", default="32,1", help="max_batch_size settings to compare.")
+    ap.add_argument("--batch-wait-s", type=float, default=0.2, help="batch_wait_timeout_s of the batched rows.")
     ap.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one).")
     ap.add_argument("--auth-only", action="store_true", help="Only the API-key auth off/on rows.")
+    ap.add_argument("--no-auth", action="store_true", help="Leave out the API-key auth off/on rows.")
     ap.add_argument("--auth-clients", type=int, default=8, help="Concurrent clients of the auth rows.")
     args = ap.parse_args()
     if not args.port:
@@ -97,22 +99,26 @@ def main() -> None:
     try:
         for mbs in ([] if args.auth_only else [int(b) for b in args.batch_sizes.split(",")]):
             cfg = ServeConfig(port=args.port, decomposer={"path": model, "max_new_tokens": args.max_new_tokens},
-                              max_batch_size=mbs, batch_wait_timeout_s=0.01 if mbs > 1 else 0.0,
+                              max_batch_size=mbs, batch_wait_timeout_s=args.batch_wait_s if mbs > 1 else 0.0,
                               decomposer_max_ongoing_requests=max(32, mbs), decomposer_min_replicas=1,
                               decomposer_num_cpus=args.replica_cpus,
                               decomposer_max_replicas=1, max_queued_requests=1024, ingress_max_ongoing_requests=256)
             serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
             base = f"http://127.0.0.1:{args.port}"
             asyncio.run(drive(base, problems, 8, 4, args.max_new_tokens))  # warm-up
+            replica = serve.get_deployment_handle("Decomposer", app_name="bench")
             for c in conc:
+                seen = len(replica.stats.remote().result()["batch_sizes"])
                 r = asyncio.run(drive(base, problems, max(args.requests, c), c, args.max_new_tokens))
+                sizes = replica.stats.remote().result()["batch_sizes"][seen:]
+                r["mean_batch"] = sum(sizes) / max(1, len(sizes))
                 rows.append({"max_batch_size": mbs, "clients": c, **r})
-                print(f"max_batch_size {mbs}, {c} clients: {r['rps']:.2f} req/s, p50 {r['p50_ms']:.0f} ms "
-                      f"({r['wall_s']:.0f} s)", flush=True)
+                print(f"max_batch_size {mbs}, {c} clients: {r['rps']:.2f} req/s, p50 {r['p50_ms']:.0f} ms, "
+                      f"mean batch {r['mean_batch']:.1f} ({r['wall_s']:.0f} s)", flush=True)
             serve.delete("bench")
         key = "sk-bench-" + os.urandom(12).hex()
         os.environ["SUBQ_BENCH_API_KEYS"] = key  # read by build_app in this driver; only its digest is deployed
-        for auth in (False, True):
+        for auth in (() if args.no_auth else (False, True)):
             cfg = ServeConfig(port=args.port, decomposer={"path": model, "max_new_tokens": args.max_new_tokens},
                               decomposer_min_replicas=1, decomposer_max_replicas=1, max_queued_requests=1024,
                               decomposer_num_cpus=args.replica_cpus,
@@ -132,18 +138,20 @@ def main() -> None:
         ray.shutdown()
     print(f"\nDecomposer /v1/decompose, {args.model or 'tiny random GPT-2'}, max_new_tokens={args.max_new_tokens}, greedy, 1 replica "
           f"({args.replica_cpus:g} CPUs), {args.requests} requests per cell\n")
-    print("| max_batch_size | clients | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['max_batch_size']} | {r['clients']} | {r['rps']:.3g} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
-    print(f"\nAPI-key auth off vs on, {args.auth_clients} clients (GET /v1/models: no model work; /v1/decompose: "
-          f"the tiny model)\n")
-    print("| route | auth | requests | req/s | p50 ms | p99 ms | errors |")
+    print("| max_batch_size | clients | req/s | p50 ms | p99 ms | mean batch | errors |")
     print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['max_batch_size']} | {r['clients']} | {r['rps']:.3g} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+              f"{r['mean_batch']:.1f} | {r['errors']} |")
+    if auth_rows:
+        print(f"\nAPI-key auth off vs on, {args.auth_clients} clients (GET /v1/models: no model work; /v1/decompose: "
+              f"the model)\n")
+        print("| route | auth | requests | req/s | p50 ms | p99 ms | errors |")
+        print("|---|---|---|---|---|---|---|")
     for r in auth_rows:
         print(f"| {r['route']} | {'on' if r['auth'] else 'off'} | {r['n']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['errors']} |")
-    for route in ("/v1/models", "/v1/decompose"):
+    for route in (("/v1/models", "/v1/decompose") if auth_rows else ()):
         off = next(r for r in auth_rows if r["route"] == route and not r["auth"])
         on = next(r for r in auth_rows if r["route"] == route and r["auth"])
         print(f"\nauth overhead on {route}: p50 {on['p50_ms'] - off['p50_ms']:+.1f} ms, "

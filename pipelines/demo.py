@@ -1,6 +1,6 @@
 """`subq demo`: the whole distillation loop, end to end, on an embedded local Ray, offline, with no key.
 
-    subq demo                                   # ~4 minutes on 2 cores: replay teacher, tiny GPT-2, BC + FBC
+    subq demo                                   # under 6 minutes on 2 cores: replay teacher, tiny GPT-2, BC, FBC, ILQL
     subq demo --algos bc,filtered_bc,ilql --problems 64 --steps 120
     subq demo --base-url https://api.openai.com/v1 --teacher-model gpt-4o-mini --model gpt2-local-dir \\
         --problems 500 --eval-problems 200 --max-cost-usd 5      # the same loop as a real run (key: OPENAI_API_KEY)
@@ -354,7 +354,7 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
     (`teacher`) once, and each distilled decomposer, all five evaluations running at the same time. A finished
     evaluation of the same held-out problems, models and solver is re-used (it paid for its solver calls)."""
     from pipelines.evaluate import DecomposerSettings, SolverSettings, write_report
-    from pipelines.serve import ServeConfig, start_serve, wait_healthy
+    from pipelines.serve import ServeConfig, start_serve_many
     from pipelines.teacher_server import free_port
 
     # the solver's calls go through the same cluster limiter as generation's (one per endpoint and model)
@@ -366,17 +366,14 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
     # the replicas share the machine: each reserves half a CPU (one decoding thread) and a share of the GPU
     share = {"decomposer_num_cpus": 0.5, **({"decomposer_num_gpus": 1.0 / len(runs)} if cfg.use_gpu else {})}
     t0 = time.time()
-    bases = {}
-    for algo in runs:
-        dec = DecomposerSettings(path=runs[algo]["run_dir"], name=algo,  # a run dir: its best/ (val BLEU)
-                                 max_new_tokens=cfg.max_new_tokens, beta=cfg.beta,
-                                 device="cuda" if cfg.use_gpu else "cpu")
-        scfg = ServeConfig(host="127.0.0.1", port=port, app_name=f"subq-demo-{algo}", route_prefix=f"/{algo}",
-                           decomposer=dec, solver=solver, decomposer_max_replicas=1, solver_max_replicas=1, **share,
+    configs = [ServeConfig(host="127.0.0.1", port=port, app_name=f"subq-demo-{algo}", route_prefix=f"/{algo}",
+                           decomposer=DecomposerSettings(path=runs[algo]["run_dir"], name=algo,  # its best/ (val BLEU)
+                                                         max_new_tokens=cfg.max_new_tokens, beta=cfg.beta,
+                                                         device="cuda" if cfg.use_gpu else "cpu"),
+                           solver=solver, decomposer_max_replicas=1, solver_max_replicas=1, **share,
                            eval_concurrency=8, datasets={"heldout": heldout}, results_root=str(out / "serve-evaluations"))
-        bases[algo] = start_serve(scfg, ray_init={}, wait=False)
-    for base in bases.values():
-        wait_healthy(base)
+               for algo in runs]
+    bases = dict(zip(runs, start_serve_many(configs, ray_init={})))
     say(f"      serving {', '.join(runs)} (one application each) + solver {cfg.solver} at "
         f"http://127.0.0.1:{port} ({time.time() - t0:.0f}s)")
     first = next(iter(runs))

@@ -76,7 +76,8 @@ class ServeConfig(BaseModel):
     decomposer: DecomposerSettings = Field(default_factory=DecomposerSettings, description="The distilled decomposer.")
     solver: SolverSettings = Field(default_factory=SolverSettings, description="The solver.")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch max batch size of the decomposer.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch wait for a batch to fill.")
+    batch_wait_timeout_s: float = Field(0.2, ge=0, description="@serve.batch wait for a batch to fill (requests reach the "
+                                        "replica spread out by the proxy and ingress; a decode takes seconds).")
     decomposer_max_ongoing_requests: int = Field(16, ge=1, description="Per-replica concurrent requests (>= max_batch_size).")
     decomposer_min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
     decomposer_max_replicas: int = Field(2, ge=1, description="Autoscaling upper bound.")
@@ -183,7 +184,7 @@ class DecomposerDeployment:
     """The distilled decomposer, batched. Methods return plain dicts; errors come back as {"ok": False, ...}
     so a bad request never takes the replica down."""
 
-    def __init__(self, settings: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+    def __init__(self, settings: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.2,
                  num_threads: int = 1):
         import torch
 
@@ -196,7 +197,7 @@ class DecomposerDeployment:
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
     async def _batched(self, requests: list[tuple]) -> list[dict]:
         self.batch_sizes.append(len(requests))
         # one generate call per distinct decoding setting in the batch
@@ -898,6 +899,25 @@ def start_serve(config: ServeConfig, *, ray_init: Optional[dict] = None, wait: b
     if wait:
         wait_healthy(base)
     return base
+
+
+def start_serve_many(configs: list[ServeConfig], *, ray_init: Optional[dict] = None) -> list[str]:
+    """Deploy several applications together (one HTTP proxy: the first config's host and port; each its own
+    app_name and route_prefix), their replicas starting at the same time; wait until every one is healthy and
+    return their base URLs in order."""
+    import ray
+    from ray.serve.api import RunTarget
+
+    if not ray.is_initialized():
+        from cluster.connect import init_ray
+        init_ray(**(ray_init or {"include_dashboard": False}))
+    serve.start(http_options={"host": configs[0].host, "port": configs[0].port})
+    serve.run_many([RunTarget(target=build_app(c), name=c.app_name, route_prefix=c.route_prefix)
+                    for c in configs], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    bases = [f"http://{configs[0].host}:{configs[0].port}{c.route_prefix.rstrip('/')}" for c in configs]
+    for base in bases:
+        wait_healthy(base)
+    return bases
 
 
 def wait_healthy(base: str, timeout_s: float = 120) -> None:

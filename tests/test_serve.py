@@ -514,6 +514,32 @@ def test_ingress_killed_mid_evaluation_keeps_finished_items(stack):
     assert all(it["answer_text"] for it in v["items"] if not it["error"])
 
 
+def test_requests_arriving_over_a_tenth_of_a_second_are_decoded_in_one_batch(stack):
+    """Requests reach the decomposer spread out by the HTTP proxy and the ingress (on a busy machine, tens of ms
+    apart): the batch waits long enough to fill. 8 requests sent 20 ms apart (the replica's max_batch_size) must be
+    decoded (nearly) together; with the old 10 ms wait the first few went alone and the rest in later batches
+    (bench_serve, 32 clients: a mean batch of 3 of 32)."""
+    from ray import serve
+
+    from pipelines.serve import ServeConfig
+
+    replica = serve.get_deployment_handle("Decomposer", app_name=ServeConfig().app_name)
+    seen = len(replica.stats.remote().result()["batch_sizes"])
+
+    async def send():
+        async with httpx.AsyncClient(base_url=stack["base"], timeout=120, headers=AUTH) as c:
+            tasks = []
+            for i in range(8):
+                tasks.append(asyncio.create_task(c.post("/v1/decompose", json={"problem": f"Tom has {i} apples. " * 3})))
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*tasks)
+
+    replies = asyncio.run(send())
+    assert [r.status_code for r in replies] == [200] * 8
+    sizes = replica.stats.remote().result()["batch_sizes"][seen:]
+    assert sum(sizes) == 8 and sizes[0] >= 6, sizes
+
+
 def test_a_decomposer_replica_decodes_with_the_cpus_it_reserves(tmp_path):
     """The replica build_app makes for decomposer_num_cpus=N uses N torch threads (rounded down, at least 1), not
     always one: a replica given the whole machine must not leave cores idle. Built in-process from the app's own
