@@ -65,13 +65,31 @@ def test_trainer_and_server_feed_the_same_prompt_ids(model_dir, problem):
         assert tok.decode(whole, skip_special_tokens=True).rstrip().endswith(QUESTION)
 
 
+def _overfit(model, batch: dict, steps: int):
+    """Train `model` on one collated batch (BC loss, AdamW 3e-3, seed 0) until the loss is under 0.01 or `steps`
+    steps; returns it in eval mode."""
+    import torch
+
+    from training.bc import bc_loss
+
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = bc_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                       batch["input_ids"], batch["target_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    return model.eval()
+
+
 def test_long_decomposition_is_served_whole_and_a_cut_one_is_marked(tmp_path_factory):
     """Overfit a tiny GPT-2 on one example whose decomposition is > 64 tokens; the default decode budget returns
     it whole (EOS reached); a 64-token budget cuts it and says so (eos False)."""
-    import torch
-
     from subq.textformat import get_format
-    from training.bc import bc_loss
     from training.data import Example, collate, encode
     from training.decomposer import DEFAULT_MAX_NEW_TOKENS, generate_subquestions, load_decomposer
     from training.init_model import create_tiny_model
@@ -85,17 +103,7 @@ def test_long_decomposition_is_served_whole_and_a_cut_one_is_marked(tmp_path_fac
     n_target = sum(enc["target_mask"])
     assert n_target > 64 + 8
     batch = collate([enc], d.tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = d.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = bc_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"], batch["target_mask"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
+    _overfit(d.model, batch, 300)
     whole = generate_subquestions(d, ["Tom picks apples. " + QUESTION])[0]
     assert whole.questions == qs and whole.eos and whole.completion_tokens == n_target
     cut = generate_subquestions(d, ["Tom picks apples. " + QUESTION], max_new_tokens=64)[0]
@@ -128,10 +136,7 @@ def test_rows_that_end_leave_the_batch_and_every_row_decodes_as_alone(tmp_path_f
     after run only the rows still decoding (what makes a served batch of mixed lengths cheap), and every row's
     decomposition is the one it gets decoded alone. Constructed case: a tiny GPT-2 overfit on a one-question and a
     five-question decomposition."""
-    import torch
-
     from subq.textformat import get_format
-    from training.bc import bc_loss
     from training.data import Example, collate, encode
     from training.decomposer import SYNC_EVERY, generate_subquestions, load_decomposer
     from training.init_model import create_tiny_model
@@ -144,18 +149,7 @@ def test_rows_that_end_leave_the_batch_and_every_row_decodes_as_alone(tmp_path_f
                long_p: [f"How many apples did Tom pick on day {i} and how many did he give to Mia?" for i in range(5)]}
     encs = [encode(Example(str(i), p, qs), d.tokenizer, get_format("paper"), 400) for i, (p, qs) in enumerate(targets.items())]
     batch = collate(encs, d.tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = d.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(400):
-        loss = bc_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                       batch["input_ids"], batch["target_mask"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
+    model = _overfit(d.model, batch, 400)
     alone = {p: generate_subquestions(d, [p])[0] for p in targets}
     assert [alone[p].questions for p in targets] == list(targets.values()) and all(g.eos for g in alone.values())
     short_n, long_n = alone[short_p].completion_tokens, alone[long_p].completion_tokens
