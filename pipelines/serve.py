@@ -885,19 +885,23 @@ def app_builder(args: dict):
     return build_app(load_config(ServeConfig, None, nested))
 
 
-def start_serve(config: ServeConfig, *, ray_init: Optional[dict] = None, wait: bool = True) -> str:
-    """Start Ray (if needed) and Serve on config.host:port, deploy the app, wait until healthy; return the base URL
-    (`http://host:port` + route prefix, no trailing slash)."""
+def _start_proxy(config: ServeConfig, ray_init: Optional[dict]) -> None:
+    """Start Ray (if needed) and Serve's HTTP proxy on config.host:port."""
     import ray
 
     if not ray.is_initialized():
         from cluster.connect import init_ray
         init_ray(**(ray_init or {"include_dashboard": False}))
     serve.start(http_options={"host": config.host, "port": config.port})
+
+
+def start_serve(config: ServeConfig, *, ray_init: Optional[dict] = None) -> str:
+    """Start Ray (if needed) and Serve on config.host:port, deploy the app, wait until healthy; return the base URL
+    (`http://host:port` + route prefix, no trailing slash)."""
+    _start_proxy(config, ray_init)
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     base = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
-    if wait:
-        wait_healthy(base)
+    wait_healthy(base)
     return base
 
 
@@ -905,13 +909,9 @@ def start_serve_many(configs: list[ServeConfig], *, ray_init: Optional[dict] = N
     """Deploy several applications together (one HTTP proxy: the first config's host and port; each its own
     app_name and route_prefix), their replicas starting at the same time; wait until every one is healthy and
     return their base URLs in order."""
-    import ray
     from ray.serve.api import RunTarget
 
-    if not ray.is_initialized():
-        from cluster.connect import init_ray
-        init_ray(**(ray_init or {"include_dashboard": False}))
-    serve.start(http_options={"host": configs[0].host, "port": configs[0].port})
+    _start_proxy(configs[0], ray_init)
     serve.run_many([RunTarget(target=build_app(c), name=c.app_name, route_prefix=c.route_prefix)
                     for c in configs], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     bases = [f"http://{configs[0].host}:{configs[0].port}{c.route_prefix.rstrip('/')}" for c in configs]
