@@ -93,7 +93,7 @@ class DemoConfig(BaseModel):
     deepspeed: str = Field("zero2", description="DeepSpeed preset (zero0..zero3) or JSON config path.")
     max_new_tokens: int = Field(256, ge=1, description="Decomposer tokens per decomposition (validation and serving); "
                                 "the release allowed the reference length + 200 (subq.textformat).")
-    beta: float = Field(1.0, description="ILQL guidance weight when serving an ILQL decomposer.")
+    beta: Optional[float] = Field(None, description="ILQL guidance weight when serving an ILQL decomposer (None: the checkpoint's own ilql.beta).")
     # cluster
     ray_address: Optional[str] = Field(None, description="Join this Ray cluster (default: RAY_ADDRESS, else start one).")
     port: int = Field(0, ge=0, le=65535, description="Serve HTTP port on 127.0.0.1 (0: a free one).")

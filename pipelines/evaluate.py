@@ -72,12 +72,11 @@ class SolverSettings(BaseModel):
     cache_dir: Optional[str] = Field(None, description="Durable request cache of solver replies (actors.teacher.RequestCache): a re-run pays nothing. `subq eval` default: <out>/cache.")
 
     def price(self) -> Price:
-        if self.price_input_per_1k is not None or self.price_output_per_1k is not None:
-            return Price(self.price_input_per_1k or 0.0, self.price_output_per_1k or 0.0)
-        if self.backend == "local":
-            return Price(0.0, 0.0)
+        # the one override rule (subq.costs.PriceTable.with_override), as in generation: a side not overridden
+        # keeps the table's price (a local backend's table price is 0)
+        table = PriceTable({self.name: Price(0.0, 0.0)}) if self.backend == "local" else PriceTable.load(self.price_table)
         try:
-            return PriceTable.load(self.price_table).price(self.name)
+            return table.with_override(self.name, self.price_input_per_1k, self.price_output_per_1k).price(self.name)
         except ConfigError:
             raise ConfigError(f"no price for solver model {self.name!r}", field="solver.name",
                               hint="set solver.price_input_per_1k/price_output_per_1k (--solver-price-input/--solver-price-output) "
@@ -94,7 +93,7 @@ class DecomposerSettings(BaseModel):
 
     path: Optional[str] = Field(None, description="Checkpoint directory (training's HF save, ILQL heads beside it). None: no distilled decomposer.")
     name: str = Field("subq-decomposer", description="Id under which it is listed on /v1/models and in reports.")
-    beta: float = Field(1.0, description="ILQL guidance weight (log pi + beta*(minQ - V)); ignored without heads; 0 = plain BC decoding.")
+    beta: Optional[float] = Field(None, description="ILQL guidance weight (log pi + beta*(minQ - V)); None: the checkpoint's own ilql.beta (as in training's validation); ignored without heads; 0 = plain BC decoding.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
     max_new_tokens: int = Field(256, gt=0, le=4096, description="Max generated tokens per decomposition (training.decomposer.DEFAULT_MAX_NEW_TOKENS; the release allowed the reference length + 200).")

@@ -8,7 +8,6 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from subq.errors import ConfigError
 
 
 class GenerateConfig(BaseModel):
@@ -86,16 +85,9 @@ class GenerateConfig(BaseModel):
         return v
 
     def prices(self):
-        from subq.costs import Price, PriceTable
+        from subq.costs import PriceTable
 
-        table = PriceTable.load(self.price_table)
-        if self.price_input_per_1k is not None or self.price_output_per_1k is not None:
-            try:
-                base = table.price(self.model)
-            except ConfigError:
-                base = Price(0.0, 0.0)
-            table.prices[self.model] = Price(
-                base.input_per_1k if self.price_input_per_1k is None else self.price_input_per_1k,
-                base.output_per_1k if self.price_output_per_1k is None else self.price_output_per_1k)
+        table = PriceTable.load(self.price_table).with_override(self.model, self.price_input_per_1k,
+                                                                self.price_output_per_1k)
         table.price(self.model)  # ConfigError naming 'model' when unpriced
         return table

@@ -80,6 +80,19 @@ class PriceTable:
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
         return self.price(model).cost(prompt_tokens, completion_tokens)
 
+    def with_override(self, model: str, input_per_1k: float | None, output_per_1k: float | None) -> "PriceTable":
+        """The one price-override rule (generation, evaluation and serving alike): an override replaces only the
+        side it names; the other side keeps the table's price for `model` (0 when the table has none)."""
+        if input_per_1k is None and output_per_1k is None:
+            return self
+        try:
+            base = self.price(model)
+        except ConfigError:
+            base = Price(0.0, 0.0)
+        self.prices[model] = Price(base.input_per_1k if input_per_1k is None else input_per_1k,
+                                   base.output_per_1k if output_per_1k is None else output_per_1k, base.batch_factor)
+        return self
+
     def to_json(self) -> str:
         return json.dumps({m: vars(p) for m, p in self.prices.items()})
 

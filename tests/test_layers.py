@@ -1,0 +1,192 @@
+"""The house rules, drawn from the code's own imports (../shared/docs/redesign.md, issue 25). No Ray, under a second.
+
+Every import is counted: module level and inside functions, and the string argument of `importlib.import_module`.
+(a) a room imports only rooms on a lower floor (or itself); (b) no circle between files; (c) the core imports no
+layer and loads nothing by name; (d) every path in the README's "Where each concept lives" table exists.
+Today's violations are listed in ALLOWED_* below with what removes them; each entry is a debt, and a rule that
+stops being broken must leave the list (the test says so), so the lists only shrink.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FLOORS = {"subq": 1, "cluster": 2, "actors": 3, "training": 3, "pipelines": 4, "benchmarks": 5}
+ROOMS = tuple(FLOORS)
+
+# (importer file, imported room) arrows that break (a) today, and the redesign step that removes each.
+ALLOWED_ARROWS = {
+    ("subq/cli.py", "pipelines"): "step 8: the front door moves to pipelines/cli.py",
+    ("subq/cli.py", "cluster"): "step 8",
+    ("subq/cli.py", "training"): "step 8",
+    ("cluster/doctor.py", "training"): "step 7: doctor moves to pipelines/doctor.py",
+    ("training/train.py", "cluster"): None,  # allowed by the floors (cluster is below training): not a violation
+}
+ALLOWED_ARROWS = {k: v for k, v in ALLOWED_ARROWS.items() if v is not None}
+
+# files in subq/ that load modules by name today
+ALLOWED_IMPORT_MODULE = {"subq/cli.py": "step 8: explicit imports in pipelines/cli.py"}
+
+
+def _py_files() -> list[Path]:
+    return sorted(p for room in ROOMS for p in (REPO / room).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> tuple[set[str], list[str]]:
+    """(modules this file imports, import_module string arguments)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    mods: set[str] = set()
+    by_name: list[str] = []
+    pkg = _module_of(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_of(path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            mods.add(base)
+            mods.update(f"{base}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name == "import_module":
+                by_name.append(ast.unparse(node.args[0]) if node.args else "")
+                if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                    mods.add(node.args[0].value)
+    # import_module over a list of names (subq/cli.py's COMMAND_MODULES): count the string constants of that list
+    if by_name:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.List, ast.Tuple)):
+                for elt in node.elts:
+                    if isinstance(elt, ast.Constant) and isinstance(elt.value, str) and elt.value.split(".")[0] in ROOMS:
+                        mods.add(elt.value)
+    return mods, by_name
+
+
+def _graph() -> dict[str, set[str]]:
+    files = _py_files()
+    known = {_module_of(p): p.relative_to(REPO).as_posix() for p in files}
+    graph: dict[str, set[str]] = {}
+    for p in files:
+        src = p.relative_to(REPO).as_posix()
+        mods, _ = _imports(p)
+        targets = set()
+        for m in mods:
+            while m and m not in known:  # `from pkg.mod import name` -> pkg.mod
+                m = m.rpartition(".")[0]
+            if m and known[m] != src:
+                targets.add(known[m])
+        graph[src] = targets
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
+    """Strongly connected components of more than one file (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), set(), [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.add(tuple(sorted(comp)))
+
+    import sys
+
+    sys.setrecursionlimit(10000)
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+# Today's circles (redesign 1.1): the batch <-> generate pair, training's decomposer -> preflight -> train
+# -> decomposer, and the core's front door (subq/cli.py loads every layer's command module by name, and each of those
+# imports the core's cli back). Each entry names the step that removes it; the check below keeps the list honest.
+KNOWN_CIRCLE_MEMBERS = {
+    "pipelines/batch.py": "step 3 (batch and generate import the recipe from subq/)",
+    "training/preflight.py": "step 6 (checkpoint helpers move to training/checkpoints.py)",
+    "subq/cli.py": "step 8 (the front door moves to pipelines/cli.py)",
+}
+
+
+def test_arrows_only_run_down_the_floors():
+    bad = {}
+    for src, targets in _graph().items():
+        room = src.split("/")[0]
+        for t in targets:
+            troom = t.split("/")[0]
+            if troom != room and FLOORS[troom] >= FLOORS[room]:
+                bad.setdefault((src, troom), t)
+    new = {k: v for k, v in bad.items() if k not in ALLOWED_ARROWS}
+    assert not new, f"imports that run up or sideways between rooms: {new}"
+    gone = set(ALLOWED_ARROWS) - set(bad)
+    assert not gone, f"fixed: remove from ALLOWED_ARROWS: {gone}"
+
+
+def test_no_circles_between_files_beyond_the_known_ones():
+    graph = _graph()
+    # the front door's circle first, then the rest with the front door taken out (it joins every circle into one)
+    assert any("subq/cli.py" in c for c in _circles(graph)) == ("subq/cli.py" in KNOWN_CIRCLE_MEMBERS), \
+        "subq/cli.py's circle changed: update KNOWN_CIRCLE_MEMBERS"
+    rest = {k: v - {"subq/cli.py"} for k, v in graph.items() if k != "subq/cli.py"}
+    circles = _circles(rest)
+    unexplained = [c for c in circles if not any(m in c for m in KNOWN_CIRCLE_MEMBERS)]
+    assert not unexplained, f"new import circles: {unexplained}"
+    gone = {m for m in KNOWN_CIRCLE_MEMBERS if m != "subq/cli.py" and not any(m in c for c in circles)}
+    assert not gone, f"circles broken: remove from KNOWN_CIRCLE_MEMBERS: {gone}"
+
+
+def test_the_core_loads_no_module_by_name_and_imports_no_ray_or_torch_at_module_level():
+    by_name = {p.relative_to(REPO).as_posix() for p in (REPO / "subq").rglob("*.py") if _imports(p)[1]}
+    assert by_name == set(ALLOWED_IMPORT_MODULE), f"import_module in subq/: {by_name}"
+    for p in (REPO / "subq").rglob("*.py"):
+        tree = ast.parse(p.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+        assert not names & {"ray", "torch", "transformers", "deepspeed"}, f"{p}: heavy import at module level"
+
+
+def test_every_path_in_the_readme_concept_table_exists():
+    text = (REPO / "README.md").read_text()
+    table = text.split("## Where each concept lives", 1)[1].split("\n## ", 1)[0]
+    paths = re.findall(r"`([\w./-]+\.(?:py|yaml|sh)|[\w-]+/(?:[\w./-]*/)?)`", table)
+    assert len(paths) > 20, paths
+    missing = [p for p in paths if not (REPO / p).exists()]
+    assert not missing, f"README names paths that do not exist: {missing}"
+
+
+def test_the_import_reader_sees_what_it_claims_to():
+    """The rules above hold only if the reader sees function-level imports and import_module strings."""
+    g = _graph()
+    assert "pipelines/serve_cmd.py" in g["subq/cli.py"]  # reached only through import_module(COMMAND_MODULES)
+    assert "training/ilql.py" in g["training/decomposer.py"]  # a function-level `from training.ilql import ...`
