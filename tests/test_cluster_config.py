@@ -33,10 +33,9 @@ def test_cloud_yaml_has_cpu_autoscaling_and_gpu_types_and_token_on():
     types = cfg["available_node_types"]
     assert types["cpu_generation"]["max_workers"] > types["cpu_generation"]["min_workers"]
     assert types["gpu_train_serve"]["resources"]["GPU"] >= 1
-    for name in ("head_setup_commands",):
-        assert any("pip install" in c and "-e ." in c for c in cfg[name])
-    for t in ("cpu_generation", "gpu_train_serve"):
-        assert any("pip install" in c and "-e ." in c for c in types[t]["worker_setup_commands"])
+    assert any("cluster/install_node.sh cpu" in c for c in cfg["head_setup_commands"])
+    for t, kind in (("cpu_generation", "cpu"), ("gpu_train_serve", "gpu")):
+        assert any(f"cluster/install_node.sh {kind}" in c for c in types[t]["worker_setup_commands"])
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert "~/.ray/auth_token" in cfg["file_mounts"]
@@ -171,18 +170,17 @@ def test_gpu_node_type_can_run_gpus():
     disk = gpu["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
     assert disk >= 200
     setup = " ".join(gpu["worker_setup_commands"])
-    assert "torch==2.13.0" in setup and "whl/cpu" not in setup and "nvidia-smi" in setup
-    assert "whl/cpu" in " ".join(cfg["available_node_types"]["cpu_generation"]["worker_setup_commands"])
+    assert "install_node.sh gpu" in setup and "nvidia-smi" in setup and gpu["docker"]["worker_image"].endswith("-gpu")
+    script = (ROOT / "cluster" / "install_node.sh").read_text()  # CPU wheel index on cpu, PyPI's CUDA build on gpu
+    assert "download.pytorch.org/whl/cpu" in script and '"torch==' in (ROOT / "pyproject.toml").read_text()
     env = _ray_start_env(next(c for c in cfg["worker_start_ray_commands"] if "ray start" in c))
-    assert env.get("NCCL_SOCKET_IFNAME") and env.get("NCCL_IB_DISABLE") == "1"
+    assert env.get("NCCL_SOCKET_IFNAME") == "^docker0,lo" and env.get("NCCL_IB_DISABLE") == "1"
 
 
 def test_cluster_yaml_and_code_request_the_same_resources():
     """Teacher actors request what the cpu_generation type advertises (and the head does not, so the autoscaler
     adds that type for them; every `ray start` names it in SUBQ_AUTOSCALED_RESOURCES); Ray Train workers with
     --use-gpu and GPU Serve decomposer replicas request only what the GPU type advertises, and fit one node."""
-    from ray.train import ScalingConfig
-
     from pipelines.generate import GenerateConfig
     from pipelines.serve import ServeConfig, build_app
     from training.config import TrainConfig
@@ -204,12 +202,50 @@ def test_cluster_yaml_and_code_request_the_same_resources():
         if "ray start" in c:
             assert set(g.actor_resources) <= set(_ray_start_env(c)["SUBQ_AUTOSCALED_RESOURCES"].split(","))
 
-    t = TrainConfig.model_fields
-    worker = ScalingConfig(num_workers=1, use_gpu=True,
-                           resources_per_worker={"CPU": t["cpus_per_worker"].default})._resources_per_worker_not_none
+    from training.train import scaling_config
+
+    # what run_train itself gives TorchTrainer for a default --use-gpu run (not a copy of it)
+    worker = scaling_config(TrainConfig(data="x", model="m", use_gpu=True))._resources_per_worker_not_none
     assert set(worker) <= set(gpu_t) and fits(worker, gpu_t) and worker.get("GPU") == 1
 
     app = build_app(ServeConfig(decomposer={"path": "/models/bc/final"}, decomposer_num_gpus=1))
     dec = app._bound_deployment.init_args[0]._bound_deployment.ray_actor_options
     request = {"CPU": dec.get("num_cpus", 1), "GPU": dec.get("num_gpus", 0), **(dec.get("resources") or {})}
     assert request["GPU"] == 1 and fits(request, gpu_t) and not fits(request, gen_t)
+
+
+def _effective_commands(cfg: dict) -> dict:
+    """Per node type, the setup commands Ray 2.60 runs there: prepare_config merges the global setup_commands into
+    head/worker_setup_commands; the autoscaler's per-node-type lookup (StandardAutoscaler
+    ._get_node_type_specific_fields) then lets a type's own worker_setup_commands replace them."""
+    import copy
+    from types import SimpleNamespace
+
+    from ray.autoscaler._private.autoscaler import StandardAutoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
+
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    out = {}
+    for name in prepared["available_node_types"]:
+        if name == prepared["head_node_type"]:
+            out[name] = list(prepared["head_setup_commands"])
+            continue
+        shim = SimpleNamespace(config=prepared, available_node_types=prepared["available_node_types"],
+                               provider=SimpleNamespace(node_tags=lambda nid, t=name: {TAG_RAY_USER_NODE_TYPE: t}))
+        out[name] = list(StandardAutoscaler._get_node_type_specific_fields(shim, "n", "worker_setup_commands"))
+    return out
+
+
+def test_every_node_type_runs_the_one_install_and_the_head_gets_boto3():
+    """issue 23 (1, 2): read with Ray's own merge rules, every node type's effective setup installs the project
+    (cluster/install_node.sh, whose `pip install -e` pins Ray through pyproject.toml) for its kind; the head's
+    also installs boto3 (the AWS node provider), which Ray's default head setup did and ours replaces."""
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    eff = _effective_commands(cfg)
+    kinds = {"head": "cpu", "cpu_generation": "cpu", "gpu_train_serve": "gpu"}
+    for name, cmds in eff.items():
+        text = "\n".join(cmds)
+        assert f"cluster/install_node.sh {kinds[name]}" in text, (name, cmds)
+    assert any("boto3" in c and "pip install" in c for c in eff[cfg["head_node_type"]]), eff["head"]

@@ -23,6 +23,10 @@ ALLOWED_ARROWS = {
     ("subq/cli.py", "cluster"): "step 8",
     ("subq/cli.py", "training"): "step 8",
     ("cluster/doctor.py", "training"): "step 7: doctor moves to pipelines/doctor.py",
+    # `subq cluster check` compares the cluster files with what the jobs request, read from their config models:
+    # it belongs above the jobs, beside the front door (step 8: pipelines/cluster_check.py)
+    ("cluster/check.py", "pipelines"): "step 8",
+    ("cluster/check.py", "training"): "step 8",
     ("training/train.py", "cluster"): None,  # allowed by the floors (cluster is below training): not a violation
 }
 ALLOWED_ARROWS = {k: v for k, v in ALLOWED_ARROWS.items() if v is not None}
