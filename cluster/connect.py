@@ -158,6 +158,9 @@ def init_ray(address: Optional[str] = None, *, say: bool = True, **kwargs) -> Ta
         except ImportError:
             pass
     ray.init(address=t.address, **kw)
+    from subq import stop
+
+    stop.reinstall()  # ray.init replaced SIGTERM's handler: ours again, so SIGTERM stops like Ctrl-C (subq.stop)
     if say and t.note:
         from subq import console
 

@@ -125,9 +125,16 @@ def check_gpu() -> Check:
 
     if not torch.cuda.is_available():
         return Check("gpu", "ok", "none visible: training and serving run on CPU (gloo, fp32)")
+    from training.config import native_bf16
+
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    bf16 = torch.cuda.is_bf16_supported()
-    return Check("gpu", "ok" if bf16 else "warn", f"{len(names)} x {names[0]}; bf16 {'supported' if bf16 else 'NOT supported (use fp32/fp16)'}")
+    cap = "{}.{}".format(*torch.cuda.get_device_capability(0))
+    bf16 = native_bf16(0)  # not torch.cuda.is_bf16_supported(): True on T4/V100, which only emulate bf16
+    detail = (f"{len(names)} x {names[0]} (compute capability {cap}); bf16 "
+              + ("native: training (bf16 \"auto\") and serving use bf16" if bf16 else
+                 "NOT native (needs 8.0; torch only emulates it): training uses fp32 (fp16 if the DeepSpeed config "
+                 "enables it), serving fp32"))
+    return Check("gpu", "ok" if bf16 else "warn", detail)
 
 
 def check_auth() -> Check:

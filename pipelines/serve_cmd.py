@@ -48,7 +48,12 @@ def serve_values_from_yaml(path: Optional[str]) -> dict:
         values = dict(apps[0].get("args") or {})
         http = raw.get("http_options") or {}
         for k in ("host", "port"):
-            if k in http and k not in values:
+            # `serve deploy` binds http_options, whatever the args say: the exposure rule must see that address
+            if k in http and k in values and str(values[k]) != str(http[k]):
+                raise ConfigError(f"args.{k}={values[k]!r} but http_options.{k}={http[k]!r}: Serve's proxy binds "
+                                  f"http_options; make them equal (or drop args.{k})", field=f"http_options.{k}",
+                                  source=path)
+            if k in http:
                 values[k] = http[k]
         if "route_prefix" in apps[0] and "route_prefix" not in values:
             values["route_prefix"] = apps[0]["route_prefix"]
@@ -67,6 +72,20 @@ def _validate(cls, values: dict, source: Optional[str]):
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         raise ConfigError(err["msg"], field=loc, source=source) from None
+
+
+def drain_serve(app_name: str) -> None:
+    """Answer the requests in flight, then let Serve go: deleting the application stops its replicas the graceful
+    way (each waits for its ongoing requests, up to its `graceful_shutdown_timeout_s`) while the HTTP proxy, still
+    up, returns their replies; `serve.shutdown()` alone kills the proxy at once and drops them."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name, _blocking=True)
+    except Exception as e:  # noqa: BLE001 - a failed drain must not stop the shutdown that follows
+        from subq import console
+
+        console.echo(f"warning: draining {app_name} failed ({type(e).__name__}: {e}); shutting down")
 
 
 def register(app: typer.Typer) -> None:
@@ -95,7 +114,8 @@ def register(app: typer.Typer) -> None:
         results_root: Optional[str] = typer.Option(None, "--results-root", help="Where evaluations are written (default ~/.cache/subq/serve-evaluations)."),
         check: bool = typer.Option(False, "--check", help="Validate the config, print it as JSON and exit without starting Serve."),
     ) -> None:
-        """Serve the decomposer -> solver app on Ray Serve (Ctrl-C stops it). Endpoints: /v1/decompose, /v1/solve,
+        """Serve the decomposer -> solver app on Ray Serve (Ctrl-C or SIGTERM stops it after answering the requests
+        in flight, exit 0). Endpoints: /v1/decompose, /v1/solve,
         /v1/evaluations, /v1/chat/completions, /v1/models, /healthz."""
         from pipelines.serve import ServeConfig
 
@@ -124,7 +144,6 @@ def register(app: typer.Typer) -> None:
         _c.echo(f"solver {cfg.solver.name} at {cfg.solver.upstream()} answers; API keys: "
                 f"{n_keys or 'none (loopback only)'}")
         import os
-        import time
 
         from pipelines.serve import start_serve, stop_serve
 
@@ -134,15 +153,24 @@ def register(app: typer.Typer) -> None:
         init = {"include_dashboard": False}
         if not os.environ.get("RAY_ADDRESS") and num_cpus:
             init["num_cpus"] = num_cpus
-        base = start_serve(cfg, ray_init=init)
-        console.emit_json({"status": "serving", "base_url": base, "openai_base_url": base + "/v1"})
+        from subq import stop
+
+        serving = False
         try:
+            base = start_serve(cfg, ray_init=init)
+            console.emit_json({"status": "serving", "base_url": base, "openai_base_url": base + "/v1"})
+            serving = True
             while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+                stop.sleep(1.0)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (supervisors, Kubernetes, `ray job stop`): a clean stop
+            if not serving:
+                raise  # stopped while starting: exit 130/143 (after the shutdown below)
+            stop.while_draining()  # a second SIGTERM does not cut the drain short (a second Ctrl-C does)
+            console.echo(f"stopping ({stop.describe(e)}): answering the requests in flight, then shutting down")
+            drain_serve(cfg.app_name)
         finally:
             stop_serve()
+        console.echo("stopped")  # exit 0: a requested stop, done cleanly
 
     @app.command("eval")
     def eval_cmd(
@@ -165,6 +193,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Problems per Ray Data batch."),
         concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Solver calls in flight per actor."),
         cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Durable cache of solver replies (default OUT/cache): a re-run pays nothing."),
+        decomposer_num_gpus: Optional[float] = typer.Option(None, "--decomposer-num-gpus", help="GPUs each distilled-decomposer actor reserves (its model then runs on cuda)."),
         exclude_few_shot: bool = typer.Option(False, "--exclude-few-shot", help="Drop the GSM8K test problems the paper's prompts quote as few-shot examples (default: kept, marked, and the report also gives accuracy without them)."),
     ) -> None:
         """Evaluate decomposer x solver pairs over a split (Ray Data) and write a report directory: results.json,
@@ -175,6 +204,7 @@ def register(app: typer.Typer) -> None:
         values = _merge(read_yaml(config) if config else {}, {
             "out": out, "data": data, "limit": limit, "decomposers": list(decomposer) if decomposer else None,
             "batch_size": batch_size, "concurrency": concurrency, "cache_dir": cache_dir,
+            "decomposer_num_gpus": decomposer_num_gpus,
             "exclude_few_shot": exclude_few_shot or None,
             "decomposer": {"beta": beta, "max_new_tokens": max_new_tokens},
             "solver": {"name": solver_model, "base_url": solver_base_url, "backend": solver_backend,

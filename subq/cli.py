@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from typing import Optional
+
+from subq import stop as _stop
+
+if os.path.basename(sys.argv[0] if sys.argv else "") == "subq":
+    # the `subq` console script: a Ctrl-C/SIGTERM during the imports below ends it at once, with its exit code
+    # (subq.stop; main() installs the handlers that let each command stop cleanly)
+    _stop.install_early()
 
 import typer
 
@@ -82,22 +90,29 @@ _register_layers()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console entry point: user errors print one line and exit 2, without a traceback."""
+    """Console entry point: user errors print one line and exit 2, without a traceback. Ctrl-C exits 130 and
+    SIGTERM 143, each after the command's own stop path ran (subq.stop)."""
     import faulthandler
     import signal
 
     from subq import console
 
+    _stop.install()  # SIGINT and SIGTERM raise here, every time (subq.stop)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack to stderr (a job that seems stuck)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        app(args=argv, standalone_mode=True)
+        try:
+            app(args=argv, standalone_mode=True)
+        except SystemExit as e:  # typer turns a KeyboardInterrupt from the command into exit 130
+            if e.code == 130 and _stop.requested() is not None:
+                raise (_stop.Terminated() if _stop.requested() == signal.SIGTERM else KeyboardInterrupt()) from None
+            raise
     except SubqError as e:
         console.echo(f"error: {e}")
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.echo("\nstopped (Ctrl-C)")
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (subq.stop.Terminated)
+        console.echo(f"\nstopped ({_stop.describe(e)})")
+        sys.exit(_stop.exit_code(e))
     except Exception as e:  # an unexpected failure: one line on the terminal, the traceback in the run's log
         import traceback
 
@@ -105,6 +120,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         where = f" (traceback in {console.log_path()})" if console.log_path() else ""
         console.echo(f"error: {type(e).__name__}: {e}{where}")
         sys.exit(1)
+    finally:
+        _stop.uninstall()  # an in-process caller (a test) gets its own handlers back
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ actor pool, the pool grows past one actor, every problem is written exactly once
 after the job. A second job loses one generation node mid-run (its raylet is killed) and still ends with every
 problem exactly once. The scenario prints a timeline (time, nodes by type, actors alive, rows done).
 
+GPU training pre-flight (issue 24) on a second fake cluster: a head without GPUs and a `ray.worker.gpu` type (min
+0, max 2, a logical `GPU: 1` each, no CUDA). `--num-workers 3` is refused at once naming the maximum (no node
+launched, nothing written); a 1 s `node_wait_s` fails naming it and withdraws its request; `--num-workers 2`
+makes pre-flight ask the autoscaler for the nodes, wait for them (saying so) and run its storage/model/data checks
+on exactly those two nodes.
+
 Runs in its own interpreter: token authentication is process-global in Ray. Never `ray stop`:
 `AutoscalingCluster.start()` would run `ray stop --force` (every Ray on the machine), so the head is started here
 the same way, with its own temp dir and ports, and only its own processes are stopped.
@@ -57,6 +63,50 @@ def test_generation_job_scales_nodes_and_actors_up_then_idle_nodes_down(report):
     assert grow["teacher_401"] == 0  # the key reached the actors on the new nodes
 
 
+@pytest.fixture(scope="module")
+def gpu_preflight(tmp_path_factory):
+    """The GPU pre-flight scenario (`gpu_preflight_scenario`) on its own fake autoscaling cluster."""
+    tmp = tmp_path_factory.mktemp("gpu_preflight")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "NCCL_SOCKET_IFNAME")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    r = subprocess.run([sys.executable, __file__, "--gpu-preflight", str(tmp)], capture_output=True, text=True,
+                       env=env, timeout=1200)
+    print(r.stdout[-6000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
+    rep = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))[7:])
+    rep["stderr"] = r.stderr
+    return rep
+
+
+def test_gpu_preflight_refuses_more_workers_than_the_autoscaler_maximum_before_any_work(gpu_preflight):
+    """Head without GPUs, GPU type min 0 max 2 (1 GPU each): --num-workers 3 fails at once naming the maximum; no
+    node is launched and nothing is written."""
+    over = gpu_preflight["over"]
+    assert over["error"] and "field 'num_workers'" in over["error"] and "\n" not in over["error"], over
+    assert "at most 2" in over["error"] and "ray.worker.gpu" in over["error"], over["error"]
+    assert over["gpu_nodes_after"] == 0 and not over["run_dir_exists"], over
+
+
+def test_gpu_preflight_launches_the_gpu_nodes_and_checks_them(gpu_preflight):
+    """--num-workers 2 with no GPU node up: pre-flight reads the GPU type's maximum from the autoscaler's config,
+    asks for the nodes, waits (saying so), and runs its storage/model/data checks on the launched GPU nodes."""
+    ok = gpu_preflight["ok"]
+    assert ok["error"] is None, ok["error"]
+    assert ok["gpu_nodes_before"] == 0 and len(ok["gpu_node_ids"]) == 2, ok
+    assert sorted(ok["checked_node_ids"]) == sorted(ok["gpu_node_ids"]), ok  # the checks ran there, not on the head
+    assert set(ok["checks"]) >= {"storage_path", "model", "data"}, ok
+    assert "waiting" in gpu_preflight["stderr"] and "ray.worker.gpu" in gpu_preflight["stderr"]
+    assert ok["pending_placement_groups_after"] == 0, ok  # its node request is withdrawn once the nodes are up
+
+
+def test_gpu_preflight_wait_for_nodes_has_a_timeout(gpu_preflight):
+    """Nodes that do not come within the wait: one error naming node_wait_s, and the node request withdrawn."""
+    short = gpu_preflight["short"]
+    assert short["error"] and "field 'node_wait_s'" in short["error"] and "within 1 s" in short["error"], short
+    assert short["placement_groups_after"] == 0, short
+
+
 def test_generation_job_survives_losing_a_worker_node(report):
     kill = report["kill"]
     assert kill["killed_node"] and kill["rows_at_kill"] < N  # killed mid-job
@@ -98,7 +148,14 @@ def _stop(markers: list[str]) -> None:
         psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
 
 
-def start_head(tmp: Path) -> dict:
+GENERATION_TYPES = {
+    "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+    "ray.worker.cpu_generation": {"resources": {"CPU": 2, "generation": 2, "object_store_memory": 80 * 2 ** 20},
+                                  "node_config": {}, "min_workers": 0, "max_workers": 3},
+}
+
+
+def start_head(tmp: Path, node_types: dict | None = None, max_workers: int = 3, idle_minutes: float = 0.2) -> dict:
     """`ray start --head --autoscaling-config` like AutoscalingCluster.start(), minus its `ray stop --force`."""
     import yaml
 
@@ -106,13 +163,9 @@ def start_head(tmp: Path) -> dict:
     gcs, dash = free_port(), free_port()
     cfg = yaml.safe_load((ROOT / "cluster" / "ray_cluster.local.yaml").read_text())
     cfg["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"
-    cfg["idle_timeout_minutes"] = 0.2
-    cfg["max_workers"] = 3
-    cfg["available_node_types"] = {
-        "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
-        "ray.worker.cpu_generation": {"resources": {"CPU": 2, "generation": 2, "object_store_memory": 80 * 2 ** 20},
-                                      "node_config": {}, "min_workers": 0, "max_workers": 3},
-    }
+    cfg["idle_timeout_minutes"] = idle_minutes
+    cfg["max_workers"] = max_workers
+    cfg["available_node_types"] = node_types or GENERATION_TYPES
     cfg_path = tmp / "autoscaling.json"
     cfg_path.write_text(json.dumps(cfg))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -120,7 +173,8 @@ def start_head(tmp: Path) -> dict:
     cmd = ["ray", "start", "--head", f"--autoscaling-config={cfg_path}", f"--temp-dir={temp_dir}", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", "--num-cpus=2",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--num-cpus={int(cfg['available_node_types']['ray.head.default']['resources']['CPU'])}",
            f"--object-store-memory={120 * 2 ** 20}", "--include-dashboard=true", "--disable-usage-stats"]
     markers = [temp_dir, f"--gcs-address=127.0.0.1:{gcs}", f"gcs_address=127.0.0.1:{gcs}"]
     for _ in range(5):  # a node has 30 s to register: retried on a loaded shared machine
@@ -276,6 +330,82 @@ def scenario(tmp: Path) -> None:
         shutil.rmtree(head["temp_dir"], ignore_errors=True)
 
 
+GPU_TYPES = {  # a head without GPUs; a GPU type scaled from 0 that advertises a logical GPU (no CUDA needed)
+    "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+    "ray.worker.gpu": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 80 * 2 ** 20}, "node_config": {},
+                       "min_workers": 0, "max_workers": 2},
+}
+
+
+def gpu_preflight_scenario(tmp: Path) -> None:
+    import ray
+
+    from subq.errors import SubqError
+    from subq.schema import write_parquet
+    from tests.test_train import _rows
+    from training.config import TrainConfig
+    from training.init_model import create_tiny_model
+    from training.preflight import check_cluster
+    from training.train import preflight, run_train
+
+    head = start_head(tmp, GPU_TYPES, max_workers=2, idle_minutes=5)
+    model = create_tiny_model(str(tmp / "tiny"), n_layer=1, n_embd=32, vocab_size=400, max_texts=200)
+    write_parquet(_rows(8), str(tmp / "rows.parquet"))
+    base = dict(algo="bc", data=str(tmp / "rows.parquet"), model=str(model), use_gpu=True, num_workers=2,
+                storage_path=str(tmp / "runs"), name="r", val_fraction=0, eval_problems=0)
+
+    def gpu_nodes() -> list[str]:
+        return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+
+    report = {}
+    try:
+        ray.init(address=head["gcs"], log_to_driver=False)
+        # 1. more workers than the GPU type's maximum: refused before anything starts (only the head is up)
+        over = {"error": None}
+        try:
+            run_train({**base, "num_workers": 3})
+        except SubqError as e:
+            over["error"] = str(e)
+        time.sleep(5)  # an autoscaler update would have launched a node by now
+        over["gpu_nodes_after"] = len(gpu_nodes())
+        over["run_dir_exists"] = (tmp / "runs" / "r").exists()
+        report["over"] = over
+        print("num_workers=3:", over, flush=True)
+        # 2. two workers: the GPU nodes are launched and checked (a first try whose wait is too short fails
+        # naming node_wait_s and withdraws its request)
+        ok = {"error": None, "gpu_nodes_before": len(gpu_nodes())}
+        cfg = TrainConfig(**base)
+        preflight(cfg)
+        short = {"error": None}
+        try:
+            check_cluster(cfg, wait_s=1)
+        except SubqError as e:
+            short["error"] = str(e)
+        short["placement_groups_after"] = sum(1 for p in ray.util.placement_group_table().values()
+                                              if p["state"] in ("PENDING", "CREATED"))
+        report["short"] = short
+        print("wait_s=1:", short, flush=True)
+        try:
+            res = check_cluster(cfg) or {}
+        except SubqError as e:
+            ok["error"], res = str(e), {}
+        print("num_workers=2:", res, flush=True)
+        ok["gpu_node_ids"] = gpu_nodes()
+        ok["checked_node_ids"] = [n["node_id"] for n in res.get("nodes_checked", [])]
+        ok["checks"] = res.get("checks", [])
+        pgs = ray.util.placement_group_table().values()
+        ok["pending_placement_groups_after"] = sum(1 for p in pgs if p["state"] in ("PENDING", "CREATED"))
+        report["ok"] = ok
+        print("REPORT " + json.dumps(report), flush=True)
+    finally:
+        ray.shutdown()
+        _stop(head["markers"])
+        shutil.rmtree(head["temp_dir"], ignore_errors=True)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    scenario(Path(sys.argv[1]))
+    if sys.argv[1] == "--gpu-preflight":
+        gpu_preflight_scenario(Path(sys.argv[2]))
+    else:
+        scenario(Path(sys.argv[1]))

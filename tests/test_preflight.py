@@ -3,8 +3,9 @@
 own temp dir and free ports. Each worker node runs in its own mount namespace (`unshare -m`) where a tmpfs hides
 one directory of the head's disk: what lives there exists on the head only, as on a real cluster.
 
-Refused before any worker starts, one line each: a local storage path the workers do not see, a model present
-only on the head, more workers than GPUs, bf16 on a T4, resume with another world size. A valid config passes.
+Refused before any worker starts, one line each: a local storage path the workers do not see, a model or `--data`
+present only on the head, more workers than GPUs, bf16 on a T4, resume with another world size. A valid config
+passes, its checks run on both GPU nodes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,45 @@ def test_preflight_on_local_multinode_cluster(tmp_path):
     assert "SCENARIO OK" in r.stdout
 
 
+def test_worker_maximum_comes_from_the_autoscalers_node_types_not_the_gpus_up_now():
+    """A KubeRay RayCluster (GPU group min 0 max 2, 1 GPU a pod; head without GPU) through Ray's own KubeRay
+    config derivation, and a cluster-launcher config: the most GPU workers is max nodes x GPUs per node, counted
+    while no GPU node is up; beyond it the error names the maximum and the node type (no Ray needed)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from subq.errors import ConfigError
+    from training.config import TrainConfig
+    from training.preflight import autoscaler_capacity, check_worker_count
+
+    def group(name, start, limits, lo=0, hi=2):
+        return {"groupName": name, "minReplicas": lo, "maxReplicas": hi, "rayStartParams": start,
+                "template": {"spec": {"containers": [{"name": "ray", "resources": {"limits": limits}}]}}}
+
+    head = group("head", {"num-cpus": "2"}, {"cpu": "2", "memory": "8Gi"})
+    cr = {"metadata": {"name": "subq", "namespace": "ml"},
+          "spec": {"headGroupSpec": {k: v for k, v in head.items() if k not in ("groupName", "minReplicas", "maxReplicas")},
+                   "workerGroupSpecs": [group("gpu", {}, {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}),
+                                        group("cpu", {}, {"cpu": "4", "memory": "8Gi"}, hi=5)]}}
+    kuberay = _derive_autoscaling_config_from_ray_cr(cr)
+    launcher = {"head_node_type": "h", "max_workers": 10, "available_node_types": {
+        "h": {"resources": {"CPU": 4}, "max_workers": 0},
+        "gpu": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 2},
+        "cpu": {"resources": {"CPU": 4}, "min_workers": 0, "max_workers": 5}}}
+    head_only = [{"NodeID": "h", "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 2.0}}]
+    for config in (kuberay, launcher):
+        gpu = TrainConfig(data="d", model="m", use_gpu=True, num_workers=2)
+        assert autoscaler_capacity(gpu, config) == (2, [("gpu", 2, 1)])
+        check_worker_count(gpu, head_only, [], config, "test")  # 2 fit: no error while no GPU node is up
+        with pytest.raises(ConfigError) as e:
+            check_worker_count(gpu.model_copy(update={"num_workers": 3}), head_only, [], config, "test")
+        assert "field 'num_workers'" in str(e.value) and "at most 2" in str(e.value) and "gpu: max 2" in str(e.value)
+    cpu = TrainConfig(data="d", model="m", num_workers=4, cpus_per_worker=2)
+    assert autoscaler_capacity(cpu, launcher)[0] == 2 + 2 * 4 + 5 * 2  # head + GPU nodes' CPUs + CPU nodes
+    assert autoscaler_capacity(cpu, {**launcher, "max_workers": 3})[0] == 2 + 2 * 4 + 1 * 2  # cluster max_workers
+    with pytest.raises(ConfigError, match="no autoscaler config"):
+        check_worker_count(TrainConfig(data="d", model="m", use_gpu=True), head_only, [], None, None)
+
+
 def test_serve_decomposer_device_follows_its_gpus():
     from pipelines.serve import ServeConfig
 
@@ -70,6 +110,33 @@ def test_fetch_model_copies_a_flat_model_directory_given_as_a_uri(tmp_path, monk
     assert sorted(p.name for p in got.iterdir()) == [".subq-complete", "config.json", "tokenizer.json"]
     assert fetch_model(f"file://{src}") == str(got)  # copied once; a second call re-uses it
     assert fetch_model(str(src)) == str(src)  # a local path is used as it is
+
+
+def test_fetch_model_refreshes_the_cached_copy_when_the_source_changes(tmp_path, monkeypatch):
+    """v1 fetched, then v2 uploaded to the same URI: the next fetch_model serves v2 (the source's sizes/mtimes
+    changed), not the stale cached v1; an unchanged source is not copied again."""
+    import tempfile as _tf
+
+    from training.preflight import fetch_model
+
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text('{"v": 1}')
+    (src / "model.safetensors").write_text("v1-weights")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(_tf, "tempdir", None)
+    uri = f"file://{src}"
+    got = Path(fetch_model(uri))
+    assert (got / "model.safetensors").read_text() == "v1-weights"
+    (got / "sentinel").write_text("")  # gone if the copy is redone
+    assert Path(fetch_model(uri)) == got and (got / "sentinel").exists()  # unchanged source: the cached copy
+    (src / "model.safetensors").write_text("v2-weights, longer")  # v2 uploaded: size and mtime change
+    assert (Path(fetch_model(uri)) / "model.safetensors").read_text() == "v2-weights, longer"
+    (src / "config.json").write_text('{"v": 3}')  # same size, later mtime (an upload sets it)
+    st = (src / "config.json").stat()
+    os.utime(src / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert json.loads((Path(fetch_model(uri)) / "config.json").read_text()) == {"v": 3}
 
 
 def test_a_run_directory_given_as_a_uri_is_served_from_its_best_copied_once(tmp_path, monkeypatch):
@@ -197,6 +264,7 @@ def scenario(tmp: Path) -> None:
     head_model = create_tiny_model(str(hidden / "tiny"), n_layer=1, n_embd=32, vocab_size=400, max_texts=200)
     model = shutil.copytree(head_model, shared / "tiny")
     write_parquet(_rows(8), str(shared / "rows.parquet"))
+    write_parquet(_rows(8), str(hidden / "rows.parquet"))  # data the workers cannot read
     bf16 = json.loads(PRESETS["zero2"].read_text())
     bf16["bf16"] = {"enabled": True}
     (shared / "bf16.json").write_text(json.dumps(bf16))
@@ -217,6 +285,7 @@ def scenario(tmp: Path) -> None:
         cases = [
             (dict(storage_path=str(hidden / "runs")), "field 'storage_path'", "is not shared"),
             (dict(model=str(head_model)), "field 'model'", "not readable on node"),
+            (dict(data=str(hidden / "rows.parquet")), "field 'data'", "does not exist on node"),
             (dict(num_workers=5), "field 'num_workers'", "4 GPUs"),
             (dict(deepspeed=str(shared / "bf16.json")), "field 'deepspeed.bf16.enabled'", "T4"),
             (dict(name="old", resume=True, num_workers=1), "field 'num_workers'", "written by 2 workers"),
@@ -227,7 +296,8 @@ def scenario(tmp: Path) -> None:
             msg = str(e.value)
             assert field in msg and needle in msg and "\n" not in msg, msg
             print("refused:", msg)
-        check_cluster(TrainConfig(**base))  # the same run with a shared model and storage passes
+        rep = check_cluster(TrainConfig(**base))  # the same run with a shared model, data and storage passes
+        assert len(rep["nodes_checked"]) == 2 and rep["checks"] == ["storage_path", "model", "data"], rep
         assert not (shared / "runs" / "r").exists() and not (hidden / "runs" / "r").exists()  # nothing started
         _serve_deploy_keeps_num_gpus(model)
         print("SCENARIO OK")

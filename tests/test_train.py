@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -105,8 +106,147 @@ def test_deepspeed_config_cpu_and_gpu():
     gpu = deepspeed_config(gpu_cfg, 8, bf16_supported=True)
     assert gpu["bf16"]["enabled"] is True
     assert gpu["optimizer"]["params"]["torch_adam"] is True  # no FusedAdam: it needs nvcc on the nodes
-    # bf16 "auto" follows the worker's GPU (torch.cuda.is_bf16_supported()), not use_gpu
+    # bf16 "auto" follows the worker's GPU (native bf16: training.config.native_bf16), not use_gpu
     assert deepspeed_config(gpu_cfg, 8, bf16_supported=False)["bf16"]["enabled"] is False
+
+
+def _fake_gpu(monkeypatch, capability, name, total_gib=24):
+    """torch.cuda as a GPU of this compute capability would answer it (torch's is_bf16_supported() says True for
+    GPUs that only emulate bf16, e.g. T4 and V100: including_emulation defaults to True)."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        name=name, major=capability[0], minor=capability[1], total_memory=int(total_gib * 2**30)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_bf16_auto_only_on_native_bf16_gpus_and_the_run_says_which(monkeypatch, tmp_path):
+    """bf16 "auto" is on only where the GPU computes bf16 natively (compute capability >= 8.0), not where torch
+    emulates it (T4 7.5, V100 7.0): those train in fp32 (or fp16 when the DeepSpeed config asks for it)."""
+    from subq.errors import ConfigError
+    from training.config import TrainConfig, deepspeed_config, gpu_precision, native_bf16
+
+    cfg = TrainConfig(data="x", model="m", deepspeed="zero2", use_gpu=True)
+    for cap, name, want in [((7, 5), "Tesla T4", "fp32"), ((7, 0), "Tesla V100-SXM2-16GB", "fp32"),
+                            ((8, 6), "NVIDIA A10G", "bf16"), ((9, 0), "NVIDIA H100 80GB HBM3", "bf16")]:
+        _fake_gpu(monkeypatch, cap, name)
+        assert native_bf16() is (want == "bf16"), name
+        ds = deepspeed_config(cfg, 2)  # decided here, as on a worker
+        assert ds["bf16"]["enabled"] is (want == "bf16") and not (ds.get("fp16") or {}).get("enabled"), name
+        precision, why = gpu_precision(ds)
+        assert precision == want and name in why and f"{cap[0]}.{cap[1]}" in why, (precision, why)
+    # fp16 asked for in the DeepSpeed config: honoured on a GPU without native bf16, and "auto" bf16 stays off
+    ds_fp16 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}, "fp16": {"enabled": True}}
+    (tmp_path / "fp16.json").write_text(json.dumps(ds_fp16))
+    _fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    ds = deepspeed_config(TrainConfig(data="x", model="m", deepspeed=str(tmp_path / "fp16.json"), use_gpu=True), 2)
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False and gpu_precision(ds)[0] == "fp16"
+    # bf16 forced on a GPU that only emulates it: refused, naming the field
+    ds_bf16 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+    (tmp_path / "bf16.json").write_text(json.dumps(ds_bf16))
+    with pytest.raises(ConfigError, match="deepspeed.bf16.enabled"):
+        deepspeed_config(TrainConfig(data="x", model="m", deepspeed=str(tmp_path / "bf16.json"), use_gpu=True), 2)
+
+
+def test_zero_stage_auto_from_model_size_and_world_size():
+    """deepspeed "auto" (the default): the lowest ZeRO stage whose per-GPU model states fit half the GPU's memory;
+    a model that fits one GPU never gets ZeRO-2/3 (they reduce gradients at every micro-step; ZeRO-3 also gathers
+    the weights in every forward and backward), whatever the world size."""
+    from training.config import TrainConfig, choose_zero_stage, deepspeed_config, model_state_bytes
+
+    assert TrainConfig(data="x", model="m").deepspeed == "auto"
+    gib = 2**30
+    gpt2, gpt2_xl, heads = 124_000_000, 1_558_000_000, 2 * 78_500_000 + 1_200_000  # GPT-2 ILQL heads: ~158M
+    # bytes per trainable parameter: bf16 weights 2 + grads 2 + fp32 master 4 + Adam 8 = 16 (ZeRO paper, K=12)
+    assert model_state_bytes(gpt2, 0, stage=0, world=1, precision="bf16") == 16 * gpt2
+    assert model_state_bytes(gpt2, 0, stage=2, world=4, precision="bf16") == 2 * gpt2 + 14 * gpt2 // 4
+    assert model_state_bytes(gpt2, 0, stage=3, world=4, precision="bf16") == 16 * gpt2 // 4
+    # frozen parameters: their compute copy only (frozen ILQL: the LM is frozen, the heads train)
+    assert model_state_bytes(heads, gpt2, stage=0, world=1, precision="bf16") == 16 * heads + 2 * gpt2
+    a10g = 24 * gib
+    for world in (1, 2, 8):  # fits one A10G: ZeRO-0 on any number of nodes
+        assert choose_zero_stage(gpt2, 0, world, a10g, "bf16")[0] == 0
+        assert choose_zero_stage(gpt2 + heads, 0, world, a10g, "bf16")[0] == 0  # shared ILQL
+    # GPT-2 XL: 24.9 GB of states, 12.9 GB budget (half of 24 GiB). 1 rank: nothing fits (said so); 2 ranks:
+    # ZeRO-3 (12.5 GB; ZeRO-2 3.1 + 21.8/2 = 14.0 GB does not fit); 3 ranks: ZeRO-1 (6.2 + 18.7/3 = 12.5 GB)
+    stage, why = choose_zero_stage(gpt2_xl, 0, 1, a10g, "bf16")
+    assert stage == 3 and "more than" in why
+    assert choose_zero_stage(gpt2_xl, 0, 2, a10g, "bf16")[0] == 3
+    assert choose_zero_stage(gpt2_xl, 0, 3, a10g, "bf16")[0] == 1
+    assert choose_zero_stage(gpt2_xl, 0, 1, 80 * gib, "bf16")[0] == 0  # one H100 holds it all
+    # the resulting DeepSpeed config is the chosen preset's
+    assert deepspeed_config(TrainConfig(data="x", model="m"), 2, stage=2)["zero_optimization"]["stage"] == 2
+
+
+def test_nccl_interface_default_is_the_exclusion_form_and_the_environment_wins():
+    from training.train import NCCL_IFNAME_DEFAULT, network_defaults
+
+    assert NCCL_IFNAME_DEFAULT == "^docker0,lo"
+    env: dict = {}
+    assert network_defaults(env, use_gpu=True) == {"NCCL_SOCKET_IFNAME": "^docker0,lo"}
+    assert env["NCCL_SOCKET_IFNAME"] == "^docker0,lo"
+    env = {"NCCL_SOCKET_IFNAME": "eth1"}  # the driver's (passed in the runtime env) or the node's own setting
+    assert network_defaults(env, use_gpu=True) == {} and env["NCCL_SOCKET_IFNAME"] == "eth1"
+    assert network_defaults({}, use_gpu=False) == {}  # CPU runs use gloo
+
+
+def test_a_hung_start_up_stage_times_out_even_when_blocked_outside_python():
+    """The stage runs in a helper thread and the caller waits with a deadline: a hang inside a C call (NCCL's
+    communicator set-up in deepspeed.initialize never returns to the interpreter) still ends in StageTimeout
+    naming the stage, which an asynchronous exception (training.ds_ops.stage_timeout) cannot deliver."""
+    import threading
+
+    from training.ds_ops import StageTimeout
+    from training.train import run_stage
+
+    never = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(StageTimeout, match="deepspeed.initialize.*hint here"):
+        run_stage("deepspeed.initialize", 1.0, never.wait, hint="hint here")  # blocks in C (a lock acquire)
+    assert time.monotonic() - t0 < 30
+    assert run_stage("x", 5.0, lambda a, b=0: a + b, 1, b=2) == 3  # a result comes back
+    with pytest.raises(ZeroDivisionError):  # an error of the stage is the stage's error
+        run_stage("x", 5.0, lambda: 1 / 0)
+    never.set()
+
+
+def test_rank_shares_split_the_validation_set():
+    from training.train import rank_share
+
+    items = list(range(11))
+    shares = [rank_share(items, r, 3) for r in range(3)]
+    assert sorted(x for s in shares for x in s) == items and [len(s) for s in shares] == [4, 4, 3]
+    assert rank_share(items, 0, 1) == items and rank_share([1], 1, 2) == []
+
+
+def test_best_checkpoint_writer_does_not_stall_the_caller_and_surfaces_errors():
+    """best/ is written by a helper thread from a CPU copy: submit returns at once; a newer best/ supersedes one
+    not yet started; close() waits for the last write; a failed write is raised in the loop."""
+    import threading
+
+    from training.train import _CheckpointWriter
+
+    gate, done = threading.Event(), []
+    w = _CheckpointWriter()
+    t0 = time.monotonic()
+    w.submit(lambda: (gate.wait(10), done.append(1)))
+    w.submit(lambda: done.append(2))  # queued behind the running write
+    w.submit(lambda: done.append(3))  # supersedes 2
+    assert time.monotonic() - t0 < 1 and done == []
+    gate.set()
+    w.close()
+    assert done == [1, 3]
+    w = _CheckpointWriter()
+    w.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        w.close()
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path, tiny, subq_bin):
@@ -257,10 +397,11 @@ def test_bc_two_workers_zero2_overfits_32_examples(tmp_path, tiny, ray_local):
             st.questions = ["Banana banana banana?"]
     write_paper(banana, str(tmp_path / "banana.json"), "paper_dataset")
     r2 = run_train(dict(algo="bc", data=str(tmp_path / "banana.json"), val_data=str(tmp_path / "b32.json"),
-                        model=tiny, steps=110, batch_size=8, lr=3e-3, num_workers=2, deepspeed="zero2",
+                        model=tiny, steps=110, batch_size=8, lr=3e-3, num_workers=2, deepspeed="auto",
                         storage_path=str(tmp_path / "runs"), name="bc", resume=True, checkpoint_every=50, log_every=2,
                         eval_problems=4, eval_max_new_tokens=48))
     assert r2["metrics"]["resumed_from_step"] == 100 and r2["metrics"]["step"] == 110
+    assert r2["metrics"]["zero_stage"] == 2  # `auto` keeps the stage of the checkpoint it resumes from
     assert r2["metrics"]["val_bleu"] < m["val_bleu"] and r2["metrics"]["best_step"] == 100
     assert json.loads(open(os.path.join(r2["best_dir"], "checkpoint.json")).read())["step"] == 100
     best_w = _weights(r2["best_dir"])
@@ -313,10 +454,14 @@ def test_ilql_policy_frozen_leaves_the_policy_bit_identical(tmp_path, tiny, ray_
 
     write_parquet(_rows(16, correct_every=2), str(tmp_path / "rows.parquet"))
     r = run_train(dict(algo="ilql", rewards="sparse", data=str(tmp_path / "rows.parquet"), model=tiny, steps=4,
-                       batch_size=4, lr=1e-2, num_workers=1, deepspeed="zero2", storage_path=str(tmp_path / "runs"),
+                       batch_size=4, lr=1e-2, num_workers=1, storage_path=str(tmp_path / "runs"),
                        name="ilqlf", checkpoint_every=4, val_fraction=0, eval_problems=0,
                        ilql={"policy": "frozen", "lm_weight": 1.0}))
     assert r["label"] == "ilql-sparse" and r["metrics"]["step"] == 4
+    # deepspeed `auto` (the default): the tiny model fits: ZeRO-0, and the run says why and in which precision
+    info = json.loads(open(os.path.join(r["final_dir"], "checkpoint.json")).read())
+    assert r["metrics"]["zero_stage"] == 0 and info["zero_stage_reason"].startswith("ZeRO-0: ")
+    assert r["metrics"]["precision"] == "fp32" and info["precision_reason"] == "fp32 on CPU"
     base, after = _weights(tiny), _weights(r["final_dir"])
     assert base.keys() == after.keys() and all(torch.equal(v, base[k]) for k, v in after.items())
     heads, target = load_heads(r["final_dir"])  # the heads did learn (the Polyak target lags them)

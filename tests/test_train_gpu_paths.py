@@ -1,9 +1,12 @@
 """The GPU code paths of `subq train`, proved on CPU with real components (issue 16): DeepSpeed's CPU accelerator
 runs bf16, so the GPU defaults (bf16 + ZeRO-3, bf16 + ZeRO-2) run in a real 2-worker TorchTrainer here.
 
-- ILQL + ZeRO-3 + bf16 trains (the LM is built in bf16 under zero.Init; the ILQL heads must match its dtype);
+- frozen-policy ILQL + ZeRO-3 + bf16 trains (the LM is built in bf16 under zero.Init; the ILQL heads must match its
+  dtype) and saves the frozen policy as the fp32 original, bit for bit (its engine copy is bf16-rounded);
 - final/ holds the fp32 master weights (compared with DeepSpeed's own zero_to_fp32 of the last checkpoint),
-  not the bf16 copy, for ZeRO-2 and ZeRO-3;
+  not the bf16 copy, for ZeRO-2 (the LM) and ZeRO-3 (the ILQL heads);
+- validation is split across the ranks and each rank's decoding stops with its own problems (no fixed steps),
+  under ZeRO-3 too (counted in the workers by wrapping generate_subquestions); best/ is written off the loop;
 - host syncs: the training loop's own code reads a device value at most once per logging step (counted in the
   workers by patching Tensor.item/tolist/__float__/__int__/__bool__ from a Ray worker setup hook).
 """
@@ -42,13 +45,16 @@ def _count_host_syncs(log_dir: str):
         import ray.train
         import torch
 
-        count = [0]
+        import training.decomposer as dec
+        import training.train as tr
+
+        count, paused = [0], [False]
 
         def wrap(name):
             orig = getattr(torch.Tensor, name)
 
             def f(self, *a, **k):
-                if TRAINING_DIR in _sys._getframe(1).f_code.co_filename:
+                if not paused[0] and TRAINING_DIR in _sys._getframe(1).f_code.co_filename:
                     count[0] += 1
                 return orig(self, *a, **k)
 
@@ -56,6 +62,27 @@ def _count_host_syncs(log_dir: str):
 
         for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy"):
             wrap(name)
+        generate = dec.generate_subquestions
+
+        def uncounted(fn):  # validation's reads are its own (decoding checks EOS every 8 tokens), and so are the
+            def f(*a, **k):  # best/ decision at a validation step and the start-up's one all-reduce
+                paused[0] = True
+                try:
+                    return fn(*a, **k)
+                finally:
+                    paused[0] = False
+
+            return f
+
+        def logged_generate(d, problems, **k):
+            with open(os.path.join(log_dir, f"decode-{os.getpid()}.jsonl"), "a") as fh:
+                fh.write(json.dumps({"problems": len(problems), "fixed_steps": bool(k.get("fixed_steps"))}) + "\n")
+            return generate(d, problems, **k)
+
+        for name in ("_validate", "_improves_best", "_min_over_ranks"):
+            if hasattr(tr, name):
+                setattr(tr, name, uncounted(getattr(tr, name)))
+        dec.generate_subquestions = logged_generate
         report = ray.train.report
 
         def counted_report(metrics, *a, **k):
@@ -129,33 +156,53 @@ def _assert_final_is_fp32_master(final: Path, master: dict) -> None:
 
 
 @pytest.mark.slow
-def test_ilql_zero3_bf16_two_workers_trains_and_saves_fp32_master(tmp_path, tiny, ray_syncs):
+def test_frozen_ilql_zero3_bf16_two_workers_keeps_the_fp32_policy_and_splits_validation(tmp_path, tiny, ray_syncs):
     import torch
     from safetensors.torch import load_file
 
     from subq.schema import write_parquet
     from training.train import run_train
 
-    write_parquet(_rows(16, correct_every=2), str(tmp_path / "rows.parquet"))
+    # 48 problems, 17 held out: rank 0 decodes 9 (two decode batches of up to 8), rank 1 decodes 8 (one batch), so
+    # the ranks run different numbers of forwards (the engine's ZeRO-3 module would need them in lockstep)
+    write_parquet(_rows(48, correct_every=2), str(tmp_path / "rows.parquet"))
     r = run_train(dict(algo="ilql", data=str(tmp_path / "rows.parquet"), model=tiny, steps=4, batch_size=4,
                        grad_accum=2, num_workers=2, deepspeed=_bf16_config(tmp_path, 3),
                        storage_path=str(tmp_path / "runs"), name="ilql3", checkpoint_every=4, log_every=2,
-                       val_fraction=0, eval_problems=0, ilql={"policy": "shared"}))
+                       val_fraction=17 / 48, eval_max_new_tokens=12, ilql={"policy": "frozen"}))
     m = r["metrics"]
     assert m["step"] == 4 and m["zero_stage"] == 3 and m["world_size"] == 2 and m["bf16"] is True
+    assert m["precision"] == "bf16"
     assert all(v == v and abs(v) < 1e4 for k, v in m.items() if k.endswith("loss"))  # finite losses
     run = tmp_path / "runs" / "ilql3"
+    # the frozen policy is saved as the fp32 original, bit for bit, not its bf16 compute copy
+    original, saved = load_file(str(Path(tiny) / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
+    assert saved.keys() == original.keys()
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], v) for k, v in original.items())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in original.values())  # bf16 rounding would show
+    # the ILQL heads are the optimizer's fp32 master (DeepSpeed's own zero_to_fp32 of the last checkpoint)
     master = _fp32_master(run)
-    _assert_final_is_fp32_master(run / "final", master)
     heads = load_file(str(run / "final" / "ilql_heads.safetensors"))
+    assert any(k.startswith("heads.") for k in master)
     for k, v in master.items():
         if k.startswith("heads."):
             assert torch.equal(heads[k], v.float()), k
-    # host syncs of the loop's own code: at most one per logging step (2 reports, 4 optimizer steps, 8 micro-steps)
+    info = json.loads((run / "final" / "checkpoint.json").read_text())
+    assert info["precision"] == "bf16" and info["zero_stage"] == 3 and "bf16 on CPU" in info["precision_reason"]
+    # validation: the 17 problems split across the 2 ranks, each decoded once, none with fixed steps
+    decodes = {f.name: [json.loads(x) for x in f.read_text().splitlines()] for f in ray_syncs.glob("decode-*.jsonl")}
+    per_rank = sorted(sum(x["problems"] for x in calls) for calls in decodes.values())
+    assert per_rank == [8, 9], decodes
+    assert not any(x["fixed_steps"] for calls in decodes.values() for x in calls), decodes
+    assert m["val_problems"] == 17 and "val_bleu" in m and "val_loss" in m
+    # best/ (step 4) was written by rank 0's helper thread, complete
+    assert json.loads((run / "best" / "checkpoint.json").read_text())["step"] == 4
+    assert load_file(str(run / "best" / "ilql_heads.safetensors")).keys() == heads.keys()
+    # host syncs of the loop's own code outside validation: at most one per logging step (2 reports, 8 micro-steps)
     lines = [json.loads(x) for f in ray_syncs.glob("syncs-*.jsonl") for x in f.read_text().splitlines()]
     assert len(lines) == 2 * 2, lines  # 2 ranks x 2 reports
     assert all(x["syncs"] <= 1 for x in lines), lines
-    for f in ray_syncs.glob("syncs-*.jsonl"):
+    for f in [*ray_syncs.glob("syncs-*.jsonl"), *ray_syncs.glob("decode-*.jsonl")]:
         f.unlink()
 
 
@@ -180,7 +227,7 @@ def test_bc_zero2_bf16_two_workers_saves_fp32_master(tmp_path, tiny, ray_syncs, 
     assert checkpoint_world_size(latest_checkpoint(str(run))) == 2
     lines = [json.loads(x) for f in ray_syncs.glob("syncs-*.jsonl") for x in f.read_text().splitlines()]
     assert lines and all(x["nccl_ifname"] == "lo" for x in lines), lines
-    for f in ray_syncs.glob("syncs-*.jsonl"):
+    for f in [*ray_syncs.glob("syncs-*.jsonl"), *ray_syncs.glob("decode-*.jsonl")]:
         f.unlink()
 
 

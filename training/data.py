@@ -104,14 +104,15 @@ def split_problems(rows: list[SubQRow], val_fraction: float) -> tuple[list[SubQR
     return [r for r in rows if r.problem_id not in val_ids], [r for r in rows if r.problem_id in val_ids]
 
 
-def val_problems(rows: list[SubQRow], limit: int) -> list[ValProblem]:
+def val_problems(rows: list[SubQRow], limit: int | None) -> list[ValProblem]:
+    """The validation problems with at least one sub-question set: the first `limit` (None: all)."""
     out = []
     for r in rows:
+        if limit is not None and len(out) >= limit:
+            break
         refs = [list(s.questions) for s in r.sets if s.questions]
         if refs:
             out.append(ValProblem(r.problem_id, r.problem, refs))
-        if len(out) >= limit:
-            break
     return out
 
 

@@ -34,8 +34,9 @@ class Generation:
     questions: list[str]  # sub-questions parsed from `text` with the checkpoint's text format
     text: str  # the generated continuation (after the prompt), special tokens removed
     prompt_tokens: int
-    completion_tokens: int  # generated tokens, EOS included when produced
+    completion_tokens: int  # generated tokens, EOS included when produced (up to the one completing a stop sequence)
     eos: bool = True  # False: the token budget ended the decomposition before EOS (its last sub-question may be cut)
+    finish_reason: str = "stop"  # OpenAI's: "stop" (EOS or a stop sequence), "length" (the token budget ran out)
 
 
 @dataclass
@@ -139,25 +140,94 @@ def encode_prompts(decomposer: Decomposer, problems: list[str], max_prompt_token
 SYNC_EVERY = 8  # decode steps between the host's 'all rows finished?' checks
 
 
-def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                          do_sample: bool = False, temperature: float = 1.0, beta: float | None = None,
-                          seed: int | None = None, fixed_steps: bool = False,
-                          max_prompt_tokens: int | None = None) -> list[Generation]:
+def _nucleus(probs, top_p: float):
+    """probs with everything outside the smallest set of most likely tokens whose mass reaches top_p zeroed (the
+    most likely token always stays)."""
+    import torch
+
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+    drop[..., 0] = False
+    return probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
+
+
+def _stop_cut(tok, row: list[int], stop: list[str]):
+    """(tokens, text) of a row ended by its first stop sequence: the fewest tokens whose text holds one, and that
+    text up to (without) the earliest stop sequence in it; None when no stop sequence occurs."""
+    full = tok.decode(row, skip_special_tokens=True)
+    if not any(s in full for s in stop):
+        return None
+    lo, hi = 1, len(row)  # the text of a prefix only grows with it: the first prefix holding a stop sequence
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in tok.decode(row[:mid], skip_special_tokens=True) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    text = tok.decode(row[:lo], skip_special_tokens=True)
+    return lo, text[:min(text.index(s) for s in stop if s in text)]
+
+
+def _per_row(value, n_problems: int, n: int, field: str, is_list) -> list:
+    """A setting given once (every row) or per problem (a list), expanded to one value per decoded row."""
+    if is_list(value):
+        if len(value) != n_problems:
+            raise ConfigError(f"{len(value)} values for {n_problems} problems", field=field)
+        return [v for v in value for _ in range(n)]
+    return [value] * (n_problems * n)
+
+
+def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
+                          max_new_tokens: int | list[int] = DEFAULT_MAX_NEW_TOKENS,
+                          do_sample: bool | list[bool] = False, temperature: float | list[float] = 1.0,
+                          beta: float | None = None, seed: int | list[int | None] | None = None,
+                          fixed_steps: bool = False, max_prompt_tokens: int | None = None,
+                          top_p: float | list[float | None] | None = None,
+                          stop: list[str] | list[list[str] | None] | None = None, n: int = 1) -> list[Generation]:
     """Sub-questions for each problem (one batched decode). Prompts are `subq.textformat.prompt_ids` (as in
     training), left-padded; max_prompt_tokens: their budget (default: the context left after max_new_tokens).
     beta: ILQL guidance weight (None: the config's
     ilql beta, or 1; 0: plain LM decoding); ignored without heads. seed: sampling seed. fixed_steps: always run
-    max_new_tokens steps (keeps ZeRO-3 ranks in lockstep during training-time validation)."""
+    max_new_tokens steps (keeps ZeRO-3 ranks in lockstep during training-time validation).
+
+    For an OpenAI-style endpoint (pipelines.serve batches requests with different settings into one call):
+    max_new_tokens, do_sample, temperature, top_p (nucleus sampling) and stop may be given per problem (lists);
+    n: samples per problem (the result is problem-major: gens[i * n + j] is sample j of problem i), decoded in the
+    same batch; seed as a list (one per problem, None for unseeded): every sampled row draws from its own generator
+    seeded seed[i] + j, so its text depends on its seed only, never on the rows it shares a batch with (an int seed
+    seeds one generator for the whole batch, as before); stop: up to 4 strings: a row ends once its text holds one,
+    its text is cut before it, and completion_tokens counts the tokens up to the one completing it.
+    Generation.finish_reason is "length" exactly when the row's budget ran out (no EOS, no stop sequence)."""
     import torch
 
     from training.ilql import guided_logits
 
     if not problems:
         return []
-    if max_new_tokens <= 0:
+    if n < 1:
+        raise ConfigError("must be >= 1", field="n")
+    P = len(problems)
+    is_list = lambda v: isinstance(v, (list, tuple))  # noqa: E731
+    limits = _per_row(max_new_tokens, P, n, "max_new_tokens", is_list)
+    samples = _per_row(do_sample, P, n, "do_sample", is_list)
+    temps = _per_row(temperature, P, n, "temperature", is_list)
+    top_ps = _per_row(top_p, P, n, "top_p", is_list)
+    per_problem_stop = is_list(stop) and any(s is None or is_list(s) for s in stop)
+    stops = [[s for s in (row or []) if s] for row in (_per_row(stop, P, n, "stop", lambda v: per_problem_stop))]
+    if any(int(m) <= 0 for m in limits):
         raise ConfigError("must be > 0", field="max_new_tokens")
-    if do_sample and temperature <= 0:
+    if any(smp and t <= 0 for smp, t in zip(samples, temps)):
         raise ConfigError("must be > 0 when sampling", field="temperature")
+    if any(tp is not None and not 0 <= tp <= 1 for tp in top_ps):
+        raise ConfigError("must be in [0, 1]", field="top_p")
+    row_seeds = None
+    if is_list(seed):
+        if len(seed) != P:
+            raise ConfigError(f"{len(seed)} seeds for {P} problems", field="seed")
+        row_seeds = [None if s is None else int(s) + j for s in seed for j in range(n)]
+        seed = None
+    problems = [p for p in problems for _ in range(n)]
+    steps = max(int(m) for m in limits)
     d = decomposer
     if beta is None:
         beta = float((d.config.get("ilql") or {}).get("beta", 1.0))
@@ -165,7 +235,7 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
     tok, model = d.tokenizer, d.model
     eos = tok.eos_token_id
     max_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
-    budget = max_prompt_tokens or max(1, max_ctx - max_new_tokens)
+    budget = max_prompt_tokens or max(1, max_ctx - steps)
     ids, attn = encode_prompts(d, problems, budget)
     ids, attn = ids.to(d.device), attn.to(d.device)
     prompt_tokens = attn.sum(1).tolist()
@@ -175,15 +245,28 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
     # mixed lengths costs what its rows still decoding cost, not what the longest costs at the full batch size.
     gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
     B, T0 = ids.shape
-    finished = torch.zeros(B, dtype=torch.bool, device=d.device)
-    eos_t = torch.full((B,), eos, dtype=ids.dtype, device=d.device)
+    dev = d.device
+    any_sample, all_sample = any(samples), all(samples)
+    uniform = len(set(limits)) == 1
+    limit_t = torch.tensor([int(m) for m in limits], device=dev)
+    temp_t = torch.tensor([float(t) if smp else 1.0 for t, smp in zip(temps, samples)], device=dev)[:, None]
+    nucleus = any(smp and tp is not None and tp < 1 for smp, tp in zip(samples, top_ps))
+    topp_t = torch.tensor([1.0 if tp is None else float(tp) for tp in top_ps], device=dev)[:, None]
+    sample_t = torch.tensor(samples, dtype=torch.bool, device=dev)
+    row_gens = None
+    if any_sample and row_seeds is not None:  # one generator per sampled row: its sample ignores its batch
+        row_gens = [torch.Generator(device=ids.device).manual_seed(
+            sd if sd is not None else int(torch.randint(2**62, (1,)).item())) if smp else None
+            for sd, smp in zip(row_seeds, samples)]
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos_t = torch.full((B,), eos, dtype=ids.dtype, device=dev)
     rows = list(range(B))  # the original row of each row still in the batch
     new_ids: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     past = None
     cur_ids, cur_attn = ids, attn
     with torch.no_grad():
-        for step in range(max_new_tokens):
+        for step in range(steps):
             pos = (cur_attn.cumsum(-1) - 1).clamp(min=0)
             step_pos = pos if past is None else pos[:, -1:]
             res = model(input_ids=cur_ids if past is None else cur_ids[:, -1:], attention_mask=cur_attn,
@@ -197,16 +280,34 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
                 scores = guided_logits(logits, tq1, tq2, v, beta)
             else:
                 scores = torch.log_softmax(logits, dim=-1)
-            if do_sample:
-                probs = torch.softmax(scores / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            if any_sample:
+                probs = torch.softmax(scores / temp_t, dim=-1)
+                if nucleus:
+                    probs = _nucleus(probs, topp_t)
+                if row_gens is not None:  # exponential race: argmax p / E, E ~ Exp(1) from the row's own generator
+                    e = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g)
+                                     if (g := row_gens[r]) is not None else torch.ones(probs.shape[-1], device=probs.device)
+                                     for r in rows])
+                    nxt = (probs / e).argmax(-1)
+                else:
+                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                if not all_sample:
+                    nxt = torch.where(sample_t, nxt, scores.argmax(-1))
             else:
                 nxt = scores.argmax(-1)
             nxt = torch.where(finished, eos_t, nxt)  # a finished row only pads with EOS
             finished |= nxt == eos
+            if not uniform:
+                finished |= limit_t <= step + 1  # the row's own budget is spent (its row is cut there at the end)
             cur_ids = torch.cat([cur_ids, nxt[:, None]], dim=1)
             cur_attn = torch.cat([cur_attn, torch.ones_like(nxt[:, None])], dim=1)
-            if not fixed_steps and (step + 1) % SYNC_EVERY == 0 and step + 1 < max_new_tokens:
+            if not fixed_steps and (step + 1) % SYNC_EVERY == 0 and step + 1 < steps:
+                if any(stops):  # a row whose text holds a stop sequence is finished (cut at the end)
+                    hit = [not f and bool(stops[rows[i]]) and any(
+                        sq in tok.decode(r, skip_special_tokens=True) for sq in stops[rows[i]])
+                        for i, (f, r) in enumerate(zip(finished.tolist(), cur_ids[:, T0:].tolist()))]
+                    if any(hit):
+                        finished |= torch.tensor(hit, device=finished.device)
                 fin = finished.tolist()
                 if all(fin):
                     break
@@ -216,14 +317,21 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *, max_ne
                     keep = [i for i, f in enumerate(fin) if not f]
                     idx = torch.tensor(keep, device=cur_ids.device)
                     cur_ids, cur_attn, finished, eos_t = cur_ids[idx], cur_attn[idx], finished[idx], eos_t[idx]
+                    limit_t, temp_t, topp_t, sample_t = limit_t[idx], temp_t[idx], topp_t[idx], sample_t[idx]
                     past.reorder_cache(idx)
                     rows = [rows[i] for i in keep]
     for i, (row_ids, fin) in enumerate(zip(cur_ids[:, T0:].tolist(), finished.tolist())):
         new_ids[rows[i]], done[rows[i]] = row_ids, fin
     gens = []
     for i in range(B):
-        row = new_ids[i]
+        row = new_ids[i][:int(limits[i])]  # the row's own budget (the batch ran to the largest)
         row = row[:row.index(eos) + 1] if eos in row else row  # up to and with the first EOS
-        text = tok.decode(row, skip_special_tokens=True)
-        gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), len(row), bool(done[i])))
+        cut = _stop_cut(tok, row, stops[i]) if stops[i] else None
+        if cut is not None:
+            n_tokens, text = cut
+        else:
+            n_tokens, text = len(row), tok.decode(row, skip_special_tokens=True)
+        ended = cut is not None or eos in row
+        gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), n_tokens, ended,
+                               "stop" if ended else "length"))
     return gens

@@ -191,14 +191,17 @@ def guided_logits(logits: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, v: t
 # ---------------------------------------------------------------- save / load
 
 
-def save_heads(path: str | Path, heads: ILQLHeads, target: TargetQHeads, state: dict | None = None) -> None:
+def save_heads(path: str | Path, heads: ILQLHeads, target: TargetQHeads | None, state: dict | None = None,
+               target_state: dict | None = None) -> None:
     """Write ilql_heads.safetensors: online heads (`heads.*`) and target heads (`target.*`), fp32.
-    `state` (a full state dict of the heads, e.g. consolidated from ZeRO-3) overrides heads' own tensors."""
+    `state` (a full state dict of the heads, e.g. consolidated from ZeRO-3) overrides heads' own tensors;
+    `target_state` (a CPU copy, e.g. for a write in a helper thread) overrides target's."""
     from safetensors.torch import save_file
 
     online = state if state is not None else heads.state_dict()
     tensors = {f"heads.{k}": v.detach().float().cpu().contiguous() for k, v in online.items()}
-    tensors.update({f"target.{k}": v.detach().float().cpu().contiguous() for k, v in target.state_dict().items()})
+    tgt = target_state if target_state is not None else target.state_dict()
+    tensors.update({f"target.{k}": v.detach().float().cpu().contiguous() for k, v in tgt.items()})
     meta = {"hidden_size": str(heads.hidden_size), "vocab_size": str(heads.vocab_size), "format": "subq-ilql-1"}
     save_file(tensors, str(Path(path) / HEADS_FILE) if Path(path).is_dir() else str(path), metadata=meta)
 
