@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from subq import storage
 from subq.costs import Price, PriceTable
@@ -129,6 +129,7 @@ class Decomposition:
     questions: list[str]
     text: str
     usage: StageUsage
+    finish_reason: str = "stop"  # "length": the token budget ended it (OpenAI's finish_reason)
 
 
 @dataclass
@@ -495,7 +496,12 @@ class LocalDecomposer:
 
     def decompose_batch(self, problems: list[str], *, max_new_tokens: Optional[int] = None,
                         do_sample: Optional[bool] = None, temperature: Optional[float] = None,
-                        beta: Optional[float] = None) -> list[Decomposition]:
+                        beta: Optional[float] = None, top_p: Optional[float] = None,
+                        stop: Optional[list[str]] = None, n: int = 1,
+                        seed: Optional[list[Optional[int]]] = None) -> list[Decomposition]:
+        """n decompositions per problem, problem-major. max_new_tokens, do_sample, temperature, top_p and stop may
+        also be lists (one per problem: requests with different settings share one decode); seed: one per problem
+        (sample j seeded seed + j). See training.decomposer.generate_subquestions."""
         from training.decomposer import generate_subquestions
 
         s, t0 = self.settings, time.perf_counter()
@@ -504,12 +510,12 @@ class LocalDecomposer:
             max_new_tokens=s.max_new_tokens if max_new_tokens is None else max_new_tokens,
             do_sample=s.do_sample if do_sample is None else do_sample,
             temperature=s.temperature if temperature is None else temperature,
-            beta=s.beta if beta is None else beta,
+            beta=s.beta if beta is None else beta, top_p=top_p, stop=stop, n=n, seed=seed,
         )
         out = []
         for g in gens:
             u = _usage(s.name, self.price, g.prompt_tokens, g.completion_tokens, t0)
-            out.append(Decomposition(list(g.questions), g.text, u))
+            out.append(Decomposition(list(g.questions), g.text, u, g.finish_reason))
         return out
 
 
@@ -810,8 +816,30 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="Problems per Ray Data batch (decomposer batch size).")
     concurrency: int = Field(8, gt=0, description="Solver calls in flight per solver actor.")
     num_actors: int = Field(1, gt=0, description="Ray Data actors per stage.")
+    decomposer_num_gpus: float = Field(0.0, ge=0, description="GPUs each distilled-decomposer actor reserves (as serving's decomposer_num_gpus); > 0 puts the model on cuda.")
     cache_dir: Optional[str] = Field(None, description="Durable cache of solver replies (default <out>/cache): a re-run, or a resumed killed run, only calls what is not cached.")
     exclude_few_shot: bool = Field(False, description="Drop the GSM8K test problems the paper's prompts quote as few-shot examples (kept and marked by default, as the release kept them).")
+
+
+    @model_validator(mode="after")
+    def _device_follows_gpus(self) -> "EvalConfig":
+        # as serving: the decomposer's device follows the GPUs Ray reserves for its actors
+        cuda = self.decomposer.device.startswith("cuda")
+        if self.decomposer_num_gpus > 0 and not cuda:
+            if "device" in self.decomposer.model_fields_set:
+                raise ValueError("decomposer.device is cpu but decomposer_num_gpus > 0 (a reserved GPU left idle)")
+            self.decomposer.device = "cuda"
+        elif cuda and self.decomposer_num_gpus == 0:
+            raise ValueError("decomposer.device is cuda but decomposer_num_gpus is 0: Ray reserves no GPU for it")
+        return self
+
+
+def decompose_resources(cfg: EvalConfig, kind: str) -> dict:
+    """What one decompose-stage actor reserves: a distilled model 1 CPU + decomposer_num_gpus GPUs; the teacher
+    and single-stage kinds only make API calls (a quarter CPU)."""
+    if kind != "distilled":
+        return {"num_cpus": 0.25}
+    return {"num_cpus": 1, **({"num_gpus": cfg.decomposer_num_gpus} if cfg.decomposer_num_gpus else {})}
 
 
 def parse_decomposer_spec(spec: str) -> tuple[str, Optional[str]]:
@@ -969,7 +997,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
         ds = ds.map_batches(_DecomposeStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                             fn_constructor_kwargs=dict(kind=kind, name=name, settings=dec_settings,
                                                        solver=solver.model_dump(), concurrency=cfg.concurrency),
-                            num_cpus=1 if kind == "distilled" else 0.25)
+                            **decompose_resources(cfg, kind))
         ds = ds.map_batches(_SolveStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                             fn_constructor_kwargs=dict(solver=solver.model_dump(), concurrency=cfg.concurrency),
                             num_cpus=0.25)
