@@ -437,6 +437,7 @@ def limiter_name(base_url: Optional[str], model: str, account: Optional[str] = N
     """The limit key: one limiter per (endpoint, model, account), as providers limit per organisation and model.
     `account` is `account_id(key)` (None: the name of older versions, shared by every key)."""
     host = re.sub(r"^https?://", "", base_url or "api.openai.com").rstrip("/")
+    host = re.sub(r"^[^/@]*@", "", host)  # never credentials (user:password@) in an actor name anyone can list
     return f"subq-limiter:{host}:{model}" + (f":{account}" if account else "")
 
 

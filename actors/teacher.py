@@ -86,15 +86,36 @@ class TeacherBudgetExceeded(TeacherStopped):
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, status: Optional[int] = None, maybe_billed: bool = False):
+    def __init__(self, reason: str, status: Optional[int] = None, maybe_billed: bool = False,
+                 billed_usd: Optional[float] = None):
         super().__init__(reason)
         self.reason, self.status = reason, status
         self.maybe_billed = maybe_billed  # the request reached the provider, which may bill it (timeout, drop, bad 200)
+        self.billed_usd = billed_usd  # a reply arrived with its usage (billed, then retried): what it cost
 
 
-# calls that may have been billed, counted into the dict the caller set here (e.g. one problem's accounts):
-# {"maybe_billed": n, "maybe_billed_usd": $}. A ContextVar, so concurrent problems on one client stay apart.
+# what the provider bills, counted into the dict the caller set here (e.g. one problem's accounts), reply by reply:
+# every reply that arrived, usable or not (re-sampled, invalid, retried after it arrived): "billed_replies",
+# "billed_prompt_tokens", "billed_completion_tokens", "billed_cost_usd" and "billed_by_template" {template id:
+# [prompt, completion, $]}, from the reply's own `usage`; calls that may have been billed without a reply
+# (timeout after sending, dropped connection, unreadable 200, a call cancelled in flight): "maybe_billed" and
+# "maybe_billed_usd", priced at the hold estimate (prompt estimate + max_tokens at the online price).
+# A ContextVar, so concurrent problems on one client stay apart.
 BILLING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("subq_billing", default=None)
+
+
+def _bill(pt: int, ct: int, cost: float, template_id: Optional[str]) -> None:
+    acc = BILLING.get()
+    if acc is None:
+        return
+    acc["billed_replies"] = acc.get("billed_replies", 0) + 1
+    acc["billed_prompt_tokens"] = acc.get("billed_prompt_tokens", 0) + pt
+    acc["billed_completion_tokens"] = acc.get("billed_completion_tokens", 0) + ct
+    acc["billed_cost_usd"] = acc.get("billed_cost_usd", 0.0) + cost
+    t = acc.setdefault("billed_by_template", {}).setdefault(template_id or "", [0, 0, 0.0])
+    t[0] += pt
+    t[1] += ct
+    t[2] += cost
 
 
 _KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{3,}")
@@ -134,6 +155,28 @@ def normalize_endpoint(base_url: Optional[str]) -> str:
     if port and not ((scheme == "http" and port == 80) or (scheme == "https" and port == 443)):
         host = f"{host}:{port}"
     return f"{scheme}://{host}{u.path.rstrip('/')}"
+
+
+def has_userinfo(base_url: Optional[str]) -> bool:
+    """True when a base URL carries credentials (`https://user:password@host/...`)."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit((base_url or "").strip())
+    except ValueError:
+        return False
+    return bool(u.username or u.password or "@" in (u.netloc or ""))
+
+
+def refuse_userinfo(base_url: Optional[str], field: str = "base_url") -> None:
+    """A clear error (naming the field, never the URL) for credentials in a base URL: they would reach actor
+    names, config files and logs. The key belongs in the environment variable named by --api-key-env."""
+    if has_userinfo(base_url):
+        from subq.errors import ConfigError
+
+        raise ConfigError("the base URL holds credentials (user:password@host); they would be written to actor "
+                          "names, config files and logs", field=field,
+                          hint="remove them from the URL and put the key in the variable named by --api-key-env")
 
 
 def check_endpoint(base_url: Optional[str], timeout_s: float = 10.0) -> None:
@@ -292,6 +335,7 @@ class TeacherClient:
         max_retry_after_s: float = 120.0,
         limiter_name: Optional[str] = None,
     ):
+        refuse_userinfo(base_url)
         self.model = model
         self.base_url = base_url or "https://api.openai.com/v1"
         self.api_key_env = api_key_env
@@ -470,7 +514,7 @@ class TeacherClient:
             self.metrics.set_in_flight(self._in_flight)
             try:
                 res = await self._call_with_retries(messages, temperature, max_tokens, sample_index, key, validate,
-                                                    accept_invalid)
+                                                    accept_invalid, template_id)
             finally:
                 self._in_flight -= 1
                 self.metrics.set_in_flight(self._in_flight)
@@ -482,11 +526,11 @@ class TeacherClient:
         return res
 
     async def _call_with_retries(self, messages, temperature, max_tokens, sample_index, key, validate,
-                                 accept_invalid) -> ChatResult:
+                                 accept_invalid, template_id=None) -> ChatResult:
         from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, \
             wait_random_exponential
 
-        state = {"attempts": 0, "n_429": 0, "resamples": 0, "last_invalid": None}
+        state = {"attempts": 0, "n_429": 0, "resamples": 0, "last_invalid": None, "tid": template_id}
         est_tokens = sum(estimate_tokens(m.get("content") or "") for m in messages) + max_tokens
         est_cost = self.price.cost(est_tokens - max_tokens, max_tokens)
         retrying = AsyncRetrying(
@@ -536,21 +580,29 @@ class TeacherClient:
         self.stats["attempts"] += 1
         if state["attempts"] > 1:
             self.stats["retries"] += 1
+        state["sent"], state["replied"] = False, None
         try:
             res = await self._send(client, messages, temperature, max_tokens, sample_index, key, est_tokens, state)
         except _Retryable as e:
-            if e.maybe_billed:  # the provider may have billed it: charge the hold, count it apart
-                self.stats["maybe_billed"] += 1
-                self.stats["maybe_billed_usd"] += est_cost
-                acc = BILLING.get()
-                if acc is not None:
-                    acc["maybe_billed"] = acc.get("maybe_billed", 0) + 1
-                    acc["maybe_billed_usd"] = acc.get("maybe_billed_usd", 0.0) + est_cost
-                await self._limiter_call("settle", 0, 0, est_cost)
+            if e.billed_usd is not None:  # a reply arrived (billed, counted in _send) and is retried
                 if self.budget is not None:
-                    await self.budget.settle.remote(0, 0, est_cost, est_cost)
+                    await self.budget.settle.remote(0, 0, e.billed_usd, est_cost)
+            elif e.maybe_billed:  # the provider may have billed it: charge the hold, count it apart
+                await self._maybe_billed(est_cost)
             elif self.budget is not None:
                 await self.budget.release.remote(est_cost)
+            raise
+        except asyncio.CancelledError:  # cancelled in flight (a sibling failed): the provider may bill it
+            try:
+                if state.get("replied") is not None:  # its reply was billed and counted already
+                    if self.budget is not None:
+                        await self.budget.settle.remote(0, 0, state["replied"], est_cost)
+                elif state["sent"]:
+                    await self._maybe_billed(est_cost)
+                elif self.budget is not None:
+                    await self.budget.release.remote(est_cost)
+            except BaseException:  # cancelled again while counting: the cancellation wins
+                pass
             raise
         except BaseException:
             if self.budget is not None:
@@ -560,11 +612,23 @@ class TeacherClient:
             await self.budget.settle.remote(0, 0, res.cost_usd, est_cost)
         return res
 
+    async def _maybe_billed(self, est_cost: float) -> None:
+        self.stats["maybe_billed"] += 1
+        self.stats["maybe_billed_usd"] += est_cost
+        acc = BILLING.get()
+        if acc is not None:
+            acc["maybe_billed"] = acc.get("maybe_billed", 0) + 1
+            acc["maybe_billed_usd"] = acc.get("maybe_billed_usd", 0.0) + est_cost
+        await self._limiter_call("settle", 0, 0, est_cost)
+        if self.budget is not None:
+            await self.budget.settle.remote(0, 0, est_cost, est_cost)
+
     async def _send(self, client, messages, temperature, max_tokens, sample_index, key, est_tokens,
                     state) -> ChatResult:
         import openai
 
         t_send = time.monotonic()
+        state["sent"] = True
         try:
             raw = await client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
@@ -617,20 +681,23 @@ class TeacherClient:
         except openai.APIError as e:  # e.g. a reply body the SDK cannot validate: treat like a bad sample
             self.stats["malformed"] += 1
             raise _Retryable(self._redact(f"unusable response: {type(e).__name__}"), 200, maybe_billed=True) from None
-        if text is None:
-            raise _Retryable("empty reply (no message content)", 200)
+        # a reply arrived: the provider bills it, usable or not (counted before any validation or retry)
         pt = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else estimate_tokens(str(messages))
-        ct = int(getattr(usage, "completion_tokens", 0) or 0) if usage else estimate_tokens(text)
+        ct = int(getattr(usage, "completion_tokens", 0) or 0) if usage else estimate_tokens(text or "")
         cost = self.price.cost(pt, ct)
         self.stats["prompt_tokens"] += pt
         self.stats["completion_tokens"] += ct
         self.stats["cost_usd"] += cost
+        _bill(pt, ct, cost, state.get("tid"))
+        state["replied"] = cost
         rl = {k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit")}
         lim = self.limiter
         if lim is not None and hasattr(getattr(lim, "settle", None), "remote"):
             await self._remote("settle", est_tokens, pt + ct, cost, 0.0, rl, time.monotonic() - t_send)
         else:
             await self._limiter_call("settle", est_tokens, pt + ct, cost, rl, time.monotonic() - t_send)
+        if text is None:
+            raise _Retryable("empty reply (no message content)", 200, billed_usd=cost)
         return ChatResult(text, pt, ct, cost, attempts=state["attempts"], cached=False, key=key, model=self.model,
                           provenance=getattr(completion, "system_fingerprint", None), n_429=state["n_429"],
                           raw_headers={k: v for k, v in headers.items() if k.lower().startswith(("x-ratelimit", "x-subq"))})

@@ -21,7 +21,13 @@ per-request errors once collected. A re-run reads it and picks up batches still 
 for them again; a batch created just before the driver died (id not yet written) is found again through its
 `metadata.subq_shard` in `batches.list`. Terminal batches: `completed` -> collected; `expired`, `failed`,
 `cancelled` -> collected for what they answered, and only the requests without a result are resubmitted (at most
-`batch_max_submissions` times each, then a recorded failure). Per-request errors (the error file) become
+`batch_max_submissions` times each in one run, then a recorded failure; `--retry-failed` starts the count again,
+so it resubmits exactly the requests of the failed problems that have no result). A shard an earlier run wrote but
+never submitted is submitted only if every request in it is still wanted (this run's problems, not cached);
+otherwise it is dropped (`status: dropped`) and the wanted requests go into new shards, so a re-run never buys a
+cached request or one of a problem outside the run. Spend (`summary.json`, `cost_usd_batch`, the budget) counts
+every billed reply: each 200 in an output file, including replies that fail validation and are sent again.
+Per-request errors (the error file) become
 recorded failures of their problem. A missing or malformed output file is reported with its batch id; every
 line that parses is kept and only the requests without a result are sent again.
 """
@@ -35,7 +41,7 @@ from collections import Counter
 from typing import Optional
 
 from actors.teacher import RequestCache, cache_key, normalize_endpoint
-from subq import console, storage
+from subq import console, stop, storage
 from subq.costs import estimate_tokens
 from subq.errors import ConfigError, SubqError
 
@@ -72,6 +78,10 @@ class BatchDriver:
         self.output_errors: list[str] = []
         self.budget_hit = False  # --max-cost-usd stopped submissions
         self.invalid: dict[str, str] = {}  # custom_id -> why its last reply was unusable (sent again)
+        # what the provider bills this run: every reply with status 200 collected, usable or not (invalid QG
+        # replies sent again, unusable bodies), by (batch id, custom_id) so a batch read twice is counted once:
+        # {"pid", "stage", "prompt_tokens", "completion_tokens", "cost_usd"} at the batch price
+        self.billed: dict[tuple[str, str], dict] = {}
         self._adoptable: Optional[dict] = None
         self._files: Optional[dict] = None
         self._specs: dict[str, dict] = {}
@@ -215,7 +225,7 @@ class BatchDriver:
             return True
         bound = lambda n: sum(x["est_usd"] for x in self._shard_specs(n).values())  # noqa: E731
         running = sum(bound(n) for n, s in self.state["shards"].items() if s.get("batch_id") and not s["collected"])
-        spent = sum(e["cost_usd"] for e in self.fresh.values())
+        spent = self.spent()
         if spent + running + bound(name) <= self.cfg.max_cost_usd:
             return True
         self.budget_hit = True
@@ -271,6 +281,21 @@ class BatchDriver:
             self.output_errors.append(f"batch {bid}: {what} file {file_id} has {bad} malformed line(s); "
                                       f"{good} parsed and kept, requests without a result are sent again")
 
+    def _bill(self, bid: str, r: dict, body) -> None:
+        """A 200 reply is billed whatever it holds: count its usage (the body's own `usage`)."""
+        usage = (body.get("usage") if isinstance(body, dict) else None) or {}
+        try:
+            pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError, AttributeError):
+            pt = ct = 0
+        pid = r["cid"].rsplit("|", 3)[0]
+        self.billed[(bid, r["cid"])] = {"pid": pid, "stage": r["stage"], "prompt_tokens": pt,
+                                       "completion_tokens": ct, "cost_usd": self.bprice.cost(pt, ct),
+                                       "online_cost_usd": self.price.cost(pt, ct)}
+
+    def spent(self) -> float:
+        return sum(e["cost_usd"] for e in self.billed.values())
+
     def _collect(self, name: str, b) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -287,6 +312,7 @@ class BatchDriver:
                 if resp.get("status_code") != 200:
                     s["request_errors"][r["cid"]] = f"batch {b.id}: HTTP {resp.get('status_code')}"
                     continue
+                self._bill(b.id, r, resp.get("body"))
                 try:
                     body = resp["body"]
                     text = body["choices"][0]["message"]["content"]
@@ -336,12 +362,32 @@ class BatchDriver:
         self.save()
 
     # ------------------------------------------------------------------ one round
-    def run_round(self, rnd: str, reqs: list[dict]) -> None:
-        tries = Counter()
+    def _prune(self, rnd: str, reqs: list[dict]) -> None:
+        """Shards an earlier run wrote but never submitted: submit one only if every request in it is still
+        wanted (this run's, not cached, not failed); otherwise drop it (its wanted requests go into new shards).
+        A shard whose batch was created but whose id never reached the state file is adopted, never dropped."""
+        wanted = {r["cid"] for r in reqs if r["key"] not in self.done and r["cid"] not in self.errors}
         for name, s in self.state["shards"].items():
-            if s["round"] == rnd:
-                tries.update(list(self._shard_specs(name)))
+            if s["round"] != rnd or s["collected"] or s.get("batch_id"):
+                continue
+            bid = self._adopt(name)
+            if bid is not None:
+                s["batch_id"], s["status"], s["submitted_at"] = bid, "submitted", time.time()
+                self.save()
+                continue
+            specs = self._shard_specs(name)
+            if all(cid in wanted and spec["key"] not in self.done for cid, spec in specs.items()):
+                continue
+            s.update(status="dropped", collected=True, dropped_at=time.time(),
+                     note="not submitted: holds cached requests or problems outside the run that resumed it")
+            self.save()
+
+    def run_round(self, rnd: str, reqs: list[dict]) -> None:
+        # submissions of THIS run only: --retry-failed (or a later run) may resubmit what an earlier run gave up on
+        tries = Counter()
+        self._prune(rnd, reqs)
         while True:
+            stop.check()  # a Ctrl-C/SIGTERM whose exception was swallowed on its way still ends the loop (subq.stop)
             shards = {n: s for n, s in self.state["shards"].items() if s["round"] == rnd}
             covered = set()
             for n, s in shards.items():
@@ -389,7 +435,7 @@ class BatchDriver:
                     self._collect(n, b)
             self._progress_line(rnd)
             if not changed:
-                time.sleep(self.cfg.batch_poll_s)
+                stop.sleep(self.cfg.batch_poll_s)
 
     def _progress_line(self, rnd: str, force: bool = False) -> None:
         if not force and time.time() - self.last_line < self.cfg.progress_interval_s:
@@ -397,7 +443,7 @@ class BatchDriver:
         self.last_line = time.time()
         st = Counter(s["status"] for s in self.state["shards"].values() if s["round"] == rnd)
         console.echo(f"batch round {rnd}: " + ", ".join(f"{k} {v}" for k, v in sorted(st.items()))
-                     + f" | replies {len(self.fresh)} | ${sum(e['cost_usd'] for e in self.fresh.values()):.4f}")
+                     + f" | replies {len(self.fresh)} | ${self.spent():.4f}")
 
     # ------------------------------------------------------------------ cancel
     def cancel(self) -> dict:
@@ -420,7 +466,7 @@ class BatchDriver:
                     del open_[n]
             self.save()
             if open_:
-                time.sleep(min(self.cfg.batch_poll_s, 2.0))
+                stop.sleep(min(self.cfg.batch_poll_s, 2.0))
         return {"cancelled": sorted(b for b, st in final.items() if st == "cancelled"),
                 "finished_before_cancel": sorted(b for b, st in final.items() if st != "cancelled"),
                 "still_cancelling": sorted(s["batch_id"] for s in open_.values()),
@@ -439,8 +485,10 @@ class BatchDriver:
                                         "failed": req["failed"],
                                         "not_run": req["total"] - req["completed"] - req["failed"]},
                 "replies_this_run": len(self.fresh),
-                "cost_usd_batch": round(sum(e["cost_usd"] for e in self.fresh.values()), 6),
-                "cost_usd_online_equivalent": round(sum(e["online_cost_usd"] for e in self.fresh.values()), 6),
+                # billed: every 200 reply collected by this run (invalid ones included), at the batch price
+                "billed_replies_this_run": len(self.billed),
+                "cost_usd_batch": round(self.spent(), 6),
+                "cost_usd_online_equivalent": round(sum(e["online_cost_usd"] for e in self.billed.values()), 6),
                 "output_errors": self.output_errors, "state": self.state_path}
 
 
@@ -486,6 +534,9 @@ def run_batch(cfg, pending, prices, progress):
                      f"re-run the same command to collect them, or add --cancel to cancel them")
         raise
     rows, fails, outs = [], [], []
+    billed_by_pid: dict[str, list] = {}
+    for e in d.billed.values():
+        billed_by_pid.setdefault(e["pid"], []).append(e)
     for pid, sets in plan.items():
         it = items[pid]
         reqs = [r for s in sets for r in s]
@@ -497,13 +548,11 @@ def run_batch(cfg, pending, prices, progress):
                 "prompt_tokens": sum(e["prompt_tokens"] for e in entries),
                 "completion_tokens": sum(e["completion_tokens"] for e in entries),
                 "cost_usd": sum(e["cost_usd"] for e in entries),
-                "new_prompt_tokens": sum(d.fresh[r["key"]]["prompt_tokens"] for r in reqs if r["key"] in d.fresh),
-                "new_completion_tokens": sum(d.fresh[r["key"]]["completion_tokens"] for r in reqs if r["key"] in d.fresh),
-                "new_cost_usd": sum(d.fresh[r["key"]]["cost_usd"] for r in reqs if r["key"] in d.fresh)}
-        for r in reqs:  # this run's tokens and $ by stage (summary "by_stage")
-            e = d.fresh.get(r["key"])
+                "new_prompt_tokens": 0, "new_completion_tokens": 0, "new_cost_usd": 0.0}
+        for e in billed_by_pid.pop(pid, []):  # this run's bill: every billed reply, by stage (summary "by_stage")
             for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
-                acct[f"{r['stage']}_{k}"] = acct.get(f"{r['stage']}_{k}", 0) + (e[k] if e else 0)
+                acct[f"new_{k}"] += e[k]
+                acct[f"{e['stage']}_{k}"] = acct.get(f"{e['stage']}_{k}", 0) + e[k]
         if entries:
             gold = release_gold(it["gold_answer"])
             built = []
@@ -535,6 +584,10 @@ def run_batch(cfg, pending, prices, progress):
     if outs:
         keys = sorted({k for o in outs for k in o} | {"actor"})
         progress.add({k: [o.get(k, "batch-driver" if k == "actor" else None) for o in outs] for k in keys})
+    for e in (e for es in billed_by_pid.values() for e in es):  # billed replies of problems outside this run
+        for k in ("prompt_tokens", "completion_tokens", "cost_usd"):  # (an earlier run's batches collected now)
+            progress.c[f"new_{k}"] += e[k]
+            progress.c[f"{e['stage']}_{k}"] += e[k]
     return None, {"rate": None, "budget": None, "batch": d.summary()}
 
 

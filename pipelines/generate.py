@@ -39,7 +39,8 @@ Output directory (local path or any pyarrow filesystem URI):
 Resume and exactly once: re-running the same command skips problems that have a row and (unless
 `--retry-failed`) those with a recorded failure; calls already answered come from `cache/`, so only calls
 that were in flight when a job died are sent again. Exports de-duplicate by problem id. Ctrl-C exports the
-finished rows, writes summary.json (`"stopped": "interrupted"`) and exits 130; `--max-cost-usd` stops the same
+finished rows, writes summary.json (`"stopped": "interrupted"`) and exits 130; SIGTERM does the same and exits 143
+(subq.stop); `--max-cost-usd` stops the same
 way with `"stopped": "budget"` (exit 0); a bad key or request stops with one `error:` line (exit 2).
 """
 
@@ -136,6 +137,19 @@ def build_row(item: dict, sets: list, job: dict, acct: dict):
         attempts=acct["attempts"], error=None)
 
 
+async def gather_or_cancel(*aws):
+    """asyncio.gather that, when one awaitable raises, cancels the others (their paid calls stop now instead of
+    running on for a problem already recorded as failed), waits for them to end, then raises that error."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class GenerateActor(TeacherActor):
     """Ray Data UDF: a batch of problems -> their rows (written as one Parquet part) and per-problem summaries."""
 
@@ -151,6 +165,22 @@ class GenerateActor(TeacherActor):
         self.stopper = self.client.budget  # job-scoped; the shared rate limiter is never stopped by one job
 
     async def process(self, item: dict) -> dict:
+        """One problem -> its outcome and accounts. This run's tokens and $ (`new_*`, by stage) are what the
+        provider billed: every reply that arrived (re-sampled and invalid ones included, counted by the client
+        into BILLING), not only the replies kept in the row."""
+        out = await self._process(item)
+        out["new_prompt_tokens"] = out.pop("billed_prompt_tokens", 0)
+        out["new_completion_tokens"] = out.pop("billed_completion_tokens", 0)
+        out["new_cost_usd"] = out.pop("billed_cost_usd", 0.0)
+        out.pop("billed_replies", None)
+        for tid, (pt, ct, usd) in (out.pop("billed_by_template", None) or {}).items():
+            st = STAGE_OF.get(tid.split("_", 1)[-1], "feedback")
+            out[f"{st}_prompt_tokens"] += pt
+            out[f"{st}_completion_tokens"] += ct
+            out[f"{st}_cost_usd"] += usd
+        return out
+
+    async def _process(self, item: dict) -> dict:
         from subq.prompts import messages, template_for
         from subq.schema import SubQuestionSet
 
@@ -164,7 +194,7 @@ class GenerateActor(TeacherActor):
         stage = {"name": "qg"}
         from actors.teacher import BILLING
 
-        BILLING.set(acct)  # this problem's task: calls that may have been billed are counted into acct
+        BILLING.set(acct)  # this problem's task: every billed reply (and maybe-billed call) is counted into acct
 
         async def call(msgs, tid, sample, validate, accept_invalid):
             r = await c.chat(msgs, temperature=job["temperature"], max_tokens=job["max_tokens"], sample_index=sample,
@@ -175,15 +205,7 @@ class GenerateActor(TeacherActor):
             acct["n_429"] += r.n_429
             acct["prompt_tokens"] += r.prompt_tokens
             acct["completion_tokens"] += r.completion_tokens
-            acct["cost_usd"] += r.cost_usd
-            if not r.cached:
-                acct["new_cost_usd"] += r.cost_usd
-                acct["new_prompt_tokens"] += r.prompt_tokens
-                acct["new_completion_tokens"] += r.completion_tokens
-                st = STAGE_OF.get(tid.split("_", 1)[-1], "feedback")
-                acct[f"{st}_prompt_tokens"] += r.prompt_tokens
-                acct[f"{st}_completion_tokens"] += r.completion_tokens
-                acct[f"{st}_cost_usd"] += r.cost_usd
+            acct["cost_usd"] += r.cost_usd  # the row's own replies (this run's spend: the BILLING counts)
             return r
 
         problem, gold = item["problem"], release_gold(item["gold_answer"])
@@ -195,12 +217,12 @@ class GenerateActor(TeacherActor):
             (_, qa_t, qa_s, qa_m), *fb_calls = calls_after_qg(fam, problem, i, job["n_feedback"], qs)
             a = await call(qa_m, qa_t, qa_s, v_qa, True)
             stage["name"] = "feedback"
-            fbs = await asyncio.gather(*(call(m, t, s, v_fb(len(qs)), True) for _, t, s, m in fb_calls))
+            fbs = await gather_or_cancel(*(call(m, t, s, v_fb(len(qs)), True) for _, t, s, m in fb_calls))
             return build_set(fam, qtext, a.text, gold, [f.text for f in fbs])
 
         base = {k: item[k] for k in ("problem_id", "source", "source_index")}
         try:
-            sets = await asyncio.gather(*(one_set(i) for i in range(job["n_sets"])))
+            sets = await gather_or_cancel(*(one_set(i) for i in range(job["n_sets"])))
         except TeacherBudgetExceeded as e:
             return {**base, "status": "budget", "error": str(e), "row": None, **acct}
         except TeacherStopped as e:
@@ -495,16 +517,25 @@ def write_manifest(cfg: GenerateConfig) -> None:
 
 
 class OutputLease:
-    """OUTPUT/_lease.json = {host, pid, run_id, heartbeat}: one job writes an output at a time. A lease is stale
-    after `timeout_s` without a heartbeat (a thread renews it every timeout_s/4), or at once when its process is
-    gone from this host. A second job refuses with the holder named; the same process may re-enter."""
+    """OUTPUT/_lease.json = {host, pid, run_id, heartbeat}: one job writes an output at a time.
 
-    def __init__(self, output: str, timeout_s: float = 120.0):
-        self.output, self.timeout_s = output, timeout_s
+    Taken with an atomic create-if-absent (`storage.create_exclusive`: link of a complete temp, O_EXCL semantics),
+    so of two jobs started at the same instant exactly one gets it. A lease is stale after `timeout_s` without a
+    heartbeat (a thread renews it every timeout_s/4, and only while the file is still ours), or at once when its
+    process is gone from this host. A stale lease is taken over under a second exclusive file
+    (`_lease.json.takeover`): the taker re-reads the lease, deletes it only if it is still the stale one it judged,
+    and creates its own with the same atomic create, so two takers cannot both win. A second job refuses with the
+    holder named; the same process may re-enter. Object stores offer no conditional put through pyarrow: there the
+    lease is refused with a clear error (`--output-lease off` runs without one, for a single writer you control)."""
+
+    def __init__(self, output: str, timeout_s: float = 120.0, mode: str = "exclusive"):
+        self.output, self.timeout_s, self.mode = output, timeout_s, mode
         self.path = storage.join(output, "_lease.json")
+        self.takeover_path = storage.join(output, "_lease.json.takeover")
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "run_id": hashlib.sha256(f"{output}|{os.getpid()}|{time.time()}".encode()).hexdigest()[:12]}
+                   "run_id": hashlib.sha256(f"{output}|{os.getpid()}|{time.time_ns()}".encode()).hexdigest()[:12]}
         self._stop = None
+        self.lost = False  # set by the heartbeat when another job holds the file (we were judged stale)
 
     def _read(self) -> Optional[dict]:
         try:
@@ -524,29 +555,80 @@ class OutputLease:
                 pass
         return False
 
+    def _data(self) -> bytes:
+        return json.dumps({**self.me, "heartbeat": time.time()}).encode()
+
     def _write(self) -> None:
-        storage.write_bytes_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time()}).encode())
+        storage.write_bytes_atomic(self.path, self._data())
+
+    def _refuse(self, info: dict):
+        age = time.time() - float(info.get("heartbeat", 0))
+        return SubqError(f"another job is writing this output (host {info.get('host')}, pid {info.get('pid')}, "
+                         f"heartbeat {age:.0f}s ago)", source=self.output,
+                         hint=f"wait for it to finish, or delete {self.path} if that job is gone")
+
+    def _take_over(self, judged: dict) -> bool:
+        """Replace the stale lease `judged` by ours; True when ours is now the lease."""
+        if not storage.create_exclusive(self.takeover_path, self._data()):
+            try:  # a taker that died mid-takeover leaves its file: stale after timeout_s
+                t = json.loads(storage.read_bytes(self.takeover_path))
+                if time.time() - float(t.get("heartbeat", 0)) > self.timeout_s:
+                    storage.delete(self.takeover_path)
+            except (SubqError, ValueError):
+                pass
+            return False
+        try:
+            now = self._read()
+            if now is not None and (now.get("run_id"), now.get("heartbeat")) != (judged.get("run_id"),
+                                                                                 judged.get("heartbeat")):
+                return False  # it changed since we judged it: not ours to delete
+            storage.delete(self.path)
+            return storage.create_exclusive(self.path, self._data())
+        finally:
+            storage.delete(self.takeover_path)
 
     def acquire(self) -> "OutputLease":
         import threading
 
-        info = self._read()
-        mine = info is not None and info.get("host") == self.me["host"] and info.get("pid") == self.me["pid"]
-        if info is not None and not mine and not self._stale(info):
-            age = time.time() - float(info.get("heartbeat", 0))
-            raise SubqError(f"another job is writing this output (host {info.get('host')}, pid {info.get('pid')}, "
-                            f"heartbeat {age:.0f}s ago)", source=self.output,
-                            hint=f"wait for it to finish, or delete {self.path} if that job is gone")
-        self._write()
-        time.sleep(0.05)
-        got = self._read()
-        if got is None or got.get("run_id") != self.me["run_id"]:  # lost a race for a stale lease
+        if self.mode == "off":
+            return self
+        storage.makedirs(self.output)
+        try:
+            got = storage.create_exclusive(self.path, self._data())
+        except storage.NoAtomicCreate as e:
+            raise ConfigError(f"the output's store offers no atomic create (conditional put), so two jobs could "
+                              f"both take its lease: {e}", field="output_lease", source=self.output,
+                              hint="write to a local or mounted path, or pass --output-lease off if you make sure "
+                                   "only one job writes this output") from None
+        for _ in range(20):
+            if got:
+                break
+            info = self._read()
+            if info is None:  # removed between our create and our read (a release): try again
+                got = storage.create_exclusive(self.path, self._data())
+                continue
+            if info.get("host") == self.me["host"] and info.get("pid") == self.me["pid"]:
+                self.me["run_id"] = info.get("run_id", self.me["run_id"])  # the same process re-enters
+                self._write()
+                got = True
+                break
+            if not self._stale(info):
+                raise self._refuse(info)
+            got = self._take_over(info)
+            if not got:
+                time.sleep(0.05)
+        if not got:
             raise SubqError("another job took this output's lease at the same moment", source=self.output)
         self._stop = threading.Event()
+        stop = self._stop
 
         def beat():
-            while not self._stop.wait(self.timeout_s / 4):
+            while not stop.wait(self.timeout_s / 4):
                 try:
+                    info = self._read()
+                    if info is not None and info.get("run_id") != self.me["run_id"]:
+                        self.lost = True  # another job took it over: never overwrite its lease
+                        return
                     self._write()
                 except Exception:  # a transient storage error: the next beat tries again
                     pass
@@ -561,11 +643,7 @@ class OutputLease:
         self._stop = None
         info = self._read()
         if info is not None and info.get("run_id") == self.me["run_id"]:
-            fs, path = storage.resolve(self.path)
-            try:
-                fs.delete_file(path)
-            except OSError:
-                pass
+            storage.delete(self.path)
 
     def __enter__(self) -> "OutputLease":
         return self.acquire()
@@ -595,7 +673,7 @@ def run_generate(config: GenerateConfig | dict) -> dict:
     """Run (or resume) a generation job; returns the summary dict (also written to OUTPUT/summary.json). Holds
     OUTPUT's lease while it writes."""
     cfg = config if isinstance(config, GenerateConfig) else load_config(GenerateConfig, None, config)
-    lease = OutputLease(cfg.output, cfg.lease_timeout_s)
+    lease = OutputLease(cfg.output, cfg.lease_timeout_s, cfg.output_lease)
     try:
         return _run_generate(cfg, lease)
     finally:
@@ -664,7 +742,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     progress = Progress(len(pending), cfg.progress_interval_s)
     fatal = None
     limiter_stats = None
-    interrupted = False
+    interrupted = None  # the KeyboardInterrupt (Ctrl-C) or subq.stop.Terminated (SIGTERM) that stopped the run
     if pending:
         try:
             if cfg.api == "batch":
@@ -673,13 +751,13 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
                 fatal, limiter_stats = run_batch(cfg, pending, prices, progress)
             else:
                 fatal, limiter_stats = _run_pipeline(cfg, pending, prices, progress)
-        except KeyboardInterrupt:  # Ctrl-C: keep what is finished, export it, then stop; re-run to resume
-            interrupted = True
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep what is finished, export it, stop; re-run to resume
+            interrupted = e
     progress.print()
     exp = export(cfg.output)
     el = time.time() - t0
     c = progress.c
-    stopped = "fatal" if fatal else "interrupted" if interrupted else "budget" if c["budget"] else None
+    stopped = "fatal" if fatal else "interrupted" if interrupted is not None else "budget" if c["budget"] else None
     summary = {
         "output": cfg.output, "input": cfg.input, "model": cfg.model, "problems": n_problems,
         "pending_at_start": len(pending), "rows_total": exp["rows"], "failures_open": exp["failures"],
@@ -701,13 +779,13 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     storage.write_bytes_atomic(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2).encode())
     if fatal:
         raise fatal
-    if not interrupted:
+    if interrupted is None:
         report_failures(c, progress.reasons, len(pending), exp["paths"]["failures"])
-    if interrupted:
+    if interrupted is not None:
         from subq import console
 
         console.emit_json(summary)
-        raise KeyboardInterrupt
+        raise interrupted  # exit 130 (Ctrl-C) or 143 (SIGTERM): subq.cli
     return summary
 
 
@@ -780,7 +858,10 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
                                 client_kwargs=client_kwargs, limiter_name=lname, budget_name=bname, job=job,
                                 api_key_ref=[ray.put(os.environ[cfg.api_key_env])]))
         fatal = None
+        from subq import stop
+
         for batch in ds.iter_batches(batch_size=None, batch_format="default"):
+            stop.check()  # a Ctrl-C/SIGTERM swallowed on its way (e.g. in a finalizer) still stops here (subq.stop)
             b = {k: [x.item() if hasattr(x, "item") else x for x in v] for k, v in batch.items()}
             progress.add(b)
             for status, err in zip(b["status"], b["error"]):
@@ -797,6 +878,9 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
             ray.kill(budget)
         return fatal, {"rate": lstats, "budget": bstats}
     finally:
+        # the limiter's status reads Ray: after the shutdown a progress line would start a whole new local Ray
+        # (ray's auto-init), 20-30 s at the end of every run and after every Ctrl-C/SIGTERM
+        progress.status_fn = None
         if started:
             ray.shutdown()
 

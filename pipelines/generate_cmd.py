@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         latency_jitter_ms: float = typer.Option(0.0, "--latency-jitter-ms", help="Latency std-dev."),
         fail_rate: float = typer.Option(0.0, "--fail-rate", help="Share of requests answered 500/503."),
         malformed_rate: float = typer.Option(0.0, "--malformed-rate", help="Share answered with an unparseable reply."),
+        malformed_body_share: float = typer.Option(0.5, "--malformed-body-share", help="Share of the malformed replies that are a truncated body (the rest: a reply in no expected format)."),
         timeout_rate: float = typer.Option(0.0, "--timeout-rate", help="Share that hang, then 504."),
         timeout_hang_s: float = typer.Option(30.0, "--timeout-hang-s", help="How long a 'timeout' hangs."),
         require_key_env: Optional[str] = typer.Option(None, "--require-key-env", help="Require the key held in this env var (401 otherwise)."),
@@ -47,6 +48,7 @@ def register(app: typer.Typer) -> None:
         batch_api: bool = typer.Option(True, "--batch-api/--no-batch-api", help="Serve the Batch API (/v1/files, /v1/batches)."),
         batch_delay_s: float = typer.Option(1.0, "--batch-delay-s", help="Processing time of one batch."),
         batch_error_rate: float = typer.Option(0.0, "--batch-error-rate", help="Share of batch requests answered with a per-request 500."),
+        batch_malformed_rate: float = typer.Option(0.0, "--batch-malformed-rate", help="Share of batch requests answered with a reply in no expected format."),
         batch_expire_first: int = typer.Option(0, "--batch-expire-first", help="The first N batches expire after half their requests."),
         batch_bad_output_first: int = typer.Option(0, "--batch-bad-output-first", help="The first N completed batches get a bad output file."),
         batch_bad_output: str = typer.Option("malformed", "--batch-bad-output", help="malformed | missing."),
@@ -60,7 +62,8 @@ def register(app: typer.Typer) -> None:
         from pipelines.teacher_server import TeacherServerConfig, serve
         from subq.errors import ConfigError
 
-        for name, v in (("--fail-rate", fail_rate), ("--malformed-rate", malformed_rate), ("--timeout-rate", timeout_rate)):
+        for name, v in (("--fail-rate", fail_rate), ("--malformed-rate", malformed_rate), ("--timeout-rate", timeout_rate),
+                        ("--malformed-body-share", malformed_body_share), ("--batch-malformed-rate", batch_malformed_rate)):
             if not 0 <= v <= 1:
                 raise ConfigError("must be between 0 and 1", field=name)
         if fail_rate + malformed_rate + timeout_rate > 1:
@@ -77,7 +80,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"teacher server on http://{host}:{port}/v1", err=True)
         serve(TeacherServerConfig(host=host, port=port, rpm=rpm, tpm=tpm, burst_s=burst_s, latency_s=latency_ms / 1000,
                                   latency_jitter_s=latency_jitter_ms / 1000, fail_rate=fail_rate,
-                                  malformed_rate=malformed_rate, timeout_rate=timeout_rate,
+                                  malformed_rate=malformed_rate, malformed_body_share=malformed_body_share,
+                                  timeout_rate=timeout_rate, batch_malformed_rate=batch_malformed_rate,
                                   timeout_hang_s=timeout_hang_s, api_key=key, models=model or None, seed=seed,
                                   batch_api=batch_api, batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
                                   batch_expire_first=batch_expire_first, batch_bad_output_first=batch_bad_output_first,

@@ -53,6 +53,10 @@ class GenerateConfig(BaseModel):
     ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray started by this job.")
     lease_timeout_s: float = Field(120.0, gt=0, description="A job's lease on OUTPUT is stale (taken over) after "
                                    "this many seconds without a heartbeat.")
+    output_lease: Literal["exclusive", "off"] = Field("exclusive", description="exclusive: OUTPUT/_lease.json, taken "
+                                                      "with an atomic create (local or mounted paths; object "
+                                                      "stores are refused: pyarrow has no conditional put); off: "
+                                                      "no lease (you make sure only one job writes OUTPUT).")
     max_retry_after_s: float = Field(120.0, gt=0, description="Longest Retry-After honoured (seconds); a longer "
                                      "one waits this long, is shown in the progress line and counted.")
     api: Literal["online", "batch"] = Field("online", description="online: chat calls through rate-limited actors; "
@@ -65,6 +69,23 @@ class GenerateConfig(BaseModel):
     batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status polls.")
     batch_max_submissions: int = Field(3, ge=1, description="Times a request is submitted in a batch before it is "
                                        "a recorded failure (expired, cancelled or failed batches resubmit).")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v):
+        from urllib.parse import urlsplit
+
+        if v is not None:
+            try:
+                u = urlsplit(v.strip())
+            except ValueError:
+                raise ValueError("not a URL") from None
+            if u.username or u.password or "@" in (u.netloc or ""):
+                # never echoed: the message names the field only
+                raise ValueError("the base URL holds credentials (user:password@host); they would be written to "
+                                 "actor names, config.yaml and logs: remove them and put the key in the variable "
+                                 "named by --api-key-env")
+        return v
 
     @field_validator("actors", mode="before")
     @classmethod

@@ -22,12 +22,16 @@ Simulated provider behaviour (TeacherServerConfig `batch_*` fields, `subq teache
 - `batch_delay_s`: processing time of one batch; requests are answered in 10 steps over it, so a cancel or an
   expiry leaves a partial output file, as the provider does;
 - `batch_error_rate`: share of requests answered with a per-request 500 (in the batch's error file);
+- `batch_malformed_rate`: share of requests answered 200 with a reply in no expected format (billed);
 - `batch_expire_first`: the first N batches created expire after half their requests (the rest are in the error
   file with code `batch_expired`);
 - `batch_bad_output_first` + `batch_bad_output` (`malformed` | `missing`): the first N batches that complete get
   an output file with a broken line in the middle, or an `output_file_id` whose content is gone (404);
 - `batch_upload_fail_first`: the first N uploads answer 500 (clients retry);
 - `batch_api=False`: no Batch API at all (404), like many OpenAI-compatible servers.
+
+Every request answered with status 200 is billed (the server's `/v1/organization/usage/completions`, `batch: true`),
+whether or not its output file can later be read, as a provider bills it.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ def _id(prefix: str, *parts) -> str:
     return prefix + hashlib.sha256("|".join(map(str, (*parts, time.time_ns()))).encode()).hexdigest()[:24]
 
 
-def batch_router(cfg, replier, rng: Optional[random.Random] = None) -> APIRouter:
-    """The Batch API routes over `cfg` (a TeacherServerConfig) and the server's `replier`."""
+def batch_router(cfg, replier, rng: Optional[random.Random] = None, ledger=None) -> APIRouter:
+    """The Batch API routes over `cfg` (a TeacherServerConfig) and the server's `replier`; every answered request
+    (status 200) is billed into `ledger` (pipelines.teacher_server.UsageLedger) as a Batch request."""
     lock = threading.Lock()
 
     def count_call(request: Request):
@@ -214,8 +219,12 @@ def batch_router(cfg, replier, rng: Optional[random.Random] = None) -> APIRouter
         content = "\n".join(m.get("content") or "" for m in msgs if isinstance(m, dict))
         m = _SAMPLE.search(str(line.get("custom_id", "")))
         text, prov = replier.reply(content, int(m.group(1)) if m else None)
+        if cfg.batch_malformed_rate and rng.random() < cfg.batch_malformed_rate:
+            text, prov = "I'm sorry, but I can't help with that request right now.", "malformed"
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
         pt, ct = estimate_tokens(content), min(estimate_tokens(text), max_tokens)
+        if ledger is not None:
+            ledger.add(body["model"], pt, ct, batch=True)
         return 200, {"id": _id("chatcmpl-", line.get("custom_id")), "object": "chat.completion",
                      "created": int(time.time()), "model": body["model"], "system_fingerprint": f"subq-{prov}",
                      "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,

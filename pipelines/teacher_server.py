@@ -7,7 +7,21 @@
     ray job submit --working-dir . -- python -m pipelines.teacher_server --host 0.0.0.0 --port 8300
 
 Endpoints: `POST /v1/chat/completions` (non-streaming), `GET /v1/models`, `GET /v1/stats`
-(`?keys=false` drops the per-key map), `POST /v1/stats/reset`, `GET /healthz`.
+(`?keys=false` drops the per-key map), `POST /v1/stats/reset`, `GET /healthz`, `GET /v1/prompts` (with
+`record_prompts`: each answered call's messages and reply, for tests), and the provider's bill,
+`GET /v1/organization/usage/completions` (below).
+
+The bill: every reply the server returned with status 200 is billed, as a provider bills it: good replies,
+malformed ones (a reply in no expected format, and a truncated body: the tokens were generated and sent) and
+Batch replies (each answered request line of a batch, marked `batch: true`). Errors (429, 4xx, 5xx, the 504 of a
+hang) are not billed. `GET /v1/organization/usage/completions?start_time=...` answers in the shape of OpenAI's
+Usage API: `{"object": "page", "data": [{"object": "bucket", "start_time", "end_time", "results": [{"object":
+"organization.usage.completions.result", "input_tokens", "output_tokens", "input_cached_tokens",
+"num_model_requests", "model", "batch", ...}]}], "has_more", "next_page"}` with `bucket_width` (1m, 1h, 1d:
+default), `end_time`, `group_by` (model, batch), `models`, `batch` and `limit`. `TeacherServer.bill()` sums it
+(`{"input_tokens", "output_tokens", "requests", "online": {...}, "batch": {...}}`) so tests reconcile a run's
+summary.json with what the provider would invoice. `/v1/stats/reset` does not clear the bill (an invoice is not
+reset).
 
 What it answers (it reads the prompt with `subq.prompts.parse_prompt`):
 - **replay**: for problems in the released GSM8K-AI-SubQ test file (`subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl`)
@@ -24,7 +38,7 @@ Like a real provider: RPM/TPM token buckets answer 429 with `Retry-After`, `retr
 `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers; an optional API key (401 otherwise);
 an optional model list (404 otherwise); latency ~ N(latency, jitter); injected faults: 5xx (`--fail-rate`),
 hangs answered 504 after `--timeout-hang-s` (`--timeout-rate`) and malformed 200 replies (`--malformed-rate`:
-half in no expected format, half a truncated JSON body).
+a share `malformed_body_share` (default half) a truncated JSON body, the rest a reply in no expected format).
 
 Counting: `/v1/stats` gives total requests, per-status counts, malformed/timeouts, in-flight (now and max) and
 `completed_by_key`: for each request key (header `x-subq-cache-key`, which subq's teacher client sends = its
@@ -78,11 +92,14 @@ class TeacherServerConfig:
     latency_jitter_s: float = 0.0  # std-dev of the latency (normal, clipped at 0)
     fail_rate: float = 0.0  # share of requests answered 500/503
     malformed_rate: float = 0.0  # share answered 200 with a reply in no expected format
+    malformed_body_share: float = 0.5  # ... of which this share is a truncated (unreadable) body, the rest a
+    # readable reply in no expected format (both billed: the tokens were generated)
     timeout_rate: float = 0.0  # share that hang for timeout_hang_s, then 504
     timeout_hang_s: float = 30.0  # how long a "timeout" request hangs
     batch_api: bool = True  # serve the Batch API (/v1/files, /v1/batches: pipelines.teacher_batch); False: 404
     batch_delay_s: float = 1.0  # processing time of one batch
     batch_error_rate: float = 0.0  # share of batch requests answered with a per-request 500 (error file)
+    batch_malformed_rate: float = 0.0  # share of batch requests answered 200 with a reply in no expected format
     batch_expire_first: int = 0  # the first N batches expire after half their requests
     batch_bad_output_first: int = 0  # the first N completed batches get a bad output file ...
     batch_bad_output: str = "malformed"  # ... "malformed" (a broken line) or "missing" (content 404)
@@ -92,6 +109,7 @@ class TeacherServerConfig:
     seed: int = 0  # RNG seed for faults, latency and unrecorded choices
     reject_problems: Optional[list[str]] = None  # prompts containing any of these texts get a 400, as a provider
     # answers a context-length or content-filter refusal of one request (tests: one odd problem in a run)
+    record_prompts: bool = False  # keep every answered chat call's messages and reply (GET /v1/prompts; tests)
 
 
 # ------------------------------------------------------------------ replay data
@@ -242,6 +260,58 @@ def _fmt_duration(s: float) -> str:
     return f"{int(s * 1000)}ms" if s < 1 else f"{s:.3f}s"
 
 
+# ------------------------------------------------------------------ the bill (OpenAI Usage API shape)
+
+BUCKET_S = {"1m": 60, "1h": 3600, "1d": 86400}
+BUCKET_LIMIT = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}  # (default, max) buckets a page
+
+
+class UsageLedger:
+    """Every billed reply: (unix time, model, batch?, input tokens, output tokens). Thread-safe."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events: list[tuple[float, str, bool, int, int]] = []
+
+    def add(self, model: str, input_tokens: int, output_tokens: int, batch: bool = False) -> None:
+        with self.lock:
+            self.events.append((time.time(), str(model), bool(batch), int(input_tokens), int(output_tokens)))
+
+    def page(self, start_time: int, end_time: Optional[int] = None, bucket_width: str = "1d",
+             group_by: Optional[list[str]] = None, models: Optional[list[str]] = None, batch: Optional[bool] = None,
+             limit: Optional[int] = None) -> dict:
+        """GET /v1/organization/usage/completions: buckets of `bucket_width` from `start_time` (inclusive) to
+        `end_time` (exclusive; default now), each with one result per group (model and/or batch when grouped)."""
+        width = BUCKET_S[bucket_width]
+        default, most = BUCKET_LIMIT[bucket_width]
+        limit = min(int(limit or default), most)
+        end = int(end_time if end_time is not None else time.time() + 1)
+        group_by = [g for g in (group_by or []) if g in ("model", "batch")]
+        with self.lock:
+            events = list(self.events)
+        data = []
+        t = int(start_time)
+        while t < end and len(data) < limit:
+            hi = min(t + width, end)
+            groups: dict = {}
+            for ts, model, is_batch, it, ot in events:
+                if not (t <= ts < hi) or (models and model not in models) or (batch is not None and is_batch != batch):
+                    continue
+                g = (model if "model" in group_by else None, is_batch if "batch" in group_by else None)
+                r = groups.setdefault(g, [0, 0, 0])
+                r[0] += it
+                r[1] += ot
+                r[2] += 1
+            results = [{"object": "organization.usage.completions.result", "input_tokens": v[0],
+                        "output_tokens": v[1], "input_cached_tokens": 0, "input_audio_tokens": 0,
+                        "output_audio_tokens": 0, "num_model_requests": v[2], "project_id": None, "user_id": None,
+                        "api_key_id": None, "model": g[0], "batch": g[1]} for g, v in groups.items()]
+            data.append({"object": "bucket", "start_time": t, "end_time": hi, "results": results})
+            t = hi
+        more = t < end
+        return {"object": "page", "data": data, "has_more": more, "next_page": str(t) if more else None}
+
+
 # ------------------------------------------------------------------ the app
 
 
@@ -251,12 +321,14 @@ def create_app(cfg: TeacherServerConfig):
     replier = Replier(random.Random(cfg.seed + 1))
     from pipelines.teacher_batch import batch_router
 
-    app.include_router(batch_router(cfg, replier))
+    ledger = UsageLedger()
+    app.include_router(batch_router(cfg, replier, ledger=ledger))
     req_bucket, tok_bucket = _Bucket(cfg.rpm, cfg.burst_s), _Bucket(cfg.tpm, cfg.burst_s)
     lock = threading.Lock()
     stats = {"total": 0, "by_status": {}, "malformed": 0, "timeouts": 0, "in_flight": 0, "max_in_flight": 0,
              "prompt_tokens": 0, "completion_tokens": 0, "charged_tokens": 0, "by_template": {}, "provenance": {},
              "completed_by_key": {}, "started": time.time()}
+    received: list[dict] = []  # record_prompts: {"model", "messages", "reply", "provenance", "t"} per answered call
 
     def count(status: int):
         stats["by_status"][str(status)] = stats["by_status"].get(str(status), 0) + 1
@@ -294,6 +366,27 @@ def create_app(cfg: TeacherServerConfig):
         if not keys:
             out.pop("completed_by_key")
         return out
+
+    @app.get("/v1/organization/usage/completions")
+    async def usage_completions(request: Request, start_time: int, end_time: Optional[int] = None,
+                                bucket_width: str = "1d", batch: Optional[bool] = None, limit: Optional[int] = None,
+                                page: Optional[str] = None):
+        if bucket_width not in BUCKET_S:
+            return error(400, f"bucket_width must be one of {sorted(BUCKET_S)}", "invalid_request_error")
+        q = request.query_params
+        group_by = q.getlist("group_by") + q.getlist("group_by[]")
+        models = q.getlist("models") + q.getlist("models[]")
+        start = int(page) if page and page.isdigit() else start_time
+        return ledger.page(start, end_time, bucket_width, [x for g in group_by for x in g.split(",")],
+                           [x for m in models for x in m.split(",")] or None, batch, limit)
+
+    @app.get("/v1/prompts")
+    async def get_prompts():
+        """What the server received and answered (200, online chat), in arrival order; record_prompts only."""
+        if not cfg.record_prompts:
+            return error(404, "prompt recording is off (start with record_prompts=True)", "invalid_request_error")
+        with lock:
+            return {"object": "list", "data": json.loads(json.dumps(received))}
 
     @app.post("/v1/stats/reset")
     async def reset_stats():
@@ -360,7 +453,9 @@ def create_app(cfg: TeacherServerConfig):
             sample = request.headers.get("x-subq-sample-index")
             sample_index = int(sample) if sample and sample.isdigit() else None
             malformed = u < cfg.fail_rate + cfg.timeout_rate + cfg.malformed_rate
-            if malformed and rng.random() < 0.5:  # half of them: a body that is not even valid JSON
+            if malformed and rng.random() < cfg.malformed_body_share:  # a body that is not even valid JSON
+                text, _ = replier.reply(content, sample_index)  # generated (and billed), then cut in transit
+                ledger.add(model, prompt_tokens, min(estimate_tokens(text), max_tokens))
                 with lock:
                     count(200)
                     stats["malformed"] += 1
@@ -375,6 +470,7 @@ def create_app(cfg: TeacherServerConfig):
             from subq.prompts import parse_prompt
 
             parsed = parse_prompt(content)
+            ledger.add(model, prompt_tokens, completion_tokens)
             with lock:
                 count(200)
                 stats["prompt_tokens"] += prompt_tokens
@@ -386,6 +482,9 @@ def create_app(cfg: TeacherServerConfig):
                     stats["malformed"] += 1
                 else:
                     stats["completed_by_key"][key] = stats["completed_by_key"].get(key, 0) + 1
+                if cfg.record_prompts:
+                    received.append({"model": model, "messages": msgs, "reply": text, "provenance": prov,
+                                     "t": time.time()})
             reply = {
                 "id": "chatcmpl-subq" + hashlib.sha256(f"{key}{time.time()}".encode()).hexdigest()[:20],
                 "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -461,6 +560,42 @@ class TeacherServer:
         import httpx
 
         return httpx.get(self.base_url + "/stats", params={"keys": str(keys).lower()}, timeout=30).json()
+
+    def usage(self, **params) -> dict:
+        """GET /v1/organization/usage/completions (params as the API's: start_time, bucket_width, group_by, ...)."""
+        import httpx
+
+        params.setdefault("start_time", 0)
+        return httpx.get(self.base_url + "/organization/usage/completions", params=params, timeout=30).json()
+
+    def bill(self) -> dict:
+        """The whole bill, read page by page from the usage API (1-day buckets, grouped by model and batch):
+        {"input_tokens", "output_tokens", "requests", "online": {same}, "batch": {same}, "by_model": {...}}."""
+        tot = {"input_tokens": 0, "output_tokens": 0, "requests": 0}
+        out = {**tot, "online": dict(tot), "batch": dict(tot), "by_model": {}}
+        start = int(time.time()) - 86400 * 30
+        start -= start % 86400
+        while True:
+            page = self.usage(start_time=start, bucket_width="1d", group_by=["model", "batch"], limit=31)
+            for b in page["data"]:
+                for r in b["results"]:
+                    for d in (out, out["batch" if r["batch"] else "online"],
+                              out["by_model"].setdefault(r["model"], dict(tot))):
+                        d["input_tokens"] += r["input_tokens"]
+                        d["output_tokens"] += r["output_tokens"]
+                        d["requests"] += r["num_model_requests"]
+            if not page["has_more"]:
+                return out
+            start = int(page["next_page"])
+
+    def prompts(self) -> list[dict]:
+        """GET /v1/prompts: [{"model", "messages", "reply", "provenance", "t" (unix time)}] of every answered call
+        (start with record_prompts=True)."""
+        import httpx
+
+        r = httpx.get(self.base_url + "/prompts", timeout=30)
+        r.raise_for_status()
+        return r.json()["data"]
 
     def reset_stats(self) -> None:
         import httpx

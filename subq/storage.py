@@ -76,6 +76,23 @@ def _fault_pause_in_write(path: str, fd: int, view: memoryview) -> None:
             time.sleep(60)
 
 
+FAULT_SLOW_ENV = "SUBQ_FAULT_SLOW_WRITE"
+
+
+def _fault_slow_write(path: str) -> None:
+    """Fault injection for race tests: SUBQ_FAULT_SLOW_WRITE=<text>:<seconds> makes a write whose file name
+    contains <text> take that long before it lands (slow network storage)."""
+    import os
+
+    spec = os.environ.get(FAULT_SLOW_ENV)
+    if spec and ":" in spec:
+        text, _, secs = spec.rpartition(":")
+        if text and text in Path(path).name:
+            import time
+
+            time.sleep(float(secs))
+
+
 def write_bytes_atomic(location: str, data: bytes) -> None:
     """Write a whole file so readers never see half of it. On local disk: a temp file named `_tmp-<unique>-<name>`
     beside it (unique per writer; skipped by every reader), fsync, rename, fsync of the directory. A kill between
@@ -95,6 +112,7 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _fault_slow_write(path)
         os.replace(tmp, path)
         try:
             dfd = os.open(parent, os.O_RDONLY)
@@ -107,6 +125,68 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
     else:  # object stores write objects atomically
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+class NoAtomicCreate(DataError):
+    """The store offers no atomic create-if-absent (a conditional put) through pyarrow."""
+
+
+def create_exclusive(location: str, data: bytes) -> bool:
+    """Create the file with these bytes only if it does not exist, atomically: True when this call created it,
+    False when it existed. Readers never see it half-written. Local disk: the bytes go to a unique temp (fsynced),
+    then `link(temp, path)`, which fails if the path exists (O_EXCL semantics; on filesystems without hard links,
+    `open(O_CREAT | O_EXCL)`). Object stores: pyarrow has no conditional put, so NoAtomicCreate is raised."""
+    import errno
+    import os
+    import uuid
+
+    fs, path = resolve(location)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise NoAtomicCreate("this store offers no atomic create-if-absent (conditional put) through pyarrow",
+                             source=str(location))
+    parent = str(Path(path).parent)
+    os.makedirs(parent, exist_ok=True)
+    tmp = str(Path(parent) / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{Path(path).name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        _fault_slow_write(path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+                raise
+            try:  # no hard links here: exclusive open (a reader may see it empty for a moment)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                _write_all(fd, memoryview(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def delete(location: str) -> bool:
+    """Delete a file; False when it was not there."""
+    fs, path = resolve(location)
+    try:
+        fs.delete_file(path)
+        return True
+    except (FileNotFoundError, OSError):
+        return False
 
 
 @contextlib.contextmanager
