@@ -10,6 +10,10 @@ in the ingress middleware), p50/p99 of `GET /v1/models` (no model work: the over
 
 One decomposer replica (autoscaling pinned to 1) so the comparison isolates batching. Greedy decoding, fixed
 max_new_tokens; problems are the first GSM8K test problems, cycled.
+
+Bare: the same problems decoded offline in this process (`training.decomposer.generate_subquestions`, same model,
+same settings, as many torch threads as the replica has CPUs), in batches of the client count (1, 8, 32: the most a
+replica could do with that many requests at once), before Ray starts. The table gives served / bare per row.
 """
 
 from __future__ import annotations
@@ -56,6 +60,28 @@ async def drive(base: str, problems: list[str], n_requests: int, concurrency: in
             "mean_ms": 1000 * statistics.mean(lat), "errors": errors, "wall_s": wall}
 
 
+def bare_rates(model: str, problems: list[str], n_requests: int, concurrency: list[int], max_new_tokens: int,
+               threads: int) -> dict[int, float]:
+    """Problems/s of offline batched decoding (batch = the client count), the upper bound of one replica."""
+    import torch
+
+    from training.decomposer import generate_subquestions, load_decomposer
+
+    torch.set_num_threads(max(1, threads))
+    d = load_decomposer(model)
+    generate_subquestions(d, problems[:4], max_new_tokens=max_new_tokens)  # warm-up
+    out = {}
+    for c in concurrency:
+        n = max(n_requests, c)
+        todo = [problems[i % len(problems)] for i in range(n)]
+        t0 = time.perf_counter()
+        for i in range(0, n, c):
+            generate_subquestions(d, todo[i:i + c], max_new_tokens=max_new_tokens)
+        out[c] = n / (time.perf_counter() - t0)
+        print(f"bare offline decoding, batches of {c}: {out[c]:.2f} problems/s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="Decomposer checkpoint (default: a tiny random GPT-2 made now).")
@@ -70,6 +96,7 @@ def main() -> None:
     ap.add_argument("--auth-only", action="store_true", help="Only the API-key auth off/on rows.")
     ap.add_argument("--no-auth", action="store_true", help="Leave out the API-key auth off/on rows.")
     ap.add_argument("--auth-clients", type=int, default=8, help="Concurrent clients of the auth rows.")
+    ap.add_argument("--no-bare", action="store_true", help="Leave out the bare offline decoding column.")
     args = ap.parse_args()
     if not args.port:
         from pipelines.teacher_server import free_port
@@ -91,6 +118,8 @@ def main() -> None:
         create_tiny_model(model)
     problems = [p.problem for p in load_problems("gsm8k:test", 64)]
     conc = [int(c) for c in args.concurrency.split(",")]
+    bare = {} if args.no_bare or args.auth_only else bare_rates(model, problems, args.requests, conc,
+                                                                  args.max_new_tokens, int(args.replica_cpus))
     ray.init(num_cpus=max(2, int(args.replica_cpus)), include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     rows, auth_rows = [], []
@@ -138,11 +167,13 @@ def main() -> None:
         ray.shutdown()
     print(f"\nDecomposer /v1/decompose, {args.model or 'tiny random GPT-2'}, max_new_tokens={args.max_new_tokens}, greedy, 1 replica "
           f"({args.replica_cpus:g} CPUs), {args.requests} requests per cell\n")
-    print("| max_batch_size | clients | req/s | p50 ms | p99 ms | mean batch | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| max_batch_size | clients | req/s | p50 ms | p99 ms | mean batch | errors | bare problems/s | served / bare |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        b = bare.get(r["clients"])
+        bare_s, ratio_s = (f"{b:.3g}", f"{r['rps'] / b:.2f}") if b else ("-", "-")
         print(f"| {r['max_batch_size']} | {r['clients']} | {r['rps']:.3g} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-              f"{r['mean_batch']:.1f} | {r['errors']} |")
+              f"{r['mean_batch']:.1f} | {r['errors']} | {bare_s} | {ratio_s} |")
     if auth_rows:
         print(f"\nAPI-key auth off vs on, {args.auth_clients} clients (GET /v1/models: no model work; /v1/decompose: "
               f"the model)\n")

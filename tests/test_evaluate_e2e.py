@@ -72,6 +72,14 @@ def test_subq_eval_writes_report_directory(tmp_path, subq_bin):
     # a decomposer that wrote no sub-question sends `none`'s exact QA prompt: the durable cache answers it, unpaid
     assert by["none"]["usage"]["solve"]["calls"] >= 6 and by["teacher"]["usage"]["solve"]["calls"] >= 6
     assert by["tiny"]["usage"]["solve"]["calls"] >= 6 - by["tiny"]["fell_back_single_stage"]
+    # the random tiny model's fallbacks are counted exactly and reported, never taken for two-stage (the two-stage
+    # path itself: tests/test_two_stage.py)
+    tiny_items = next(run for run in res["runs"] if run["decomposer"] == "tiny")["items"]
+    k = sum(1 for it in tiny_items if not it["sub_questions"])
+    assert by["tiny"]["fell_back_single_stage"] == k == sum(it["fell_back"] for it in tiny_items)
+    assert "| tiny | 6 of 6 |" in md and f"| {k} of 6 |" in md
+    if k:
+        assert f"`tiny` fell back to single-stage: {k} of 6 problems" in md
     assert {"subq", "ray", "torch", "transformers"} <= set(res["versions"]) and res["date"] and res["config"]["limit"] == 6
     for name in ("none", "teacher", "tiny"):
         lines = (out / f"samples_{name}.jsonl").read_text().splitlines()

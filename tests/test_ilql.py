@@ -23,7 +23,8 @@ def _batch():
     q1 = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [BIG, BIG, BIG], [BIG, 0, 0]]], requires_grad=True)
     q2 = torch.tensor([[[0.0, 0.6, 0.0], [0.0, 0.0, 1.5], [BIG, -BIG, BIG], [0, BIG, 0]]], requires_grad=True)
     v = torch.tensor([[0.2, 1.7, 0.6, BIG]], requires_grad=True)
-    logits = torch.zeros(1, 4, 3, requires_grad=True)
+    # non-trivial LM logits; huge at the padding rows (a leak of padding into the LM loss moves it by ~1e3)
+    logits = torch.tensor([[[0.3, -1.2, 0.8], [1.5, 0.1, -0.4], [BIG, -BIG, 0], [0, BIG, -BIG]]], requires_grad=True)
     return ids, tmask, rewards, q1, q2, v, logits
 
 
@@ -83,7 +84,12 @@ def test_cql_and_lm_losses_masked_per_token_before_mean():
     ce = lambda row, a: -torch.log_softmax(torch.tensor(row), -1)[a].item()  # noqa: E731
     want = (ce([0.0, 1.0, 0.0], 1) + ce([0.0, 0.0, 2.0], 2)) / 2 + (ce([0.0, 0.6, 0.0], 1) + ce([0.0, 0.0, 1.5], 2)) / 2
     assert s["cql_loss"] == pytest.approx(want, rel=1e-5)  # the BIG padding rows did not enter
-    assert s["lm_loss"] == pytest.approx(math.log(3), rel=1e-5)  # uniform logits, 2 target tokens
+    # actions a_0 = 1 from logits row 0, a_1 = 2 from row 1; the padding action (row 2) is masked
+    lm_want = (ce([0.3, -1.2, 0.8], 1) + ce([1.5, 0.1, -0.4], 2)) / 2
+    assert s["lm_loss"] == pytest.approx(lm_want, rel=1e-5)
+    # the same check fails for the wrong shift (row t predicting x_t) and for the mask off (padding counted)
+    assert (ce([0.3, -1.2, 0.8], 0) + ce([1.5, 0.1, -0.4], 1)) / 2 != pytest.approx(s["lm_loss"], rel=1e-3)
+    assert (ce([0.3, -1.2, 0.8], 1) + ce([1.5, 0.1, -0.4], 2) + ce([BIG, -BIG, 0], 1)) / 3 != pytest.approx(s["lm_loss"], rel=1e-3)
 
 
 def test_polyak_update_and_guided_logits():

@@ -4,6 +4,7 @@ README documents (N, STEPS, WORKERS, EVAL_N), set small here. A README command t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -43,6 +44,43 @@ def test_every_command_block_of_the_job_sections_is_marked_runnable():
         assert mine, f"README has no shell block under {head!r}"
         unmarked = [code for h, mark, code in mine if not mark]
         assert not unmarked, f"unmarked (so untested) blocks under {head!r}: {unmarked}"
+
+
+STATED = re.compile(r"^# (\{.*\})\s*$", re.M)
+PAIR = re.compile(r'"(?P<k>[\w-]+)": (?P<v>"[^"]*"|-?\d+(?:\.\d+)?(?:e-?\d+)?|true|false|null)')
+
+
+def stated_results(code: str) -> list[dict]:
+    """The results a block states under its command as a `# {...}` comment line: the key/value pairs given
+    (an elided value, `...`, is not checked)."""
+    import json
+
+    return [{m["k"]: json.loads(m["v"]) for m in PAIR.finditer(line)} for line in STATED.findall(code)]
+
+
+def printed(out: str, want: dict) -> bool:
+    """Whether some line of `out` is a JSON object holding every pair of `want` (floats to 1e-9)."""
+    import json
+
+    for line in out.splitlines():
+        try:
+            got = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(got, dict) and all(k in got and (got[k] == v if not isinstance(v, float) else
+                                                       abs(got[k] - v) <= 1e-9) for k, v in want.items()):
+            return True
+    return False
+
+
+def test_stated_results_are_read_and_a_different_result_is_caught():
+    stated = [w for _, mark, c in blocks(README.read_text()) if mark for w in stated_results(c)]
+    assert stated and all(stated), stated
+    score = next(w for w in stated if w.get("mode") == "paper")
+    assert score["n"] == 1319 and score["correct"] == 882
+    line = json.dumps({"file": "x", **score})
+    assert printed("noise\n" + line + "\n", score)
+    assert not printed(line.replace('"correct": 882', '"correct": 881'), score)  # a changed result fails
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
@@ -89,6 +127,8 @@ def test_readme_runnable_blocks_run_as_written(tmp_path):
     out = log.read_text()
     assert proc.returncode == 0, f"README blocks failed (exit {proc.returncode}):\n{out[-6000:]}"
     assert '"accuracy"' in out and (tmp_path / "reports" / "eval1" / "report.md").is_file(), out[-3000:]
+    for want in (w for c in code for w in stated_results(c)):  # what the README says a command prints, it prints
+        assert printed(out, want), (want, out[-3000:])
 
 
 def test_ci_runs_the_readme_test_command():

@@ -132,9 +132,10 @@ def test_solve_two_stage_with_distilled_decomposer(client):
     assert r.status_code == 200, r.text
     b = r.json()
     assert b["decomposer"] == "subq-decomposer" and b["solver"] == MODEL_NAME
-    # a random tiny model may write no sub-question: then the solver answered alone, and the reply says so
-    assert b["mode"] == ("single_stage" if b["fell_back_single_stage"] else "two_stage")
-    assert b["fell_back_single_stage"] == (b["sub_questions"] == [])
+    # the random tiny model (seed 0, greedy) writes no sub-question for this problem: the solver answered alone,
+    # and the reply says so. That fallback is the outcome asserted here, never taken for two-stage (the two-stage
+    # path, with a student that writes well-formed sub-questions: tests/test_two_stage.py)
+    assert b["fell_back_single_stage"] is True and b["mode"] == "single_stage" and b["sub_questions"] == []
     assert isinstance(b["sub_questions"], list) and isinstance(b["answer_text"], str) and b["answer_text"]
     assert b["usage"]["decompose"]["completion_tokens"] > 0 and b["usage"]["solve"]["prompt_tokens"] > 0
     assert b["usage"]["total"]["prompt_tokens"] == b["usage"]["decompose"]["prompt_tokens"] + b["usage"]["solve"]["prompt_tokens"]
@@ -204,27 +205,27 @@ def test_malformed_json_is_400_naming_body(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "body" and "JSON" in r.json()["error"]["message"]
 
 
-def test_wrong_type_and_unknown_field_are_422_naming_them(client):
+def test_wrong_type_and_unknown_field_are_400_naming_them(client):
     r = client.post("/v1/solve", json={"problem": 5})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "problem"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "problem"
     r = client.post("/v1/solve", json={"problem": "ok?", "temprature": 1})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "temprature"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temprature"
     r = client.post("/v1/evaluations", json={"decomposer": "none", "limit": 0})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "limit"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
 
 
-def test_oversized_body_is_413_and_oversized_field_422(client):
+def test_oversized_body_is_413_and_oversized_field_400(client):
     r = client.post("/v1/solve", json={"problem": "x" * 100_000})
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
     r = client.post("/v1/solve", json={"problem": "y" * 3000})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "problem" and "2000" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["param"] == "problem" and "2000" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("path", ["/v1/solve", "/v1/decompose"])
-def test_empty_problem_is_422(client, path):
+def test_empty_problem_is_400(client, path):
     for problem in ("", "   \n"):
         r = client.post(path, json={"problem": problem})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "problem", r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] == "problem", r.text
 
 
 def test_unknown_evaluation_is_404(client):
@@ -233,17 +234,17 @@ def test_unknown_evaluation_is_404(client):
     assert client.get("/v1/evaluations/eval-doesnotexist/paper_raw").status_code == 404
 
 
-def test_bad_evaluation_source_is_422_naming_field(client):
+def test_bad_evaluation_source_is_400_naming_field(client):
     r = client.post("/v1/evaluations", json={"dataset": "nosuch:split", "decomposer": "none"})
-    assert r.status_code == 422 and r.json()["error"]["param"].startswith("dataset")
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("dataset")
     r = client.post("/v1/evaluations", json={"records": [{"question": "x?", "answer": "#### 1"}] * 501, "decomposer": "none"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "records" and "max_inline_problems" in r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "records" and "max_inline_problems" in r.text
     r = client.post("/v1/evaluations", json={"records": [{"question": "y" * 2001, "answer": "#### 1"}], "decomposer": "none"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "records.0.question"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "records.0.question"
     r = client.post("/v1/evaluations", json={"records": [{"q": "no problem key"}], "decomposer": "none"})
-    assert r.status_code == 422 and r.json()["error"]["param"].startswith("records")
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("records")
     r = client.post("/v1/evaluations", json={"decomposer": "none", "solver": "other-model"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "solver"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "solver"
 
 
 def test_uploaded_records_evaluation(client):
@@ -254,11 +255,13 @@ def test_uploaded_records_evaluation(client):
     assert v["status"] == "completed" and v["total"] == 1 and v["dataset"] == "uploaded"
 
 
-def test_solver_upstream_down_is_502_naming_upstream_and_replica_survives(stack, client):
+def test_solver_upstream_down_is_502_and_replica_survives(stack, client):
     r = client.post("/dead/v1/solve", json={"problem": "What is 2 + 3?", "decomposer": "none"})
     assert r.status_code == 502, r.text
     err = r.json()["error"]
-    assert err["type"] == "upstream_error" and stack["dead_upstream"] in err["upstream"] and stack["dead_upstream"] in err["message"]
+    # what failed, not where (issue 27): the upstream's address is in the server log under the request id
+    assert err["type"] == "upstream_error" and stack["dead_upstream"] not in r.text
+    assert err["request_id"] == r.headers["x-request-id"]
     # the same replica keeps serving
     assert client.get("/dead/healthz").status_code == 200
     assert client.post("/dead/v1/solve", json={"problem": "What is 2 + 3?", "decomposer": "none"}).status_code == 502
@@ -314,11 +317,11 @@ def test_evaluation_dataset_is_a_registered_name_never_a_path_or_uri(stack, clie
     for ds in (str(secret), "/dev/zero", "/etc/passwd", "s3://bucket/x.jsonl", "file:///etc/hosts",
                "../secret.jsonl", "gs://b/p.parquet?endpoint_override=evil.example:80"):
         r = client.post("/v1/evaluations", json={"dataset": ds, "decomposer": "none", "limit": 1})
-        assert r.status_code == 422, (ds, r.text)
+        assert r.status_code == 400, (ds, r.text)
         err = r.json()["error"]
         assert err["param"] == "dataset" and err["code"] == "unknown_dataset" and "heldout" in err["message"]
     r = client.post("/v1/evaluations", json={"dataset": "gsm8k:test", "decomposer": "none", "out": "s3://b/o"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "out"  # results go under the server's root only
+    assert r.status_code == 400 and r.json()["error"]["param"] == "out"  # results go under the server's root only
     assert {e["id"] for e in client.get("/v1/evaluations").json()["data"]} == before  # nothing started
     assert client.get("/healthz").status_code == 200  # /dev/zero was never opened: the ingress is fine
     r = client.post("/v1/evaluations", json={"dataset": "heldout", "decomposer": "none"})  # the operator's dataset
@@ -357,25 +360,25 @@ def test_chunked_5mb_body_is_413(client):
     assert client.get("/healthz").status_code == 200
 
 
-def test_non_finite_numbers_are_422_naming_the_field(client):
+def test_non_finite_numbers_are_400_naming_the_field(client):
     r = client.post("/v1/decompose", content=b'{"problem": "What is 2+2?", "beta": NaN}',
                     headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "beta", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "beta", r.text
     r = client.post("/v1/decompose", content=b'{"problem": "What is 2+2?", "temperature": Infinity, "do_sample": true}',
                     headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "temperature", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
     r = client.post("/v1/chat/completions", content=b'{"model": "subq-decomposer", "temperature": NaN, '
                                                      b'"messages": [{"role": "user", "content": "hi"}]}')
-    assert r.status_code == 422 and r.json()["error"]["param"] == "temperature", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
 
 
 def test_text_fields_are_length_checked(client):
     r = client.post("/v1/solve", json={"problem": "What is 2+2?", "sub_questions": ["q" * 1001]})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "sub_questions.0"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sub_questions.0"
     r = client.post("/v1/solve", json={"problem": "What is 2+2?", "sub_questions": ["q?"] * 21})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "sub_questions"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sub_questions"
     r = client.post("/v1/solve", json={"problem": "What is 2+2?", "gold_answer": "9" * 2001})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "gold_answer"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "gold_answer"
 
 
 def test_form_encoded_body_from_curl_d_is_read_as_json(client, stack):
@@ -406,9 +409,10 @@ def test_openai_client_streams_a_chat_completion(stack):
     assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     with_choices = [c for c in chunks if c.choices]
-    assert with_choices[-1].choices[0].finish_reason == "stop"
     text = "".join(c.choices[0].delta.content or "" for c in with_choices)
     assert chunks[-1].usage is not None and 0 < chunks[-1].usage.completion_tokens <= 16
+    # "length" exactly when the budget ran out (issue 28)
+    assert with_choices[-1].choices[0].finish_reason == ("length" if chunks[-1].usage.completion_tokens == 16 else "stop")
     full = oc.chat.completions.create(model="subq-decomposer", max_tokens=16, temperature=0,
                                       messages=[{"role": "user", "content": "Problem: Tom has 3 apples. How many?"}])
     assert text == full.choices[0].message.content  # greedy: the stream carries the same reply
@@ -425,12 +429,12 @@ def test_openai_status_errors_parse_for_our_4xx(stack):
     with pytest.raises(openai.NotFoundError) as ei:
         oc.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
     assert ei.value.code == "model_not_found" and ei.value.param == "model" and "gpt-9" in ei.value.message
-    with pytest.raises(openai.UnprocessableEntityError) as ei:
+    with pytest.raises(openai.BadRequestError) as ei:  # OpenAI's 400, never 422 (issue 28)
         oc.chat.completions.create(model="subq-decomposer", messages=[{"role": "user", "content": "hi"}],
                                    max_tokens=100000)
     assert ei.value.param == "max_tokens" and ei.value.type == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as ei:
-        oc.chat.completions.create(model="subq-decomposer", messages=[{"role": "user", "content": "hi"}], n=2)
+        oc.chat.completions.create(model="subq-decomposer", messages=[{"role": "user", "content": "hi"}], n=100)
     assert ei.value.param == "n"
 
 
@@ -482,7 +486,7 @@ def test_cost_cap_stops_an_evaluation(client):
     v = wait_eval(client, r.json()["id"])
     assert v["status"] == "stopped" and "cost cap" in v["error"] and v["done"] < 30, v
     r = client.post("/v1/evaluations", json={"dataset": "gsm8k:test", "decomposer": "none", "max_cost_usd": 1e9})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "max_cost_usd"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_cost_usd"
 
 
 def test_ingress_killed_mid_evaluation_keeps_finished_items(stack):

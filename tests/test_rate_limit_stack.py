@@ -1,0 +1,83 @@
+"""Rate limit through the real stack: one named limiter actor, 2 TeacherActors in a Ray Data actor pool, the real
+`openai` client over HTTP, and the local teacher server enforcing a strict token limit: its bucket (0.1 s of TPM,
+1,000 tokens) is smaller than one call (prompt estimate + max_tokens 700, ~1,030 tokens), so a call is admitted
+only when the bucket is full: any call that reaches it early is a 429. The backlog (N calls, all queued at once)
+is N times that burst. Asserted, as the README claims (0.96 of the limit used with 0.27% 429s): the 429 share
+<= 0.5% and the limit used (tokens the server admitted per minute, first to last answer) >= 0.85 of TPM."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TPM = 600_000  # 10,000 tokens/s: ~9.7 calls/s of ~1,030 tokens
+BURST_S = 0.1  # the server's bucket: 1,000 tokens
+N = 120
+
+
+def _ray_init():
+    """A local Ray; on a saturated shared machine the raylet can miss Ray's 30 s start window: try again."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            return ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    _ray_init()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def run_backlog(ray, tpm: float, n: int, limiter_tpm: float | None) -> dict:
+    """n QG calls (max_tokens 700) through 2 TeacherActors sharing one limiter actor against a server limited to
+    `tpm` with a bucket of BURST_S seconds. Returns the server's counts and the share of the limit used."""
+    from actors.limiter import get_or_create_limiter
+    from actors.teacher import TeacherActor
+    from pipelines.teacher_server import TeacherServer
+    from subq.costs import estimate_tokens
+    from subq.problems import load_problems
+    from subq.prompts import messages
+
+    name = f"subq-limiter:test-stack:{tpm}:{limiter_tpm}"
+    with TeacherServer(tpm=tpm, burst_s=BURST_S, record_prompts=True) as ts:
+        lim = get_or_create_limiter(name, tpm=limiter_tpm)
+        items = [{"messages": messages("paper_qg", p.problem), "max_tokens": 700} for p in load_problems("gsm8k:test", n)]
+        kwargs = {"model": "gpt-3.5-turbo", "base_url": ts.base_url, "api_key": "unused", "max_retries": 8,
+                  "backoff_initial_s": 0.05}
+        out = ray.data.from_items(items, override_num_blocks=4).map_batches(
+            TeacherActor, batch_size=n // 4, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.25,
+            fn_constructor_kwargs={"client_kwargs": kwargs, "limiter_name": name},
+        ).take_all()
+        st = ts.stats(keys=False)
+        got = sorted(ts.prompts(), key=lambda r: r["t"])
+    ray.kill(lim)
+    n_ok, n_429 = st["by_status"].get("200", 0), st["by_status"].get("429", 0)
+    charged = [estimate_tokens("\n".join(m["content"] for m in r["messages"])) + 700 for r in got]
+    # tokens admitted after the first answer, over the time to the last: the rate the limit allowed us
+    per_min = sum(charged[1:]) / (got[-1]["t"] - got[0]["t"]) * 60
+    assert min(charged) > BURST_S * tpm / 60  # every call is larger than the server's bucket
+    return {"rows": len(out), "ok": n_ok, "n_429": n_429, "share_429": n_429 / max(1, n_ok + n_429),
+            "use": per_min / tpm, "by_status": st["by_status"]}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 29 finding (limiter: issue 26, in progress): through the real stack "
+                   "14% of calls got a 429 and 0.46 of the limit was used on a quiet 2-core machine (README: 0.27%, "
+                   "0.96). strict: once it passes, remove this marker")
+def test_backlog_through_limiter_actors_and_openai_client_keeps_429s_under_half_a_percent(ray_cluster):
+    r = run_backlog(ray_cluster, TPM, N, TPM)
+    print("rate-limit stack:", r)
+    assert r["rows"] == N and r["ok"] == N, r  # every call answered once
+    assert r["share_429"] <= 0.005, r
+    assert r["use"] >= 0.85, r
