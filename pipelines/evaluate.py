@@ -105,6 +105,19 @@ class DecomposerSettings(BaseModel):
         return Price(self.price_input_per_1k, self.price_output_per_1k)
 
 
+def follow_reserved_gpus(decomposer: DecomposerSettings, num_gpus: float) -> None:
+    """The decomposer's device follows the GPUs Ray reserves for it (Serve replicas and `subq eval`'s actors alike):
+    never an idle reserved GPU, nor a GPU used that Ray did not reserve. Sets device to cuda when GPUs are reserved
+    and no device was given; ValueError on a contradiction."""
+    cuda = decomposer.device.startswith("cuda")
+    if num_gpus > 0 and not cuda:
+        if "device" in decomposer.model_fields_set:
+            raise ValueError("decomposer.device is cpu but decomposer_num_gpus > 0 (a reserved GPU left idle)")
+        decomposer.device = "cuda"
+    elif cuda and num_gpus == 0:
+        raise ValueError("decomposer.device is cuda but decomposer_num_gpus is 0: Ray reserves no GPU for it")
+
+
 # ---------------------------------------------------------------- per-item results
 
 
@@ -823,14 +836,7 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _device_follows_gpus(self) -> "EvalConfig":
-        # as serving: the decomposer's device follows the GPUs Ray reserves for its actors
-        cuda = self.decomposer.device.startswith("cuda")
-        if self.decomposer_num_gpus > 0 and not cuda:
-            if "device" in self.decomposer.model_fields_set:
-                raise ValueError("decomposer.device is cpu but decomposer_num_gpus > 0 (a reserved GPU left idle)")
-            self.decomposer.device = "cuda"
-        elif cuda and self.decomposer_num_gpus == 0:
-            raise ValueError("decomposer.device is cuda but decomposer_num_gpus is 0: Ray reserves no GPU for it")
+        follow_reserved_gpus(self.decomposer, self.decomposer_num_gpus)  # as serving
         return self
 
 

@@ -61,7 +61,7 @@ from pipelines.serve_auth import (
 
 from pipelines.evaluate import (
     Answer, Decomposition, DecomposerSettings, ItemResult, LocalDecomposer, Solver, SolverSettings, StageUsage,
-    UpstreamError, fail_item, finish_item, items_to_rows, new_item, summarize_items, write_report,
+    UpstreamError, fail_item, finish_item, follow_reserved_gpus, items_to_rows, new_item, summarize_items, write_report,
 )
 from subq.errors import SubqError
 from subq.parsers import format_subquestions, parse_answers
@@ -158,15 +158,7 @@ class ServeConfig(BaseModel):
             raise ValueError("decomposer_max_replicas must be >= decomposer_min_replicas")
         if self.solver_max_replicas < max(1, self.solver_min_replicas):
             raise ValueError("solver_max_replicas must be >= solver_min_replicas")
-        # the decomposer's device follows the GPUs Ray reserves for it: never an idle reserved GPU, nor a GPU used
-        # that Ray did not reserve
-        cuda = self.decomposer.device.startswith("cuda")
-        if self.decomposer_num_gpus > 0 and not cuda:
-            if "device" in self.decomposer.model_fields_set:
-                raise ValueError("decomposer.device is cpu but decomposer_num_gpus > 0 (a reserved GPU left idle)")
-            self.decomposer.device = "cuda"
-        elif cuda and self.decomposer_num_gpus == 0:
-            raise ValueError("decomposer.device is cuda but decomposer_num_gpus is 0: Ray reserves no GPU for it")
+        follow_reserved_gpus(self.decomposer, self.decomposer_num_gpus)
         return self
 
 

@@ -167,6 +167,8 @@ class Replier:
         if parsed is None:
             return ("(subq teacher-server: not a subq prompt) Q1: What is being asked?\n\nFinal answer: 0", "synthetic")
         tid, problem, questions = parsed
+        from subq.parsers import parse_subquestions
+
         rec, gold = recordings()
         key = _norm(problem)
         r = rec.get(key)
@@ -188,16 +190,12 @@ class Replier:
                     qs = qs[:-1] + [_question_sentence(problem)]
                 text, prov = "\n".join(f"Q{i}: {q}" for i, q in enumerate(qs, 1)), "synthetic"
             if tid == "doc_decompose":
-                from subq.parsers import parse_subquestions
-
                 qs = parse_subquestions(text).questions[:3]
                 text = "\n".join(q if q.strip().endswith("?") else q.strip() + "?" for q in qs)
             return text, prov
         if tid in ("paper_qa", "doc_solve"):
             if r is not None and tid == "paper_qa":
                 for qtext, ans in zip(r["questions"], r["answers"]):
-                    from subq.parsers import parse_subquestions
-
                     if [_norm(q) for q in parse_subquestions(qtext).questions] == [_norm(q) for q in questions or []]:
                         return ans, "replay"
             if r is not None and r["answers"]:  # the recorded teacher's own final answer, not the gold

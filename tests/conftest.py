@@ -24,3 +24,18 @@ os.environ.pop("OPENAI_API_KEY", None)
 def subq_bin() -> str:
     """The installed `subq` console script of this interpreter's environment."""
     return SUBQ_BIN
+
+
+def local_ray(**kw):
+    """ray.init of a small local Ray for one test module (2 CPUs, 150 MB object store, no dashboard). On a saturated
+    machine the raylet can miss Ray's fixed 30 s start window: tried up to three times."""
+    import ray
+
+    args = dict(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False, **kw)
+    for attempt in range(3):
+        try:
+            return ray.init(**args)
+        except Exception as e:  # noqa: BLE001
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise

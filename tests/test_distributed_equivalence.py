@@ -19,22 +19,11 @@ from collections import defaultdict
 import pytest
 
 from tests.conftest import DATASET_TEST
+from conftest import local_ray
 
 STEPS, LR = 3, 1e-3
 LOSS_REL, W_ATOL = 1e-4, 2e-5
 
-
-def _ray_init():
-    """A local Ray; on a saturated shared machine the raylet can miss Ray's 30 s start window: try again."""
-    import ray
-
-    for attempt in range(3):
-        try:
-            return ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +56,7 @@ def setup(tmp_path_factory):
     group = max(by_len.values(), key=len)
     assert len(group) >= 8, {k: len(v) for k, v in by_len.items()}
     write_parquet(group[:8], str(base / "rows.parquet"))
-    _ray_init()
+    local_ray()
     try:
         yield model, str(base / "rows.parquet"), base
     finally:

@@ -11,6 +11,7 @@ import socket
 
 import httpx
 import pytest
+from conftest import local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +28,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    import ray
 
     from pipelines.serve import ServeConfig, start_serve, stop_serve
     from training.init_model import create_tiny_model
 
     tmp = tmp_path_factory.mktemp("openai-compat")
     model_dir = create_tiny_model(str(tmp / "tiny"), n_layer=2, n_embd=64)
-    for attempt in range(3):  # on a saturated shared machine the raylet can miss Ray's fixed 30 s start window
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
-            break
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
+    local_ray()
     cfg = ServeConfig(port=free_port(), decomposer={"path": model_dir, "max_new_tokens": 24},
                       solver={"name": SOLVER, "backend": "local", "local_path": model_dir},
                       decomposer_num_cpus=0.5, api_keys_env=None, results_root=str(tmp / "results"))

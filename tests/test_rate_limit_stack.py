@@ -8,6 +8,7 @@ is N times that burst. Asserted, as the README claims (0.96 of the limit used wi
 from __future__ import annotations
 
 import pytest
+from conftest import local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -16,24 +17,12 @@ BURST_S = 0.1  # the server's bucket: 1,000 tokens
 N = 120
 
 
-def _ray_init():
-    """A local Ray; on a saturated shared machine the raylet can miss Ray's 30 s start window: try again."""
-    import ray
-
-    for attempt in range(3):
-        try:
-            return ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
-    _ray_init()
+    local_ray()
     try:
         yield ray
     finally:

@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+from conftest import local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,6 @@ def wait_eval(client: httpx.Client, eid: str, timeout: float = 240, prefix: str 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    import ray
     from ray import serve
 
     from pipelines.serve import ServeConfig, build_app, start_serve, stop_serve
@@ -53,14 +53,7 @@ def stack(tmp_path_factory):
     model_dir = str(tmp / "tiny")
     create_tiny_model(model_dir, n_layer=2, n_embd=64)
     os.environ["SUBQ_TEST_SOLVER_KEY"] = "local-test-key"  # the local teacher server accepts any key
-    for attempt in range(3):  # on a saturated shared machine the raylet can miss Ray's fixed 30 s start window
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
-            break
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
+    local_ray()
     keys = tmp / "keys.txt"
     keys.write_text(f"# team keys\n{API_KEY}\nsk-other-key-xyz\n")
     heldout = tmp / "heldout.jsonl"

@@ -21,6 +21,7 @@ import time
 
 import httpx
 import pytest
+from conftest import local_ray
 
 KEYS = {"alice": "sk-team-alice-0123456789", "bob": "sk-team-bob-0123456789", "admin": "sk-team-admin-0123456789",
         "racer": "sk-team-racer-0123456789", "meter": "sk-team-meter-0123456789",
@@ -234,7 +235,6 @@ def test_serve_deploy_binding_all_interfaces_without_keys_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    import ray
     from ray import serve
 
     from pipelines.serve import ServeConfig, build_app, start_serve, stop_serve
@@ -249,14 +249,7 @@ def stack(tmp_path_factory):
     create_tiny_model(model_dir, n_layer=1, n_embd=32, n_positions=128)
     os.environ["SUBQ_TEST_SOLVER_KEY"] = "local-test-key"
     os.environ["SUBQ_TEAM_TEST_KEYS"] = ",".join(KEYS.values())  # the same keys, unnamed: the file names them
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
-            break
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
+    local_ray()
     with TeacherServer(latency_s=1.0) as slow:
         port = free_port()
         solver = {"name": "gpt-3.5-turbo", "base_url": slow.base_url, "api_key_env": "SUBQ_TEST_SOLVER_KEY",

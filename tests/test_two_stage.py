@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import DATASET_TEST
+from conftest import local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -21,18 +22,6 @@ N = 2
 SOLVER = "gpt-3.5-turbo"
 KEY_ENV = {"SUBQ_TEST_SOLVER_KEY": "local-test-key"}
 
-
-def _ray_init():
-    """A local Ray; on a saturated shared machine the raylet can miss Ray's 30 s start window: try again."""
-    import ray
-
-    for attempt in range(3):
-        try:
-            return ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def test_serve_solve_sends_the_students_subquestions_to_the_solver(student, tmp_
 
     path, cases, data = student
     os.environ.update(KEY_ENV)
-    _ray_init()
+    local_ray()
     try:
         with TeacherServer(record_prompts=True) as teacher:
             cfg = ServeConfig(port=free_port(), decomposer={"path": path}, api_keys_env=None,
