@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 
 from subq.errors import ConfigError
@@ -45,12 +44,24 @@ FAMILIES = {
 }
 
 
-@lru_cache(maxsize=None)
+def _read_templates() -> dict[str, str]:
+    base = resources.files("subq") / "templates"
+    return {t: (base / f"{t}.txt").read_text(encoding="utf-8") for t in SOURCES}
+
+
+# Read once, when this module is imported, never at call time: a Ray worker can outlive the runtime-env copy of the
+# package it was started from (a job's working_dir is removed from a node when its last reference there goes; Ray's
+# fake multi-node cluster shares that directory between its nodes), so a teacher actor that read its QA template
+# lazily after an idle actor elsewhere was scaled down failed with FileNotFoundError (seen in
+# tests/test_autoscaling.py: one problem of ten recorded as failed).
+_TEXTS = _read_templates()
+
+
 def instruction(template_id: str) -> str:
     """The verbatim instruction text of a template."""
     if template_id not in SOURCES:
         raise ConfigError(f"unknown prompt template {template_id!r}; known: {', '.join(SOURCES)}", field="template_id")
-    return (resources.files("subq") / "templates" / f"{template_id}.txt").read_text(encoding="utf-8")
+    return _TEXTS[template_id]
 
 
 def template_for(family: str, role: str) -> str:

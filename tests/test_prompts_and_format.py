@@ -61,3 +61,19 @@ def test_paper_decomposer_format_matches_paper():
     assert fmt.target(["a?", "b?"]) == " <QUE> a? </QUE> <QUE> b? </QUE>"
     with pytest.raises(ConfigError):
         get_format("xml")
+
+
+def test_templates_are_read_when_the_module_is_imported_not_at_call_time(monkeypatch, tmp_path):
+    """A teacher actor must not read the package's files after it started: on a node, a job's runtime-env copy of
+    the package can be removed under a live worker (seen on Ray's fake multi-node autoscaler: one problem failed with
+    FileNotFoundError on subq/templates/paper_qa.txt). Here every template file vanishes after import."""
+    import importlib
+    from importlib import resources
+
+    import subq.prompts as prompts
+
+    prompts = importlib.reload(prompts)  # a fresh import, as a new worker does
+    monkeypatch.setattr(resources, "files", lambda *a, **k: tmp_path / "gone")
+    for tid in prompts.SOURCES:
+        assert prompts.instruction(tid).strip(), tid
+    assert "Tom has 2 apples." in prompts.render("paper_qa", "Tom has 2 apples. How many?", ["How many?"])
