@@ -39,3 +39,18 @@ def local_ray(**kw):
             ray.shutdown()
             if "timed out during startup" not in str(e) or attempt == 2:
                 raise
+
+
+def subq_generate(subq_bin: str, *args, key: str = "unused", progress_s: float = 2, timeout: float = 300,
+                  check: bool = True):
+    """`subq generate ARGS` on 2 Ray CPUs: its stdout JSON summary (check=True, asserting exit 0) or the process."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    r = subprocess.run([subq_bin, "generate", "--ray-num-cpus", "2", "--progress-interval-s", str(progress_s), *args],
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    return r

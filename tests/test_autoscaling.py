@@ -41,16 +41,20 @@ BIN = Path(sys.executable).parent
 N = 10  # problems per job
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("autoscale")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OPENAI_API_KEY")}
+def _run_scenario(args: list[str], drop_env: tuple[str, ...], timeout: float) -> tuple[dict, str]:
+    """This file as a script, in its own interpreter with token auth on: (its REPORT, its stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *drop_env)}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONUNBUFFERED="1",
                PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    r = subprocess.run([sys.executable, __file__, str(tmp)], capture_output=True, text=True, env=env, timeout=1500)
-    print(r.stdout[-6000:])
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    print(r.stdout[-6000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
-    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))[7:])
+    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))[7:]), r.stderr
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return _run_scenario([str(tmp_path_factory.mktemp("autoscale"))], ("OPENAI_API_KEY",), 1500)[0]
 
 
 def test_generation_job_scales_nodes_and_actors_up_then_idle_nodes_down(report):
@@ -66,16 +70,9 @@ def test_generation_job_scales_nodes_and_actors_up_then_idle_nodes_down(report):
 @pytest.fixture(scope="module")
 def gpu_preflight(tmp_path_factory):
     """The GPU pre-flight scenario (`gpu_preflight_scenario`) on its own fake autoscaling cluster."""
-    tmp = tmp_path_factory.mktemp("gpu_preflight")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "NCCL_SOCKET_IFNAME")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    r = subprocess.run([sys.executable, __file__, "--gpu-preflight", str(tmp)], capture_output=True, text=True,
-                       env=env, timeout=1200)
-    print(r.stdout[-6000:], r.stderr[-3000:])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
-    rep = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("REPORT "))[7:])
-    rep["stderr"] = r.stderr
+    rep, stderr = _run_scenario(["--gpu-preflight", str(tmp_path_factory.mktemp("gpu_preflight"))],
+                                ("NCCL_SOCKET_IFNAME",), 1200)
+    rep["stderr"] = stderr
     return rep
 
 

@@ -5,12 +5,11 @@ failures table and --retry-failed; the budget cap; bad input and a bad key. (SIG
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import subq_generate
 
 from subq.problems import load_problems
 from subq.schema import ROW_SCHEMA, detect_format, read_parquet, read_rows, validate_table
@@ -20,14 +19,7 @@ pytestmark = pytest.mark.slow
 RAW = Path(__file__).resolve().parents[1] / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl"
 
 
-def gen(subq_bin, *args, key="unused", timeout=300, check=True):
-    env = {**os.environ, "OPENAI_API_KEY": key}
-    r = subprocess.run([subq_bin, "generate", "--ray-num-cpus", "2", "--progress-interval-s", "2", *args],
-                       capture_output=True, text=True, timeout=timeout, env=env)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    return r
+gen = subq_generate
 
 
 def part_ids(out: Path) -> list[str]:

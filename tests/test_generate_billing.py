@@ -17,18 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import subq_generate
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def gen(subq_bin, *args, check=True, timeout=300):
-    env = {**os.environ, "OPENAI_API_KEY": "unused"}
-    r = subprocess.run([subq_bin, "generate", "--ray-num-cpus", "2", "--progress-interval-s", "1", *args],
-                       capture_output=True, text=True, timeout=timeout, env=env)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    return r
+    return subq_generate(subq_bin, *args, progress_s=1, check=check, timeout=timeout)
 
 
 def bstats(ts) -> dict:
