@@ -127,26 +127,3 @@ def register(app: typer.Typer) -> None:
         print(json.dumps({"job_id": job_id, "stop_requested": bool(Jobs(address).stop(job_id))}))
 
     app.add_typer(jobs_app, name="jobs")
-
-    cluster_app = typer.Typer(help="Cluster definitions: check them offline before `ray up` / `kubectl apply`.",
-                              no_args_is_help=True)
-
-    @cluster_app.command("check")
-    def check(files: Optional[list[str]] = typer.Argument(None, help="Launcher YAML, KubeRay manifests, Dockerfile, "
-                                                          "README (default: the shipped ones of this checkout)."),
-              crds: Optional[str] = typer.Option(None, "--crds", help="Folder with KubeRay's CRD files "
-                                                 "(ray.io_rayclusters.yaml, ...): also validate each manifest's "
-                                                 "spec against its schema and reject unknown keys.")) -> None:
-        """Offline check of cluster definitions, with Ray's own config code: per node type the image,
-        resources, min-max workers, effective setup/start commands and IAM profile; then one `error:` line per
-        problem (see cluster/check.py). Exit code 1 when there is one."""
-        from pathlib import Path
-
-        from cluster.check import check_files, render
-
-        rep = check_files(files or None, crds=Path(crds) if crds else None)
-        print(render(rep))
-        if not rep.ok:
-            raise typer.Exit(1)
-
-    app.add_typer(cluster_app, name="cluster")

@@ -223,14 +223,3 @@ def register(app: typer.Typer) -> None:
                                     "accuracy": {m: v["accuracy"] for m, v in r["summary"]["accuracy"].items()},
                                     "cost_usd": r["summary"]["usage"]["total"]["cost_usd"],
                                     "errors": r["summary"]["errors"]} for r in result["runs"]]})
-
-
-def main() -> None:
-    """`python -m pipelines.serve_cmd serve|eval ...` (for `ray job submit`)."""
-    from subq.cli import main as cli_main
-
-    cli_main()
-
-
-if __name__ == "__main__":
-    main()

@@ -16,8 +16,10 @@ list their choices; a nested model/dataclass field (e.g. `ilql`) becomes a repea
 default. Every option defaults to None, meaning "not given": only given flags override the YAML `--config`
 (also added). Validation stays with pydantic (`subq.config.load_config`), which names the field on bad input.
 
-`python -m <module>` twins reuse the verb itself (`subq.cli.main(["train", *argv])`), so both show the same
-options; tests compare their `--help`. Pure typer + pydantic: no Ray, no torch.
+`new_app()` is the `subq` app's shell (settings, `--verbose`) and `run(app, argv)` its exit-code policy; the front
+door (`pipelines/cli.py`) and each job's `python -m` twin (`pipelines/generate/__main__.py`, ...: `run_verb`, the
+verb itself from its own `register`) share both, so a verb and its twin show the same `--help`. Pure typer +
+pydantic: no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -159,3 +161,72 @@ def option_names(command: Any) -> set[str]:
     """The long option names of a click/typer command (tests compare verbs and their `python -m` twins)."""
     return {o for p in command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])
             if o.startswith("--")}
+
+
+def new_app(help: str = "Distil an LLM's problem-decomposition skill into a compact model, on Ray.") -> typer.Typer:
+    """The `subq` app's shell: plain help showing every default, `-h`, and the global `--verbose`."""
+    app = typer.Typer(
+        name="subq", help=help, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+        rich_markup_mode=None,  # click's plain help: flags show no type, every default is shown
+        context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def _root(
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray, DeepSpeed and Serve output on the "
+                                     "terminal instead of the run's log file (also SUBQ_VERBOSE=1)."),
+    ) -> None:
+        from subq import console
+
+        console.set_verbose(verbose)
+
+    _root.__doc__ = help
+    return app
+
+
+def run(app: typer.Typer, argv: Optional[list[str]] = None) -> None:
+    """Run `app` as the `subq` console script: user errors print one line and exit 2, without a traceback. Ctrl-C
+    exits 130 and SIGTERM 143, each after the command's own stop path ran (subq.stop); an unexpected failure prints
+    one line (the traceback goes to the run's log) and exits 1."""
+    import faulthandler
+    import signal
+    import sys
+
+    from subq import console
+    from subq import stop as _stop
+    from subq.errors import SubqError
+
+    _stop.install()  # SIGINT and SIGTERM raise here, every time (subq.stop)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack to stderr (a job that seems stuck)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        try:
+            app(args=argv, prog_name="subq", standalone_mode=True)
+        except SystemExit as e:  # typer turns a KeyboardInterrupt from the command into exit 130
+            if e.code == 130 and _stop.requested() is not None:
+                raise (_stop.Terminated() if _stop.requested() == signal.SIGTERM else KeyboardInterrupt()) from None
+            raise
+    except SubqError as e:
+        console.echo(f"error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (subq.stop.Terminated)
+        console.echo(f"\nstopped ({_stop.describe(e)})")
+        sys.exit(_stop.exit_code(e))
+    except Exception as e:  # noqa: BLE001 - an unexpected failure: one line on the terminal, the traceback in the log
+        import traceback
+
+        traceback.print_exc()  # to the log file when one is active
+        where = f" (traceback in {console.log_path()})" if console.log_path() else ""
+        console.echo(f"error: {type(e).__name__}: {e}{where}")
+        sys.exit(1)
+    finally:
+        _stop.uninstall()  # an in-process caller (a test) gets its own handlers back
+
+
+def run_verb(register: Callable[[typer.Typer], None], verb: str, argv: Optional[list[str]] = None) -> None:
+    """A job's `python -m` twin: `subq VERB ARGV` from the verb's own `register` (no other layer loaded)."""
+    import sys
+
+    app = new_app()
+    register(app)
+    run(app, [verb, *(sys.argv[1:] if argv is None else argv)])

@@ -1,7 +1,7 @@
 """How a `subq` command stops: Ctrl-C (SIGINT) and SIGTERM (supervisors, Kubernetes, `ray job stop`) the same
 way, every time, whatever the command is doing.
 
-`install()` (called first thing by `subq.cli.main`) makes both signals raise in the main thread: SIGINT raises
+`install()` (called first thing by `subq.cli_options.run`, the console script's runner) makes both signals raise in the main thread: SIGINT raises
 KeyboardInterrupt, SIGTERM raises `Terminated` (a KeyboardInterrupt), so every `except KeyboardInterrupt` stop path
 serves both: `generate` keeps its finished rows and writes its summary, `--api batch` leaves its batches running at
 the provider (resumable), `serve` answers the requests in flight and shuts Serve down. Exit codes (`exit_code`):
@@ -113,7 +113,7 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Undo install() (subq.cli.main does when it returns, so calling it in-process leaves the caller as it was)."""
+    """Undo install() (subq.cli_options.run does when it returns, so calling it in-process leaves the caller as it was)."""
     global _installed, _requested, _count
     if not _installed or threading.current_thread() is not threading.main_thread():
         return

@@ -2,7 +2,7 @@
 
 import subprocess
 
-from subq.cli import app
+from pipelines.cli import app
 import typer.main
 
 
@@ -44,7 +44,7 @@ def test_doctor_clears_a_stale_extension_build_lock_and_names_the_fix_for_a_fres
     import os
     import time
 
-    from cluster.doctor import check_deepspeed_ops
+    from pipelines.doctor import check_deepspeed_ops
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "deepspeed_shm_comm" / "lock"

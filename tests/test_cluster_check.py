@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import check
+from pipelines import cluster_check as check
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT.parent / "shared" / "kuberay"  # KubeRay's CRDs and samples (tests only; the product never reads them)
@@ -38,7 +38,7 @@ def _run(tmp_path, cfg: dict | None = None, readme: str | None = None, extra: li
 
 
 def test_shipped_cluster_files_pass_and_the_table_shows_effective_commands(capfd):
-    from subq.cli import main
+    from pipelines.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["cluster", "check"])
@@ -128,7 +128,7 @@ def test_num_workers_above_the_gpu_maximum(tmp_path):
 def test_python_and_ray_versions_that_disagree(tmp_path, capfd):
     """issue 23 (3) and the version rule: commands that call a Python the image lacks; image tags, rayVersion and
     pip pins against pyproject.toml's ray pin. The CLI exits 1 and prints one error line per problem."""
-    from subq.cli import main
+    from pipelines.cli import main
 
     cfg = _launcher()
     cfg["head_setup_commands"].insert(0, "python3.11 -m venv ~/subq-venv || true")
@@ -225,7 +225,7 @@ def test_readme_cluster_commands_name_only_settings_that_exist():
     import typer
     from ray.scripts.scripts import cli as ray_cli
 
-    from subq.cli import app
+    from pipelines.cli import app
 
     subq_cli = typer.main.get_command(app)
 

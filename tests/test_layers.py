@@ -18,21 +18,12 @@ FLOORS = {"subq": 1, "cluster": 2, "actors": 3, "training": 3, "pipelines": 4, "
 ROOMS = tuple(FLOORS)
 
 # (importer file, imported room) arrows that break (a) today, and the redesign step that removes each.
-ALLOWED_ARROWS = {
-    ("subq/cli.py", "pipelines"): "step 8: the front door moves to pipelines/cli.py",
-    ("subq/cli.py", "cluster"): "step 8",
-    ("subq/cli.py", "training"): "step 8",
-    ("cluster/doctor.py", "training"): "step 7: doctor moves to pipelines/doctor.py",
-    # `subq cluster check` compares the cluster files with what the jobs request, read from their config models:
-    # it belongs above the jobs, beside the front door (step 8: pipelines/cluster_check.py)
-    ("cluster/check.py", "pipelines"): "step 8",
-    ("cluster/check.py", "training"): "step 8",
-    ("training/train.py", "cluster"): None,  # allowed by the floors (cluster is below training): not a violation
-}
-ALLOWED_ARROWS = {k: v for k, v in ALLOWED_ARROWS.items() if v is not None}
+# Emptied by step 8 (the front door moved to pipelines/cli.py; `subq doctor` and `subq cluster check`, which read the
+# jobs' config models, moved beside it as pipelines/doctor.py and pipelines/cluster_check.py).
+ALLOWED_ARROWS: dict[tuple[str, str], str] = {}
 
-# files in subq/ that load modules by name today
-ALLOWED_IMPORT_MODULE = {"subq/cli.py": "step 8: explicit imports in pipelines/cli.py"}
+# files in subq/ that load modules by name (emptied by step 8: the front door imports each verb by a plain import)
+ALLOWED_IMPORT_MODULE: dict[str, str] = {}
 
 
 def _py_files() -> list[Path]:
@@ -70,7 +61,7 @@ def _imports(path: Path) -> tuple[set[str], list[str]]:
                 by_name.append(ast.unparse(node.args[0]) if node.args else "")
                 if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
                     mods.add(node.args[0].value)
-    # import_module over a list of names (subq/cli.py's COMMAND_MODULES): count the string constants of that list
+    # import_module over a list of names (as the old subq/cli.py's COMMAND_MODULES): count that list's string constants
     if by_name:
         for node in ast.walk(tree):
             if isinstance(node, (ast.List, ast.Tuple)):
@@ -133,12 +124,12 @@ def _circles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
 
 
 # Today's circles (redesign 1.1): the batch <-> generate pair, training's decomposer -> preflight -> train
-# -> decomposer, and the core's front door (subq/cli.py loads every layer's command module by name, and each of those
-# imports the core's cli back). Each entry names the step that removes it; the check below keeps the list honest.
+# -> decomposer. (The front door's circle, subq/cli.py loading every layer by name while each job's main() imported it
+# back, is gone: pipelines/cli.py imports each verb, and each job's `python -m` twin is its package's __main__.py.)
+# Each entry names the step that removes it; the check below keeps the list honest.
 KNOWN_CIRCLE_MEMBERS = {
     "pipelines/batch.py": "step 3 (batch and generate import the recipe from subq/)",
     "training/preflight.py": "step 6 (checkpoint helpers move to training/checkpoints.py)",
-    "subq/cli.py": "step 8 (the front door moves to pipelines/cli.py)",
 }
 
 
@@ -157,15 +148,10 @@ def test_arrows_only_run_down_the_floors():
 
 
 def test_no_circles_between_files_beyond_the_known_ones():
-    graph = _graph()
-    # the front door's circle first, then the rest with the front door taken out (it joins every circle into one)
-    assert any("subq/cli.py" in c for c in _circles(graph)) == ("subq/cli.py" in KNOWN_CIRCLE_MEMBERS), \
-        "subq/cli.py's circle changed: update KNOWN_CIRCLE_MEMBERS"
-    rest = {k: v - {"subq/cli.py"} for k, v in graph.items() if k != "subq/cli.py"}
-    circles = _circles(rest)
+    circles = _circles(_graph())
     unexplained = [c for c in circles if not any(m in c for m in KNOWN_CIRCLE_MEMBERS)]
     assert not unexplained, f"new import circles: {unexplained}"
-    gone = {m for m in KNOWN_CIRCLE_MEMBERS if m != "subq/cli.py" and not any(m in c for c in circles)}
+    gone = {m for m in KNOWN_CIRCLE_MEMBERS if not any(m in c for c in circles)}
     assert not gone, f"circles broken: remove from KNOWN_CIRCLE_MEMBERS: {gone}"
 
 
@@ -189,8 +175,17 @@ def test_every_path_in_the_readme_concept_table_exists():
     assert not missing, f"README names paths that do not exist: {missing}"
 
 
-def test_the_import_reader_sees_what_it_claims_to():
+def test_the_import_reader_sees_what_it_claims_to(tmp_path):
     """The rules above hold only if the reader sees function-level imports and import_module strings."""
+    probe = REPO / "subq" / f"_probe_{tmp_path.name}.py"  # inside the tree, as a real file is; removed at once
+    probe.write_text("import importlib\nMODS = ['pipelines.serve_cmd']\n"
+                     "def f():\n    for m in MODS:\n        importlib.import_module(m)\n"
+                     "    importlib.import_module('training.train_cmd')\n")
+    try:
+        mods, by_name = _imports(probe)
+    finally:
+        probe.unlink()
+    assert {"pipelines.serve_cmd", "training.train_cmd"} <= mods and len(by_name) == 2
     g = _graph()
-    assert "pipelines/serve_cmd.py" in g["subq/cli.py"]  # reached only through import_module(COMMAND_MODULES)
+    assert {"pipelines/serve_cmd.py", "training/train_cmd.py", "cluster/cluster_cmd.py"} <= g["pipelines/cli.py"]
     assert "training/ilql.py" in g["training/decomposer.py"]  # a function-level `from training.ilql import ...`

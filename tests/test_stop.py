@@ -56,7 +56,7 @@ def retrieve(self, *a, **k):
 
 
 ob.Batches.retrieve = retrieve
-from subq.cli import main
+from pipelines.cli import main
 
 main(sys.argv[1:])
 """

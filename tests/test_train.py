@@ -486,7 +486,7 @@ def test_python_m_help_lists_the_same_options_as_the_subq_verb(module, verb):
 
     from typer.testing import CliRunner
 
-    from subq.cli import app
+    from pipelines.cli import app
     from subq.cli_options import option_names
     from training.config import TrainConfig
 

@@ -1,4 +1,4 @@
-"""`subq train` and `subq init-model` (registered into subq.cli). Heavy imports stay inside the commands.
+"""`subq train` and `subq init-model` (registered by the front door, pipelines/cli.py). Heavy imports stay inside the commands.
 
 `subq train`'s options are derived from training.config.TrainConfig (subq.cli_options): one definition for the
 flags, the YAML `--config` and `python -m training.train` (which runs this same command)."""

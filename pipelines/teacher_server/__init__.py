@@ -615,17 +615,3 @@ class TeacherServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--from-env"]:
-        serve(TeacherServerConfig(**json.loads(os.environ["SUBQ_TEACHER_SERVER_CONFIG"])))
-        return
-    from subq.cli import main
-
-    main(["teacher-server", *argv])
-
-
-if __name__ == "__main__":
-    _main()

@@ -687,14 +687,3 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
                 teacher.stop()
             if started_ray:
                 ray.shutdown()
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m pipelines.demo ...`: the same flags as `subq demo`."""
-    from subq.cli import main as cli_main
-
-    cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -785,7 +785,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
         from subq import console
 
         console.emit_json(summary)
-        raise interrupted  # exit 130 (Ctrl-C) or 143 (SIGTERM): subq.cli
+        raise interrupted  # exit 130 (Ctrl-C) or 143 (SIGTERM): subq.cli_options.run
     return summary
 
 
@@ -883,14 +883,3 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         progress.status_fn = None
         if started:
             ray.shutdown()
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m pipelines.generate ...`: the same flags as `subq generate`."""
-    from subq.cli import main as cli_main
-
-    cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -1039,16 +1039,3 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
         progress(warning)
     return {"out": cfg.out, "files": files, "offline": is_offline(runs),
             "runs": [{"decomposer": r["decomposer"], "solver": r["solver"], "summary": r["summary"]} for r in runs]}
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m pipelines.evaluate ...`: the same flags as `subq eval`."""
-    from subq.cli import main as cli_main
-
-    import sys
-
-    cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

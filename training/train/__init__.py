@@ -979,14 +979,3 @@ def _network_hint() -> str:
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m training.train` (for `ray job submit`): the `subq train` command itself, same options."""
-    from subq.cli import main as subq_main
-
-    subq_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import typer
 import yaml
 
 from subq.errors import SubqError
@@ -689,3 +690,26 @@ def render(rep: Report) -> str:
         lines.append(f"error: {p}")
     lines.append(f"{'ok' if rep.ok else 'FAILED'}: {len(rep.files)} file(s), {len(rep.problems)} problem(s)")
     return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    """`subq cluster check` (the front door, pipelines/cli.py, calls this)."""
+    cluster_app = typer.Typer(help="Cluster definitions: check them offline before `ray up` / `kubectl apply`.",
+                              no_args_is_help=True)
+
+    @cluster_app.command("check")
+    def check(files: Optional[list[str]] = typer.Argument(None, help="Launcher YAML, KubeRay manifests, Dockerfile, "
+                                                          "README (default: the shipped ones of this checkout)."),
+              crds: Optional[str] = typer.Option(None, "--crds", help="Folder with KubeRay's CRD files "
+                                                 "(ray.io_rayclusters.yaml, ...): also validate each manifest's "
+                                                 "spec against its schema and reject unknown keys.")) -> None:
+        """Offline check of cluster definitions, with Ray's own config code: per node type the image,
+        resources, min-max workers, effective setup/start commands and IAM profile; then one `error:` line per
+        problem (see pipelines/cluster_check.py). Exit code 1 when there is one."""
+
+        rep = check_files(files or None, crds=Path(crds) if crds else None)
+        print(render(rep))
+        if not rep.ok:
+            raise typer.Exit(1)
+
+    app.add_typer(cluster_app, name="cluster")

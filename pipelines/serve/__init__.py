@@ -1254,14 +1254,3 @@ def stop_serve(shutdown_ray: bool = True) -> None:
         finally:
             if shutdown_ray:
                 ray.shutdown()
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m pipelines.serve ...` (what `subq submit serve` runs on the cluster): the same flags as `subq serve`."""
-    from subq.cli import main as cli_main
-
-    cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -104,16 +104,3 @@ def _save_llama(out: Path, bpe, *, n_layer: int, n_embd: int, n_head: int, n_pos
                       bos_token_id=bos_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     return str(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m training.init_model`: the `subq init-model` command itself, same options."""
-    import sys
-
-    from subq.cli import main as subq_main
-
-    subq_main(["init-model", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

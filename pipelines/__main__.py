@@ -1,0 +1,5 @@
+"""`python -m pipelines ...` is `subq ...`."""
+
+from pipelines.cli import main
+
+main()

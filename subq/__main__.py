@@ -1,3 +1,0 @@
-from subq.cli import main
-
-main()
