@@ -4,7 +4,7 @@
     subq serve --config pipelines/serve_config.yaml        # the same file `serve deploy` takes
     subq eval --data gsm8k:test --limit 100 --decomposer none --decomposer teacher --decomposer bc=ckpt/bc \\
         --solver-base-url http://127.0.0.1:8100/v1 --out reports/eval1
-    ray job submit --working-dir . -- python -m pipelines.serve_cmd serve --config pipelines/serve_config.yaml
+    ray job submit --working-dir . -- python -m pipelines.serve --config pipelines/serve_config.yaml
     ray job submit --working-dir . -- python -m pipelines.evaluate --data gsm8k:test --limit 100 \\
         --decomposer teacher --solver-base-url http://HOST:8100/v1 --out reports/eval1
 """
