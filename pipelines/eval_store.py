@@ -2,7 +2,7 @@
 
     <results_root>/<evaluation id>/meta.json          request, status, totals, times (rewritten atomically)
     <results_root>/<evaluation id>/items/<index>.json one finished item (written as it finishes)
-    <results_root>/<evaluation id>/report/            the report directory (pipelines.evaluate.write_report)
+    <results_root>/<evaluation id>/report/            the report directory (subq.report.write_report)
 
 The Ingress writes items as they finish; after a restart it reads every evaluation back: finished ones are served
 as before, and ones that were running are marked `interrupted` with their finished items kept. Local paths or any

@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         if check:
             print(json.dumps(cfg.model_dump()))
             return
-        from pipelines.evaluate import check_solver
+        from actors.solver import check_solver
 
         check_solver(cfg.solver)  # the solver's key is set and its endpoint answers, or one error line now
         from subq import console as _c

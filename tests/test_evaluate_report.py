@@ -8,10 +8,11 @@ import subprocess
 
 import pytest
 
-from pipelines.evaluate import (
-    Answer, Decomposition, StageUsage, fail_item, final_answer_of, finish_item, markdown_table, new_item,
-    paper_gold, parse_decomposer_spec, summarize_items, write_paper_raw, write_report,
+from pipelines.evaluate import parse_decomposer_spec
+from subq.evaluation import (
+    Answer, Decomposition, StageUsage, fail_item, final_answer_of, finish_item, new_item, paper_gold, summarize_items, write_paper_raw,
 )
+from subq.report import markdown_table, write_report
 from subq.errors import ConfigError
 from subq.problems import load_problems
 from subq.schema import read_rows
@@ -139,7 +140,8 @@ def _run(name, items):
 
 
 def test_report_trust_fields_samples_paired_and_caveat(problems, tmp_path):
-    from pipelines.evaluate import Decomposition, OFFLINE_CAVEAT, paired_vs_none
+    from subq.evaluation import Decomposition
+    from subq.report import OFFLINE_CAVEAT, paired_vs_none
 
     golds = [paper_gold(p.gold_answer).split()[-1] for p in problems]
     none_items = _items(problems, [f"Final answer: {g}" if i < 3 else "Final answer: 0" for i, g in enumerate(golds)])
@@ -177,7 +179,8 @@ def test_report_trust_fields_samples_paired_and_caveat(problems, tmp_path):
 
 
 def test_plot_labels_never_overprint_and_carry_the_offline_caveat(problems):
-    from pipelines.evaluate import Answer, report_figures
+    from subq.evaluation import Answer
+    from subq.report import report_figures
 
     runs = []
     for name in ("none", "teacher", "bc", "filtered_bc", "ilql"):  # identical accuracy and cost: coinciding points

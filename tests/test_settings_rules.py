@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipelines.evaluate import DecomposerSettings, EvalConfig, SolverSettings
+from pipelines.evaluate import EvalConfig
+from subq.settings import DecomposerSettings, SolverSettings
 from pipelines.generate import GenerateConfig
 from pipelines.serve import ServeConfig
 from subq.costs import DEFAULT_PRICES
@@ -49,7 +50,7 @@ def ilql_beta4(tmp_path_factory):
 
 def _betas_used(monkeypatch, settings: DecomposerSettings, **request) -> list[float]:
     import training.ilql
-    from pipelines.evaluate import LocalDecomposer
+    from training.decomposer import LocalDecomposer
 
     seen: list[float] = []
     real = training.ilql.guided_logits

@@ -81,7 +81,7 @@ def template_for_qa() -> str:
 def test_serve_solve_sends_the_students_subquestions_to_the_solver(student, tmp_path):
     from pipelines.serve import ServeConfig, start_serve, stop_serve
     from pipelines.teacher_server import TeacherServer, free_port
-    from pipelines.evaluate import paper_gold
+    from subq.evaluation import paper_gold
     from subq.scoring import score
 
     path, cases, data = student

@@ -16,11 +16,14 @@ log pi(a|s) + beta * (minQ(s,a) - V(s)) (training.ilql.guided_logits); otherwise
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from subq.errors import ConfigError
+from subq.evaluation import Decomposition, stage_usage
+from subq.settings import DecomposerSettings
 from subq.textformat import DecomposerFormat, get_format, prompt_ids
 
 CONFIG_FILE = "training_config.yaml"
@@ -335,3 +338,40 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
         gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), n_tokens, ended,
                                "stop" if ended else "length"))
     return gens
+
+
+class LocalDecomposer:
+    """The distilled decomposer in-process (training.decomposer): batch of problems -> Decompositions."""
+
+    def __init__(self, settings: DecomposerSettings):
+        from training.decomposer import load_decomposer
+
+        if not settings.path:
+            raise ConfigError("no decomposer checkpoint given", field="decomposer.path")
+        self.settings = settings
+        self.price = settings.price()
+        self.model = load_decomposer(settings.path, device=settings.device)
+
+    def decompose_batch(self, problems: list[str], *, max_new_tokens: Optional[int] = None,
+                        do_sample: Optional[bool] = None, temperature: Optional[float] = None,
+                        beta: Optional[float] = None, top_p: Optional[float] = None,
+                        stop: Optional[list[str]] = None, n: int = 1,
+                        seed: Optional[list[Optional[int]]] = None) -> list[Decomposition]:
+        """n decompositions per problem, problem-major. max_new_tokens, do_sample, temperature, top_p and stop may
+        also be lists (one per problem: requests with different settings share one decode); seed: one per problem
+        (sample j seeded seed + j). See training.decomposer.generate_subquestions."""
+        from training.decomposer import generate_subquestions
+
+        s, t0 = self.settings, time.perf_counter()
+        gens = generate_subquestions(
+            self.model, problems,
+            max_new_tokens=s.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            do_sample=s.do_sample if do_sample is None else do_sample,
+            temperature=s.temperature if temperature is None else temperature,
+            beta=s.beta if beta is None else beta, top_p=top_p, stop=stop, n=n, seed=seed,
+        )
+        out = []
+        for g in gens:
+            u = stage_usage(s.name, self.price, g.prompt_tokens, g.completion_tokens, t0)
+            out.append(Decomposition(list(g.questions), g.text, u, g.finish_reason))
+        return out

@@ -332,7 +332,7 @@ def _eval_fingerprint(cfg: DemoConfig, runs: dict, held: list) -> str:
 
 def reusable_evaluation(cfg: DemoConfig, out: Path, runs: dict, held: list) -> Optional[dict]:
     """A finished evaluation of the same held-out problems, models and solver (it paid for its solver calls)."""
-    from pipelines.evaluate import ItemResult
+    from subq.evaluation import ItemResult
 
     done = out / "eval" / "results.json"
     try:
@@ -353,7 +353,8 @@ def stage_serve_and_evaluate(cfg: DemoConfig, out: Path, runs: dict, held: list,
     together) and evaluate through POST /v1/evaluations: single-stage (`none`) and the teacher's decomposition
     (`teacher`) once, and each distilled decomposer, all five evaluations running at the same time. A finished
     evaluation of the same held-out problems, models and solver is re-used (it paid for its solver calls)."""
-    from pipelines.evaluate import DecomposerSettings, SolverSettings, write_report
+    from subq.report import write_report
+    from subq.settings import DecomposerSettings, SolverSettings
     from pipelines.serve import ServeConfig, start_serve_many
     from pipelines.teacher_server import free_port
 
@@ -406,7 +407,7 @@ def _follow_evaluation(base: str, eid: str, t0: float, n: int, name: str, solver
     import httpx
     from subq import console
 
-    from pipelines.evaluate import ItemResult
+    from subq.evaluation import ItemResult
 
     with console.progress_bar(total=n, desc=f"      {name:>12}", unit="problem") as bar:
         while True:
@@ -445,7 +446,7 @@ def _fmt(x, nd=3) -> str:
 
 def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dict, times: StageTimes,
                       this_run_s: float) -> dict:
-    from pipelines.evaluate import markdown_table
+    from subq.report import markdown_table
 
     this = gen["this_run"]
     spent = _spent(out)

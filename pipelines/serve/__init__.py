@@ -11,7 +11,7 @@ Deployments (one application, default name `subq`):
 - `Decomposer` (DecomposerDeployment): loads a BC/FBC/ILQL checkpoint with `training.decomposer.load_decomposer`
   and decodes with `generate_subquestions` (ILQL-guided with `beta`); requests are batched with `@serve.batch`
   (`max_ongoing_requests >= max_batch_size` is enforced) and the deployment autoscales.
-- `Solver` (SolverDeployment): `pipelines.evaluate.Solver`: the paper QA / DoC solve prompt through any
+- `Solver` (SolverDeployment): `actors.solver.Solver`: the paper QA / DoC solve prompt through any
   OpenAI-compatible endpoint (actors.teacher.TeacherClient: openai SDK, retries, cluster limiter) or a local HF model.
 - `Ingress`: FastAPI. `POST /v1/decompose`, `POST /v1/solve`, `POST /v1/evaluations`, `GET /v1/evaluations/{id}`,
   `GET /v1/evaluations/{id}/paper_raw`, `GET /healthz`, OpenAI-compatible `POST /v1/chat/completions` and

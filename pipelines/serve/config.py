@@ -6,11 +6,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.evaluate import (
-    DecomposerSettings,
-    SolverSettings,
-    follow_reserved_gpus,
-)
+from subq.settings import DecomposerSettings, SolverSettings, follow_reserved_gpus
 
 
 class Quotas(BaseModel):

@@ -6,13 +6,9 @@ from typing import Optional
 
 from ray import serve
 
-from pipelines.evaluate import (
-    DecomposerSettings,
-    LocalDecomposer,
-    Solver,
-    SolverSettings,
-    UpstreamError,
-)
+from actors.solver import Solver, UpstreamError
+from subq.settings import DecomposerSettings, SolverSettings
+from training.decomposer import LocalDecomposer
 from pipelines.serve.api import _chat_response, problem_from_messages
 
 

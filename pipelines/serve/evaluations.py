@@ -4,10 +4,7 @@ import asyncio
 import time
 from typing import Optional
 
-from pipelines.evaluate import (
-    ItemResult,
-    summarize_items,
-)
+from subq.evaluation import ItemResult, summarize_items
 from pipelines.serve.api import ApiError
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)

@@ -11,18 +11,10 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray import serve
 
 from pipelines.eval_store import EvalStore
-from pipelines.evaluate import (
-    Answer,
-    Decomposition,
-    ItemResult,
-    StageUsage,
-    fail_item,
-    finish_item,
-    items_to_rows,
-    new_item,
-    summarize_items,
-    write_report,
+from subq.evaluation import (
+    Answer, Decomposition, ItemResult, StageUsage, fail_item, finish_item, items_to_rows, new_item, summarize_items,
 )
+from subq.report import write_report
 from pipelines.serve.api import (
     ApiError,
     ChatRequest,
@@ -189,7 +181,7 @@ class Ingress:
                           "total": time.perf_counter() - t0},
         }
         if req.gold_answer:
-            from pipelines.evaluate import paper_gold
+            from subq.evaluation import paper_gold
             from subq.scoring import score
 
             resp["scores"] = {m: score(a.text, paper_gold(req.gold_answer), m).to_dict() for m in MODES}
