@@ -60,7 +60,7 @@ class GenerateConfig(BaseModel):
     max_retry_after_s: float = Field(120.0, gt=0, description="Longest Retry-After honoured (seconds); a longer "
                                      "one waits this long, is shown in the progress line and counted.")
     api: Literal["online", "batch"] = Field("online", description="online: chat calls through rate-limited actors; "
-                                           "batch: the provider's Batch API at its batch price (pipelines.batch).")
+                                           "batch: the provider's Batch API at its batch price (pipelines/generate/batch.py).")
     cancel: bool = Field(False, description="Batch mode: cancel the batches this output has in flight, then stop.")
     batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="Requests per batch file (provider cap).")
     batch_max_bytes: int = Field(200_000_000, ge=1, le=200_000_000, description="Bytes per batch file (provider "

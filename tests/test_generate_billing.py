@@ -200,7 +200,7 @@ def test_batch_retry_failed_resubmits_exactly_the_failed_requests(tmp_path, subq
 
 
 def _lease_contender(out: str, start_at: float, q, slow_write: bool) -> None:
-    from pipelines.generate import OutputLease
+    from pipelines.generate.output import OutputLease
 
     if slow_write:  # this job's storage is slow (a network disk under load): its writes land 120 ms late
         os.environ["SUBQ_FAULT_SLOW_WRITE"] = "_lease.json:0.12"
@@ -242,7 +242,7 @@ def test_two_jobs_started_within_10ms_never_both_hold_the_lease(tmp_path):
 
 
 def test_lease_takeover_of_a_stale_lease_and_heartbeat(tmp_path):
-    from pipelines.generate import OutputLease
+    from pipelines.generate.output import OutputLease
 
     out = tmp_path / "o"
     out.mkdir()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.generate import GenerateConfig, release_gold, run_generate
+from pipelines.generate import GenerateConfig, run_generate
+from subq.recipe import release_gold
 from subq.config import load_config
 from subq.errors import ConfigError
 from subq.scoring import answer_correctness
@@ -55,7 +56,7 @@ def test_dry_run_estimates_without_calls_or_output(tmp_path):
 
 
 def test_export_compacts_duplicate_rows_and_writes_both_paper_formats(tmp_path):
-    from pipelines.generate import export
+    from pipelines.generate.output import export
     from subq.schema import read_parquet, read_rows, write_parquet
 
     rows = read_rows(str(__import__("pathlib").Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ def _failure(p) -> dict:
 
 
 def test_torn_temps_in_parts_and_failures_do_not_break_resume(tmp_path):
-    from pipelines.generate import FAILURE_SCHEMA, _write_table, done_ids, read_failures
+    from pipelines.generate.output import FAILURE_SCHEMA, _write_table, done_ids, read_failures
 
     probs = load_problems("gsm8k:test", 4)
     out = tmp_path / "out"
@@ -44,7 +44,7 @@ def test_torn_temps_in_parts_and_failures_do_not_break_resume(tmp_path):
 
 
 def test_a_kill_between_write_and_rename_leaves_a_temp_readers_skip_and_the_sweep_removes(tmp_path, monkeypatch):
-    from pipelines.generate import done_ids
+    from pipelines.generate.output import done_ids
 
     probs = load_problems("gsm8k:test", 3)
     out = tmp_path / "out"

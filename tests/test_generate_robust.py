@@ -61,7 +61,7 @@ def test_a_400_for_one_problem_is_a_recorded_failure_shown_on_screen_and_retried
 
 
 def test_drift_is_refused_naming_each_field_and_a_second_job_on_the_output_refuses(tmp_path, subq_bin):
-    from pipelines.generate import OutputLease
+    from pipelines.generate.output import OutputLease
     from pipelines.teacher_server import TeacherServer
 
     out = tmp_path / "out"

@@ -128,8 +128,6 @@ def _circles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
 # back, is gone: pipelines/cli.py imports each verb, and each job's `python -m` twin is its package's __main__.py.)
 # Each entry names the step that removes it; the check below keeps the list honest.
 KNOWN_CIRCLE_MEMBERS = {
-    "pipelines/batch.py": "step 3 (batch and generate import the recipe from subq/)",
-    "training/preflight.py": "step 6 (checkpoint helpers move to training/checkpoints.py)",
 }
 
 

@@ -261,3 +261,10 @@ def choose_zero_stage(trainable: int, frozen: int, world: int, gpu_bytes: int, p
     need = model_state_bytes(trainable, frozen, 3, world, precision)
     return 3, (f"ZeRO-3: even sharded over {world} ranks the model states take {gb(need)} per GPU, more than "
                f"{fraction:.0%} of {gb(gpu_bytes)}: add workers or use a smaller model")
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    """Where a run keeps its checkpoints, metrics and final model: `<storage_path>/<name>` (local path or URI)."""
+    from subq import storage
+
+    return storage.join(cfg.storage_path, cfg.name)

@@ -300,7 +300,7 @@ def checkpoint_world_size(ckpt: str) -> int | None:
 def check_resume_world_size(cfg: TrainConfig) -> None:
     if not cfg.resume:
         return
-    from training.train import run_dir
+    from training.config import run_dir
 
     ckpt = latest_checkpoint(run_dir(cfg))
     n = checkpoint_world_size(ckpt) if ckpt else None

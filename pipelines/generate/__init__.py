@@ -32,7 +32,7 @@ Output directory (local path or any pyarrow filesystem URI):
       paper_dataset.json           export: the release's qg_*_dataset.jsonl training format (ONE JSON list)
       failures.jsonl               export: the failures still open (problems without a row), one a line
       summary.json                 the final summary (also printed as the last stdout line)
-      batch/state.json             --api batch only (pipelines.batch): each request shard's file id and batch id,
+      batch/state.json             --api batch only (pipelines/generate/batch.py): each request shard's file id and batch id,
                                    written as soon as they exist, its status and per-request errors
       batch/requests/<shard>.jsonl --api batch only: the request files uploaded to the provider
 
@@ -52,7 +52,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 from typing import Optional
 
@@ -61,80 +60,13 @@ from actors.teacher import (TeacherActor, TeacherAuthError, TeacherBudgetExceede
 from pipelines.generate_config import GenerateConfig  # noqa: F401  (the job's config, defined once there)
 from subq import storage
 from subq.config import load_config
+from pipelines.generate.output import (
+    FAILURE_SCHEMA, OutputLease, _part_name, _write_table, check_manifest, done_ids, export, read_failures,
+    write_manifest,
+)
 from subq.errors import ConfigError, SubqError
+from subq.recipe import build_row, build_set, calls_after_qg, release_gold, split_qg, validators
 
-
-# ------------------------------------------------------------------ per-problem work (inside actors)
-
-
-def release_gold(gold_answer: str) -> str:
-    """The gold as the release's generator saw it: "#### N" (the text after the last ####). The paper's rewards
-    take the FIRST number of the gold string, so a GSM8K worked solution must not be passed as is."""
-    return "#### " + gold_answer.rsplit("####", 1)[-1].strip() if "####" in gold_answer else gold_answer
-
-
-def _validators(family: str):
-    from subq.parsers import FINAL_ANSWER, DOC_ANSWER, parse_doc_subquestions, parse_feedback, parse_subquestions
-
-    def qg(text):
-        qs = (parse_doc_subquestions(text) if family == "doc" else parse_subquestions(text)).questions
-        return None if qs else "no sub-questions in the QG reply"
-
-    def qa(text):
-        marker = DOC_ANSWER if family == "doc" else FINAL_ANSWER
-        return None if marker.search(text or "") else "no final-answer marker in the QA reply"
-
-    def feedback(n):
-        return lambda text: parse_feedback(text, n).reason
-
-    return qg, qa, feedback
-
-
-def calls_after_qg(family: str, problem: str, set_index: int, n_feedback: int, questions: list[str]) -> list[tuple]:
-    """The calls a set makes once its QG reply is parsed: [(stage, template id, sample index, messages)], QA
-    first, then the feedback calls (both read only the problem and the sub-questions). Online and batch mode use
-    the same sample indices, so both hit the same request-cache entries."""
-    from subq.prompts import messages, template_for
-
-    qa, fb = template_for(family, "qa"), template_for(family, "feedback")
-    return [("qa", qa, set_index, messages(qa, problem, questions))] + [
-        ("feedback", fb, set_index * n_feedback + j, messages(fb, problem, questions)) for j in range(n_feedback)]
-
-
-def split_qg(family: str, qg_text: str) -> tuple[list[str], str]:
-    """A QG reply -> (its sub-questions, the set's questions text as stored in the row)."""
-    from subq.parsers import format_subquestions, parse_doc_subquestions, parse_subquestions
-
-    if family == "doc":
-        qs = parse_doc_subquestions(qg_text).questions
-        return qs, format_subquestions(qs)
-    return parse_subquestions(qg_text).questions, qg_text
-
-
-def build_set(family: str, qtext: str, answer_text: str, gold: str, feedback_texts: list[str]):
-    """One SubQuestionSet from its replies, with the paper's rewards."""
-    from subq.schema import SubQuestionSet
-
-    sset = SubQuestionSet.from_texts(qtext, answer_text, gold, feedback_texts)
-    if family == "doc":  # DoC answers end "The answer is: X", which the paper rule cannot read; strict can
-        from subq.scoring import score
-
-        sset.answer_correctness = 1.0 if score(answer_text, gold, "strict").correct else 0.0
-    return sset
-
-
-def build_row(item: dict, sets: list, job: dict, acct: dict):
-    """A problem's SubQRow from its sets and its call accounting (prompt/completion tokens, cost, attempts)."""
-    from subq.schema import SubQRow
-    from subq.scoring import gold_number
-
-    gold = release_gold(item["gold_answer"])
-    return SubQRow(
-        problem_id=item["problem_id"], problem=item["problem"], gold_answer=gold,
-        true_answer=gold_number(gold, "paper"), sets=list(sets), source=item["source"],
-        source_index=item["source_index"], teacher_model=job["model"], template_id=job["template"],
-        prompt_tokens=acct["prompt_tokens"], completion_tokens=acct["completion_tokens"], cost_usd=acct["cost_usd"],
-        attempts=acct["attempts"], error=None)
 
 
 async def gather_or_cancel(*aws):
@@ -187,7 +119,7 @@ class GenerateActor(TeacherActor):
         job, c = self.job, self.client
         fam = job["template"]
         qg_tid = template_for(fam, "qg")
-        v_qg, v_qa, v_fb = _validators(fam)
+        v_qg, v_qa, v_fb = validators(fam)
         acct = {"calls": 0, "cached": 0, "attempts": 0, "n_429": 0, "prompt_tokens": 0, "completion_tokens": 0,
                 "cost_usd": 0.0, "new_cost_usd": 0.0, "new_prompt_tokens": 0, "new_completion_tokens": 0,
                 "maybe_billed": 0, "maybe_billed_usd": 0.0, **{k: 0 for k in STAGE_KEYS}}
@@ -281,62 +213,6 @@ STAGE_KEYS = tuple(f"{st}_{k}" for st in ("qg", "qa", "feedback") for k in ("pro
                                                                               "cost_usd"))
 
 
-def _part_name(ids: list[str]) -> str:
-    return "part-" + hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16] + ".parquet"
-
-
-def _failure_schema():
-    import pyarrow as pa
-
-    return pa.schema([("problem_id", pa.string()), ("problem", pa.string()), ("source", pa.string()),
-                      ("source_index", pa.int64()), ("stage", pa.string()), ("error_type", pa.string()),
-                      ("reason", pa.string()), ("attempts", pa.int64()), ("time", pa.float64())])
-
-
-FAILURE_SCHEMA = _failure_schema()
-
-
-def _write_table(table, location: str) -> None:
-    import io
-
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(location, buf.getvalue())
-
-
-# ------------------------------------------------------------------ driver side
-
-
-def done_ids(output: str):
-    """The ids of the problems with a row in OUTPUT, as a pyarrow array: one column read from the finished parts
-    (writers' temps skipped), no row objects, so resuming a million problems stays small and fast."""
-    import pyarrow as pa
-
-    from subq.schema import read_parquet_table
-
-    parts = storage.join(output, "parts")
-    if not storage.list_files(parts, ".parquet"):
-        return pa.array([], pa.string())
-    return read_parquet_table(parts, columns=["problem_id"]).column(0).combine_chunks()
-
-
-def read_failures(output: str, done) -> dict:
-    """The open failures in OUTPUT by problem id (the newest of each), leaving out problems in DONE (a row wins)."""
-    import pyarrow.compute as pc
-
-    fails: dict = {}
-    fdir = storage.join(output, "failures")
-    if storage.list_files(fdir, ".parquet"):
-        from subq.schema import read_parquet_table
-
-        ft = read_parquet_table(fdir, schema=FAILURE_SCHEMA)
-        ft = ft.filter(pc.invert(pc.is_in(ft.column("problem_id"), value_set=done)))
-        for f in ft.to_pylist():
-            if f["problem_id"] not in fails or f["time"] > fails[f["problem_id"]]["time"]:
-                fails[f["problem_id"]] = f
-    return fails
 
 
 def estimate(cfg: GenerateConfig, problems, prices) -> dict:
@@ -434,223 +310,6 @@ class Progress:
         print(self.line(), file=self.stream, flush=True)
 
 
-def compact_parts(output: str) -> int:
-    """Safety net for exactly-once: if any problem id appears in more than one part (it cannot in normal
-    operation: a retried batch overwrites its own part), rewrite the parts as one part holding one row per id.
-    Returns the number of duplicate rows removed."""
-    from subq.schema import read_parquet, read_parquet_table, rows_to_table, sort_rows
-
-    parts_dir = storage.join(output, "parts")
-    files = storage.list_files(parts_dir, ".parquet")
-    if len(files) < 2:
-        return 0
-    fs, _ = storage.resolve(parts_dir)
-    import pyarrow.compute as pc
-
-    ids = read_parquet_table(parts_dir, columns=["problem_id"]).column(0)
-    n_ids = len(ids)
-    if pc.count_distinct(ids).as_py() == n_ids:
-        return 0
-    rows: dict = {}
-    for r in read_parquet(parts_dir):
-        rows.setdefault(r.problem_id, r)
-    ordered = sort_rows(list(rows.values()))
-    name = "part-compacted-" + _part_name([r.problem_id for r in ordered])[5:]
-    _write_table(rows_to_table(ordered), storage.join(parts_dir, name))
-    for f in files:
-        if not f.endswith(name):
-            fs.delete_file(f)
-    return n_ids - len(ordered)
-
-
-def export(output: str) -> dict:
-    """Write paper_raw.jsonl, paper_dataset.json and failures.jsonl from the parts; return counts and paths."""
-    from subq.schema import iter_parquet_sorted, write_paper_chunks
-
-    compact_parts(output)
-    done = done_ids(output)
-    fails = read_failures(output, done)
-    parts = storage.join(output, "parts")
-    paths = {"paper_raw": storage.join(output, "paper_raw.jsonl"),
-             "paper_dataset": storage.join(output, "paper_dataset.json"),
-             "failures": storage.join(output, "failures.jsonl"), "parts": storage.join(output, "parts")}
-    if len(done):  # streamed in source order, one chunk of row objects at a time (a million rows fit in memory)
-        write_paper_chunks(iter_parquet_sorted(parts), {f: paths[f] for f in ("paper_raw", "paper_dataset")})
-    storage.write_bytes_atomic(paths["failures"], "".join(json.dumps(f) + "\n" for f in fails.values()).encode())
-    return {"rows": len(done), "failures": len(fails), "paths": paths}
-
-
-# ------------------------------------------------------------------ run manifest and lease
-
-# settings that change what a row holds: a re-run into the same OUTPUT with other values is refused
-MANIFEST_FIELDS = ("model", "base_url", "template", "n_sets", "n_feedback", "temperature", "max_tokens")
-
-
-def manifest_settings(cfg: GenerateConfig) -> dict:
-    from actors.teacher import normalize_endpoint
-
-    d = {k: getattr(cfg, k) for k in MANIFEST_FIELDS}
-    d["base_url"] = normalize_endpoint(cfg.base_url)
-    return d
-
-
-def check_manifest(cfg: GenerateConfig) -> Optional[dict]:
-    """Compare with OUTPUT/manifest.json (written by the first run): SubqError naming each differing field,
-    before any call. Returns the recorded settings (None: a new output)."""
-    loc = storage.join(cfg.output, "manifest.json")
-    if not storage.exists(loc):
-        return None
-    recorded = json.loads(storage.read_bytes(loc))["settings"]
-    now = manifest_settings(cfg)
-    diff = [f"{k} {recorded.get(k)!r} -> {now[k]!r}" for k in MANIFEST_FIELDS if recorded.get(k) != now[k]]
-    if diff:
-        raise SubqError("settings differ from the run that wrote this output: " + ", ".join(diff), source=cfg.output,
-                        hint=f"use another --output, or the recorded settings in {loc}")
-    return recorded
-
-
-def write_manifest(cfg: GenerateConfig) -> None:
-    loc = storage.join(cfg.output, "manifest.json")
-    if not storage.exists(loc):
-        storage.write_bytes_atomic(loc, json.dumps({"settings": manifest_settings(cfg), "created": time.time()},
-                                                   indent=2).encode())
-
-
-class OutputLease:
-    """OUTPUT/_lease.json = {host, pid, run_id, heartbeat}: one job writes an output at a time.
-
-    Taken with an atomic create-if-absent (`storage.create_exclusive`: link of a complete temp, O_EXCL semantics),
-    so of two jobs started at the same instant exactly one gets it. A lease is stale after `timeout_s` without a
-    heartbeat (a thread renews it every timeout_s/4, and only while the file is still ours), or at once when its
-    process is gone from this host. A stale lease is taken over under a second exclusive file
-    (`_lease.json.takeover`): the taker re-reads the lease, deletes it only if it is still the stale one it judged,
-    and creates its own with the same atomic create, so two takers cannot both win. A second job refuses with the
-    holder named; the same process may re-enter. Object stores offer no conditional put through pyarrow: there the
-    lease is refused with a clear error (`--output-lease off` runs without one, for a single writer you control)."""
-
-    def __init__(self, output: str, timeout_s: float = 120.0, mode: str = "exclusive"):
-        self.output, self.timeout_s, self.mode = output, timeout_s, mode
-        self.path = storage.join(output, "_lease.json")
-        self.takeover_path = storage.join(output, "_lease.json.takeover")
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "run_id": hashlib.sha256(f"{output}|{os.getpid()}|{time.time_ns()}".encode()).hexdigest()[:12]}
-        self._stop = None
-        self.lost = False  # set by the heartbeat when another job holds the file (we were judged stale)
-
-    def _read(self) -> Optional[dict]:
-        try:
-            return json.loads(storage.read_bytes(self.path))
-        except (SubqError, ValueError):
-            return None
-
-    def _stale(self, info: dict) -> bool:
-        if time.time() - float(info.get("heartbeat", 0)) > self.timeout_s:
-            return True
-        if info.get("host") == self.me["host"]:
-            try:
-                os.kill(int(info["pid"]), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError, KeyError):
-                pass
-        return False
-
-    def _data(self) -> bytes:
-        return json.dumps({**self.me, "heartbeat": time.time()}).encode()
-
-    def _write(self) -> None:
-        storage.write_bytes_atomic(self.path, self._data())
-
-    def _refuse(self, info: dict):
-        age = time.time() - float(info.get("heartbeat", 0))
-        return SubqError(f"another job is writing this output (host {info.get('host')}, pid {info.get('pid')}, "
-                         f"heartbeat {age:.0f}s ago)", source=self.output,
-                         hint=f"wait for it to finish, or delete {self.path} if that job is gone")
-
-    def _take_over(self, judged: dict) -> bool:
-        """Replace the stale lease `judged` by ours; True when ours is now the lease."""
-        if not storage.create_exclusive(self.takeover_path, self._data()):
-            try:  # a taker that died mid-takeover leaves its file: stale after timeout_s
-                t = json.loads(storage.read_bytes(self.takeover_path))
-                if time.time() - float(t.get("heartbeat", 0)) > self.timeout_s:
-                    storage.delete(self.takeover_path)
-            except (SubqError, ValueError):
-                pass
-            return False
-        try:
-            now = self._read()
-            if now is not None and (now.get("run_id"), now.get("heartbeat")) != (judged.get("run_id"),
-                                                                                 judged.get("heartbeat")):
-                return False  # it changed since we judged it: not ours to delete
-            storage.delete(self.path)
-            return storage.create_exclusive(self.path, self._data())
-        finally:
-            storage.delete(self.takeover_path)
-
-    def acquire(self) -> "OutputLease":
-        import threading
-
-        if self.mode == "off":
-            return self
-        storage.makedirs(self.output)
-        try:
-            got = storage.create_exclusive(self.path, self._data())
-        except storage.NoAtomicCreate as e:
-            raise ConfigError(f"the output's store offers no atomic create (conditional put), so two jobs could "
-                              f"both take its lease: {e}", field="output_lease", source=self.output,
-                              hint="write to a local or mounted path, or pass --output-lease off if you make sure "
-                                   "only one job writes this output") from None
-        for _ in range(20):
-            if got:
-                break
-            info = self._read()
-            if info is None:  # removed between our create and our read (a release): try again
-                got = storage.create_exclusive(self.path, self._data())
-                continue
-            if info.get("host") == self.me["host"] and info.get("pid") == self.me["pid"]:
-                self.me["run_id"] = info.get("run_id", self.me["run_id"])  # the same process re-enters
-                self._write()
-                got = True
-                break
-            if not self._stale(info):
-                raise self._refuse(info)
-            got = self._take_over(info)
-            if not got:
-                time.sleep(0.05)
-        if not got:
-            raise SubqError("another job took this output's lease at the same moment", source=self.output)
-        self._stop = threading.Event()
-        stop = self._stop
-
-        def beat():
-            while not stop.wait(self.timeout_s / 4):
-                try:
-                    info = self._read()
-                    if info is not None and info.get("run_id") != self.me["run_id"]:
-                        self.lost = True  # another job took it over: never overwrite its lease
-                        return
-                    self._write()
-                except Exception:  # a transient storage error: the next beat tries again
-                    pass
-
-        threading.Thread(target=beat, name="subq-lease", daemon=True).start()
-        return self
-
-    def release(self) -> None:
-        if self._stop is None:
-            return
-        self._stop.set()
-        self._stop = None
-        info = self._read()
-        if info is not None and info.get("run_id") == self.me["run_id"]:
-            storage.delete(self.path)
-
-    def __enter__(self) -> "OutputLease":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 def report_failures(c: dict, reasons, pending: int, where: str) -> None:
     """Some problems failed: exit 0 with the count, where the reasons are and the 3 most common on the terminal.
@@ -717,7 +376,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     pending = problems_from_table(table.filter(mask), str(cfg.input))
     del table, done, ids
     if cfg.dry_run:
-        from pipelines.batch import batch_estimate
+        from pipelines.generate.batch import batch_estimate
 
         est = estimate(cfg, pending, prices)
         return {**est, **batch_estimate(est, prices, cfg.model), "api": cfg.api,
@@ -726,7 +385,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
         raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
                           hint="export the key (any non-empty value for a local server)")
     if cfg.cancel:
-        from pipelines.batch import cancel_batches
+        from pipelines.generate.batch import cancel_batches
 
         lease.acquire()  # a live job on this output would send again what --cancel stops: stop it first
         return cancel_batches(cfg, prices)
@@ -746,7 +405,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     if pending:
         try:
             if cfg.api == "batch":
-                from pipelines.batch import run_batch
+                from pipelines.generate.batch import run_batch
 
                 fatal, limiter_stats = run_batch(cfg, pending, prices, progress)
             else:

@@ -42,16 +42,14 @@ from typing import Any
 
 from subq import storage
 from subq.errors import ConfigError, DataError
-from training.config import TrainConfig, choose_zero_stage, deepspeed_config, gpu_precision, native_bf16, zero_stage
+from training.config import (
+    TrainConfig, choose_zero_stage, deepspeed_config, gpu_precision, native_bf16, run_dir, zero_stage,
+)
 
 FAULT_ENV = "SUBQ_TRAIN_FAULT_AT_STEP"  # tests: rank 1 exits at this optimizer step on the first attempt
 
 
 # ---------------------------------------------------------------- driver
-
-
-def run_dir(cfg: TrainConfig) -> str:
-    return storage.join(cfg.storage_path, cfg.name)
 
 
 def resolve_models(cfg: TrainConfig) -> TrainConfig:

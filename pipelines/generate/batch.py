@@ -86,9 +86,9 @@ class BatchDriver:
         self._files: Optional[dict] = None
         self._specs: dict[str, dict] = {}
         self.last_line = 0.0
-        from pipelines.generate import _validators
+        from subq.recipe import validators
 
-        self.v_qg, self.v_qa, self.v_fb = _validators(cfg.template)
+        self.v_qg, self.v_qa, self.v_fb = validators(cfg.template)
 
     def reason(self, r: dict, text: str) -> Optional[str]:
         """Why a reply is unusable (None: usable), with the online path's validators."""
@@ -500,8 +500,8 @@ def run_batch(cfg, pending, prices, progress):
     pipelines.generate._run_pipeline, with extras["batch"] the summary's batch section."""
     import pyarrow as pa
 
-    from pipelines.generate import FAILURE_SCHEMA, _part_name, _write_table, build_row, build_set, \
-        calls_after_qg, release_gold, split_qg
+    from pipelines.generate.output import FAILURE_SCHEMA, _part_name, _write_table
+    from subq.recipe import build_row, build_set, calls_after_qg, release_gold, split_qg
     from subq.prompts import messages, template_for
     from subq.schema import write_parquet
 
