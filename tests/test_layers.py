@@ -187,3 +187,21 @@ def test_the_import_reader_sees_what_it_claims_to(tmp_path):
     g = _graph()
     assert {"pipelines/serve_cmd.py", "training/train_cmd.py", "cluster/cluster_cmd.py"} <= g["pipelines/cli.py"]
     assert "training/ilql.py" in g["training/decomposer.py"]  # a function-level `from training.ilql import ...`
+
+
+# Files over the 600-line rule today, each with what splits it (redesign 4.1); the list only shrinks.
+OVERSIZE = {
+    "training/train/__init__.py": "loop.py (the per-worker loop), metrics.py, checkpoints.py (final fp32 save)",
+    "actors/teacher.py": "errors.py, cache.py, limiter_client.py (the limiter's client half)",
+    "pipelines/cluster_check.py": "launcher and KubeRay checks in two modules",
+    "pipelines/demo/__init__.py": "config, stages, report, run",
+    "pipelines/teacher_server/__init__.py": "app, replies, server",
+    "pipelines/generate/batch.py": "one state machine (BatchDriver): the redesign keeps it whole at ~540 lines",
+}
+
+
+def test_no_file_over_600_lines_beyond_the_known_ones():
+    sizes = {p.relative_to(REPO).as_posix(): len(p.read_text().splitlines()) for p in _py_files()}
+    big = {f for f, n in sizes.items() if n > 600}
+    assert big <= set(OVERSIZE), f"files over 600 lines: {sorted(big - set(OVERSIZE))}"
+    assert not set(OVERSIZE) - big, f"now under 600 lines: remove from OVERSIZE: {sorted(set(OVERSIZE) - big)}"
