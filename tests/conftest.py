@@ -80,7 +80,8 @@ def pytest_unconfigure(config):
     Python while it is being torn down (PyGILState_Ensure in a finalizing interpreter: SIGSEGV, ray-project/ray
     #47864). CI saw it once, after 371 tests passed: exit 139. Results and reports are written by now; only the exit
     code would change, and here it is pytest's."""
-    if _EXIT_STATUS and os.environ.get("SUBQ_TEST_NORMAL_EXIT") != "1":
+    # (not in an xdist worker: it reports to the controller until its interpreter ends)
+    if _EXIT_STATUS and not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("SUBQ_TEST_NORMAL_EXIT") != "1":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
