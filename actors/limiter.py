@@ -257,14 +257,18 @@ class RateLimiter:
     `get_or_create_limiter`; every teacher actor on every node calls the same instance."""
 
     def __init__(self, rpm: Optional[float] = None, tpm: Optional[float] = None, burst_s: float = 0.0,
-                 budget_usd: Optional[float] = None):
+                 budget_usd: Optional[float] = None, owner_ttl_s: Optional[float] = None):
         self.bucket = TokenBucket(rpm=rpm, tpm=tpm, burst_s=burst_s, budget_usd=budget_usd)
+        if owner_ttl_s is not None:
+            self.OWNER_TTL_S = float(owner_ttl_s)
         self.stopped: Optional[str] = None  # set by stop(): every later acquire is refused with this reason
         self.held_usd = 0.0  # estimated cost of calls in flight, held against the budget
         self.owners: dict[str, dict] = {}  # owner -> {rpm, tpm, seen}: the limits each job / replica asked for
         self.node_id = node_id()  # callers on this node sleep until `start_at` (see `acquire`)
 
-    OWNER_TTL_S = 900.0  # an owner that neither renewed nor unregistered (a crashed job) stops counting after this
+    # an owner that neither renewed nor unregistered (a crashed job) stops counting after this; a live one renews
+    # (OwnerLease, every third of it)
+    OWNER_TTL_S = 900.0
 
     def _apply_owners(self) -> None:
         now = time.time()
@@ -363,7 +367,10 @@ class RateLimiter:
         self.bucket.observe_headers(headers)
 
     async def stats(self) -> dict:
-        return {**self.bucket.stats(), "stopped": self.stopped, "held_usd": round(self.held_usd, 8)}
+        self._apply_owners()
+        return {**self.bucket.stats(), "stopped": self.stopped, "held_usd": round(self.held_usd, 8),
+                "owners": {k: {"rpm": v["rpm"], "tpm": v["tpm"]} for k, v in self.owners.items()},
+                "owner_ttl_s": self.OWNER_TTL_S}
 
 
 class AcquireBatcher:
@@ -465,7 +472,8 @@ def default_owner() -> str:
 
 def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[float] = None, *,
                           budget_usd: Optional[float] = None, burst_s: float = 0.0, detached: bool = True,
-                          namespace: str = "subq", wait: bool = True, owner: Optional[str] = None):
+                          namespace: str = "subq", wait: bool = True, owner: Optional[str] = None,
+                          owner_ttl_s: Optional[float] = None):
     """The one named RateLimiter actor for `name` (created if absent). Detached by default: it outlives the job
     or replica that created it, so every job on the endpoint keeps the same limiter (and a lost one is created
     again by the next call here). Limits given here are registered for `owner` (default: this process); the
@@ -478,7 +486,7 @@ def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[
                 **on_driver_node(detached))
     if detached:
         opts["lifetime"] = "detached"
-    actor = ray.remote(RateLimiter).options(**opts).remote(rpm, tpm, burst_s, budget_usd)
+    actor = ray.remote(RateLimiter).options(**opts).remote(rpm, tpm, burst_s, budget_usd, owner_ttl_s)
     refs = []
     if rpm or tpm:
         refs.append(actor.register.remote(owner or default_owner(), rpm, tpm))
@@ -491,3 +499,72 @@ def get_or_create_limiter(name: str, rpm: Optional[float] = None, tpm: Optional[
 
                 logging.getLogger("subq.limiter").warning("limiter %s: %s", name, res["conflict"])
     return actor
+
+
+class OwnerLease:
+    """A job's limits on the shared limiter for as long as it runs: registered at once, renewed every `every_s`
+    (a third of the limiter's owner TTL) on a daemon thread, registered again on a re-created limiter (found or
+    created by name: a limiter restarted after its process died, or created again after its node was lost, comes
+    back without owners), unregistered on `close()`. Without renewal a long job's stricter limit lapsed after the
+    TTL and a job starting later set a looser one.
+
+        with OwnerLease(name, owner, rpm=cfg.rpm, tpm=cfg.tpm) as lease:
+            lease.conflict     # None, or a sentence naming what another owner asked for
+    """
+
+    def __init__(self, name: str, owner: str, rpm: Optional[float] = None, tpm: Optional[float] = None,
+                 max_retry_after_s: Optional[float] = None, *, namespace: str = "subq",
+                 every_s: Optional[float] = None):
+        import ray
+
+        self.name, self.owner, self.namespace = name, owner, namespace
+        self.limits = (rpm, tpm, max_retry_after_s)
+        self.actor = get_or_create_limiter(name, namespace=namespace)
+        ttl = ray.get(self.actor.stats.remote())["owner_ttl_s"]
+        self.every_s = every_s if every_s is not None else ttl / 3
+        self.renewals = 0
+        self.conflict = self._register()["conflict"]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"limiter-lease:{owner}", daemon=True)
+        self._thread.start()
+
+    def _register(self) -> dict:
+        import ray
+
+        if not (self.limits[0] or self.limits[1]):
+            return {"conflict": None}
+        try:
+            return ray.get(self.actor.register.remote(self.owner, *self.limits), timeout=30)
+        except ray.exceptions.RayActorError:  # gone for good (its node was lost): the next one, by name
+            self.actor = get_or_create_limiter(self.name, namespace=self.namespace)
+            return ray.get(self.actor.register.remote(self.owner, *self.limits), timeout=30)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._register()
+                self.renewals += 1
+            except Exception:  # noqa: BLE001 - the next period tries again; Ray shut down ends the thread's use
+                import ray
+
+                if not ray.is_initialized():
+                    return
+
+    def close(self) -> None:
+        """Stop renewing and unregister: this job's limits stop counting (the limiter stays for the others)."""
+        import ray
+
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            ray.get(self.actor.unregister.remote(self.owner), timeout=30)
+        except Exception:  # noqa: BLE001 - a lost limiter forgot us already
+            pass
+
+    def __enter__(self) -> "OwnerLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

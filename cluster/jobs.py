@@ -77,7 +77,8 @@ def _without_address_env():
 
 def _auth_status(exc: BaseException) -> Optional[int]:
     text = str(exc)
-    if "Missing authentication token" in text or "Authentication required" in text:
+    if ("Missing authentication token" in text or "Authentication required" in text
+            or "couldn't find an authentication token" in text):  # the last: Ray's client, when it expects auth
         return 401
     if "Invalid authentication token" in text or "Authentication failed" in text:
         return 403

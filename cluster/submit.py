@@ -221,9 +221,10 @@ def submit(target: str, args: list[str], *, address: Optional[str] = None, key_e
     secret = _secret_package(key_env, value, nonce=sid, strip=target in STRIP_FOR) if value else None
     try:
         renv = build_runtime_env(working_dir, excludes, secret, user=user_env, key_env=key_env, key_value=value)
-        mod_file = Path(renv["working_dir"], *TARGETS[target].split(".")).with_suffix(".py")
-        if not mod_file.is_file():
-            raise SubqError(f"{TARGETS[target]} is not in {renv['working_dir']} (no {mod_file.name})",
+        base = Path(renv["working_dir"], *TARGETS[target].split("."))
+        # what `python -m` runs: a package's __main__.py (every job today) or a module file
+        if not ((base / "__main__.py").is_file() or base.with_suffix(".py").is_file()):
+            raise SubqError(f"{TARGETS[target]} is not in {renv['working_dir']} (no {base.name}/__main__.py)",
                             field="TARGET", hint="update the checkout that is packaged (--working-dir)")
         entrypoint = " ".join(["python", "-m", "cluster.submit", TARGETS[target], *map(shlex.quote, args)])
         kw = {}

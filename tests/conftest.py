@@ -19,6 +19,14 @@ SUBQ_BIN = str(Path(sys.executable).parent / "subq")
 # Tests must never reach a real provider with a real key.
 os.environ.pop("OPENAI_API_KEY", None)
 
+# Each pytest-xdist worker keeps its own Ray world: `ray.init()` with no address joins the Ray that `ray start` last
+# recorded in Ray's temp dir (`ray_current_cluster`), so a verb started by one worker's test would join (and hang on,
+# once it is gone) a cluster another worker's test started. Ray reads its temp root from RAY_TMPDIR; subprocesses
+# inherit it. Short paths: Ray's AF_UNIX socket paths live under it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/rt-{os.environ['PYTEST_XDIST_WORKER']}"
+    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
+
 
 @pytest.fixture
 def subq_bin() -> str:

@@ -42,8 +42,11 @@ def scenario(tmp_path: Path) -> None:
     from pipelines.teacher_server import TeacherServer
 
     assert os.environ.get("RAY_AUTH_MODE") == "token" and os.environ.get("RAY_AUTH_TOKEN")
-    # Cluster() records its address in Ray's default temp dir (/tmp/ray), whatever temp_dir the head uses
-    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
+    # Cluster() records its address in Ray's default temp dir ($RAY_TMPDIR/ray, else /tmp/ray), whatever temp_dir
+    # the head uses
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     mem = 100 * 1024 ** 2
     temp_dir = tempfile.mkdtemp(prefix="rcm", dir="/tmp")  # short: AF_UNIX socket paths
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=mem,

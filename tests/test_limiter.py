@@ -402,3 +402,43 @@ def test_a_paced_client_holds_only_one_slot_far_ahead():
     assert all(w <= 0.15 + 0.1 + 0.05 for _, w in made[4:]), made  # never more than one slot past the horizon
     gaps = [b[0] - a[0] for a, b in zip(sent, sent[1:])]
     assert min(gaps) >= 0.09 and sent[-1][0] - sent[0][0] <= 0.7 + 0.1, gaps  # the limiter's rate, no idle slots
+
+
+@pytest.mark.slow
+def test_a_live_jobs_stricter_limit_outlives_the_owner_ttl_and_a_restarted_limiter_gets_it_back(ray_cluster):
+    """Two generation jobs on one endpoint (issue 25): job A asks rpm 60 and keeps running past the owner TTL
+    (1 s here, 900 s in production); job B then asks rpm 120. A renews, so the stricter 60 still applies (before
+    OwnerLease A registered once and lapsed: B's 120 applied). The limiter process then dies and Ray restarts it
+    with no owners: both leases register again and 60 applies again. A job that ends unregisters."""
+    import time
+
+    import ray
+
+    from actors.limiter import OwnerLease, get_or_create_limiter
+
+    name = "subq-limiter:test-lease"
+    lim = get_or_create_limiter(name, owner_ttl_s=1.0)
+
+    def stats():
+        return ray.get(lim.stats.remote())
+
+    with OwnerLease(name, "job-a", rpm=60, every_s=0.25) as a:
+        time.sleep(2.5)  # more than two TTLs
+        assert a.renewals >= 5 and stats()["owners"] == {"job-a": {"rpm": 60, "tpm": None}}
+        with OwnerLease(name, "job-b", rpm=120, every_s=0.25) as b:
+            assert "rpm 120 asked" in (b.conflict or ""), b.conflict
+            st = stats()
+            assert st["rpm"] == 60 and set(st["owners"]) == {"job-a", "job-b"}, st
+            ray.kill(lim, no_restart=False)  # the process dies; Ray restarts it (max_restarts=-1), owners lost
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    st = stats()
+                    if set(st["owners"]) == {"job-a", "job-b"}:
+                        break
+                except ray.exceptions.RayActorError:
+                    pass
+                time.sleep(0.2)
+            assert set(st["owners"]) == {"job-a", "job-b"} and st["rpm"] == 60, st
+        assert set(stats()["owners"]) == {"job-a"}  # B ended: unregistered
+    ray.kill(lim)

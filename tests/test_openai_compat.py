@@ -1,5 +1,7 @@
 """The OpenAI chat endpoint as real clients use it (issue 28): the official `openai` SDK over HTTP against one Serve
-app on 127.0.0.1 serving a tiny random decomposer and, as the local solver, the same tiny checkpoint.
+app on 127.0.0.1 serving a tiny random ILQL decomposer (a GPT-2 with random Q/V heads, trained with beta 4) and, as
+the local solver, the same tiny checkpoint. Served text equals offline decoding (issue 29): greedy, guided with the
+checkpoint's beta or unguided (beta 0), 16 requests batched or one alone, streamed or not.
 
 What a client must be able to rely on: `content` is the text the model generated (the same as offline decoding),
 `finish_reason` says whether the budget ran out, and every request field is honoured or refused with a 400 that
@@ -32,8 +34,20 @@ def stack(tmp_path_factory):
     from pipelines.serve import ServeConfig, start_serve, stop_serve
     from training.init_model import create_tiny_model
 
+    import json
+
+    import torch
+    import yaml
+
+    from training.ilql import ILQLHeads, TargetQHeads, save_heads
+
     tmp = tmp_path_factory.mktemp("openai-compat")
     model_dir = create_tiny_model(str(tmp / "tiny"), n_layer=2, n_embd=64)
+    conf = json.loads((tmp / "tiny" / "config.json").read_text())
+    torch.manual_seed(0)
+    heads = ILQLHeads(conf["n_embd"], conf["vocab_size"])
+    save_heads(model_dir, heads, TargetQHeads(heads))
+    (tmp / "tiny" / "training_config.yaml").write_text(yaml.safe_dump({"algo": "ilql", "ilql": {"beta": 4.0}}))
     local_ray()
     cfg = ServeConfig(port=free_port(), decomposer={"path": model_dir, "max_new_tokens": 24},
                       solver={"name": SOLVER, "backend": "local", "local_path": model_dir},
@@ -91,6 +105,35 @@ def test_content_is_the_decoders_text_and_finish_reason_says_why_it_stopped(oc, 
     # the local solver's chat path honours max_completion_tokens too
     res = oc.chat.completions.create(model=SOLVER, messages=MSGS, max_completion_tokens=3)
     assert res.usage.completion_tokens == 3 and res.choices[0].finish_reason == "length"
+
+
+def test_decompose_served_equals_offline_guided_or_not_batched_or_alone(stack):
+    """/v1/decompose for 16 problems sent at once (one batched decode in the Decomposer deployment) and for one
+    sent alone give, problem by problem, the text, sub-questions and token count of offline decoding of that problem
+    alone: with the checkpoint's own beta (4, the default) and unguided (beta 0), which differ."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from subq.problems import load_problems
+    from training.decomposer import generate_subquestions, load_decomposer
+
+    problems = [p.problem for p in load_problems("gsm8k:test", 16)]
+    model = load_decomposer(stack["model_dir"])
+    texts = {}
+    with httpx.Client(base_url=stack["base"], timeout=300) as c:
+        for beta in (None, 0.0):
+            body = {"max_new_tokens": 12, **({} if beta is None else {"beta": beta})}
+            with ThreadPoolExecutor(16) as ex:  # all in flight together: batched by @serve.batch
+                served = list(ex.map(lambda p: c.post("/v1/decompose", json={"problem": p, **body}), problems))
+            alone = c.post("/v1/decompose", json={"problem": problems[3], **body})
+            for i, (p, r) in enumerate(zip(problems, served)):
+                assert r.status_code == 200, r.text
+                off = generate_subquestions(model, [p], max_new_tokens=12, beta=beta)[0]
+                got = r.json()
+                assert (got["text"], got["sub_questions"], got["usage"]["completion_tokens"]) == \
+                    (off.text, off.questions, off.completion_tokens), (i, beta)
+                texts[beta, i] = off.text
+            assert alone.json()["text"] == texts[beta, 3]
+    assert any(texts[None, i] != texts[0.0, i] for i in range(16))  # the heads steer: beta 4 is not plain LM
 
 
 def test_stop_sequence_from_a_first_reply_truncates_a_second_before_it(oc):

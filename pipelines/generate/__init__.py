@@ -451,7 +451,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
 def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
     import ray
 
-    from actors.limiter import RateLimiter, get_or_create_limiter, limiter_name
+    from actors.limiter import OwnerLease, RateLimiter, limiter_name
     from cluster.connect import init_ray, schedulable
 
     started = False
@@ -464,6 +464,7 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    limits_lease = None
     try:
         lname = None
         limiter = None
@@ -475,11 +476,11 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
 
         # one detached limiter per (endpoint, model, account), shared with every other job and Serve replica
         lname = limiter_name(cfg.base_url, cfg.model, account_id(os.environ.get(cfg.api_key_env)))
-        limiter = get_or_create_limiter(lname)
-        reg = ray.get(limiter.register.remote(owner, cfg.rpm, cfg.tpm, cfg.max_retry_after_s)) \
-            if cfg.rpm or cfg.tpm else {"conflict": None}
-        if reg["conflict"]:
-            console.echo(f"warning: limiter {lname}: {reg['conflict']}")
+        # our limits, registered now and renewed while we run (also on a limiter re-created after a loss)
+        limits_lease = OwnerLease(lname, owner, cfg.rpm, cfg.tpm, cfg.max_retry_after_s)
+        limiter = limits_lease.actor
+        if limits_lease.conflict:
+            console.echo(f"warning: limiter {lname}: {limits_lease.conflict}")
 
         def limiter_status() -> str:
             st = ray.get(limiter.stats.remote(), timeout=5)
@@ -528,8 +529,9 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
                     fatal = SubqError(err)
         lstats = None
         if limiter is not None:
-            lstats = ray.get(limiter.stats.remote())
-            ray.get(limiter.unregister.remote(owner))  # our limits stop counting; the limiter stays for others
+            lstats = ray.get(limits_lease.actor.stats.remote())
+            lstats.pop("owners", None)  # other jobs' names are not this run's summary
+            limits_lease.close()  # our limits stop counting; the limiter stays for others
         bstats = None
         if budget is not None:
             b = ray.get(budget.stats.remote())
@@ -540,5 +542,7 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         # the limiter's status reads Ray: after the shutdown a progress line would start a whole new local Ray
         # (ray's auto-init), 20-30 s at the end of every run and after every Ctrl-C/SIGTERM
         progress.status_fn = None
+        if limits_lease is not None:
+            limits_lease.close()  # also on a failure or a stop: no renewals of a job that is over
         if started:
             ray.shutdown()
