@@ -64,19 +64,6 @@ def subq_generate(subq_bin: str, *args, key: str = "unused", progress_s: float =
     return r
 
 
-# The files that take longest (clean clone, 2 cores, two workers, 2026-12-07: 258, 212, 209, 198, 177, 167, 152, 147,
-# 105, 98, 88, 83 s), longest first: pytest-xdist hands whole files to the two workers in collection order, so the
-# long ones start first and neither worker is left running one alone at the end. Only the order changes.
-LONGEST_FIRST = ("test_readme.py", "test_distributed_equivalence.py", "test_train.py", "test_demo.py",
-                 "test_cluster_jobs.py", "test_generate.py", "test_autoscaling.py", "test_generate_robust.py",
-                 "test_stop.py", "test_evaluate_e2e.py", "test_train_gpu_paths.py", "test_cluster_check.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
-
-
 _EXIT_STATUS: list[int] = []
 
 
