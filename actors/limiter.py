@@ -526,7 +526,8 @@ class OwnerLease:
         self.conflict = self._register()["conflict"]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"limiter-lease:{owner}", daemon=True)
-        self._thread.start()
+        if rpm or tpm:  # nothing to renew without limits of our own (the limiter learns them from headers)
+            self._thread.start()
 
     def _register(self) -> dict:
         import ray
@@ -557,7 +558,8 @@ class OwnerLease:
         if self._stop.is_set():
             return
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         try:
             ray.get(self.actor.unregister.remote(self.owner), timeout=30)
         except Exception:  # noqa: BLE001 - a lost limiter forgot us already

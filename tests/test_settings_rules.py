@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from pipelines.evaluate import EvalConfig
-from subq.settings import DecomposerSettings, SolverSettings
 from pipelines.generate import GenerateConfig
 from pipelines.serve import ServeConfig
 from subq.costs import DEFAULT_PRICES
+from subq.settings import DecomposerSettings, SolverSettings
 
 
 @pytest.mark.parametrize("inp,out", [(None, 0.05), (0.3, None), (0.3, 0.05)])
