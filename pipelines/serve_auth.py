@@ -53,7 +53,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from subq.errors import ConfigError
+from subq import storage
+from subq.errors import ConfigError, DataError
 
 PUBLIC_PATHS = ("/healthz",)
 GUARD_ENV = "SUBQ_SERVE_GUARD"
@@ -309,12 +310,33 @@ def _seconds_to_utc_midnight(now: float) -> int:
 
 
 class Ledger:
-    """Per-key request windows and $ spent per UTC day (one per replica process; the Ingress is one replica)."""
+    """Per-key request windows and $ spent per UTC day (one per replica process; the Ingress is one replica).
+
+    With `persist(root)` (the Ingress: its results root) the day's spend is kept in `<root>/spend-<UTC day>.json`,
+    rewritten atomically after each paid call and read back when a replica starts, so a restarted or crashed Ingress
+    does not hand every key a fresh day's budget. Request windows are not kept (they span a minute)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.hits: dict[str, collections.deque] = {}
         self.spend: dict[str, tuple[str, float]] = {}
+        self.root: Optional[str] = None
+
+    def _file(self, day: str) -> str:
+        return storage.join(self.root, f"spend-{day}.json")
+
+    def persist(self, root: str, now: Optional[float] = None) -> None:
+        """Keep the day's spend under `root` and start from what is there (a previous replica's spend today)."""
+        self.root = str(root)
+        today = self.day(now)
+        try:
+            kept = json.loads(storage.read_bytes(self._file(today)))
+        except (DataError, ValueError, OSError):
+            return  # nothing spent today yet
+        with self._lock:
+            for k, usd in (kept.get("spend") or {}).items():
+                day, total = self.spend.get(k, (today, 0.0))
+                self.spend[k] = (today, max(float(usd), total if day == today else 0.0))
 
     @staticmethod
     def day(now: Optional[float] = None) -> str:
@@ -346,6 +368,9 @@ class Ledger:
             for k in (key_id, "*"):  # "*": the whole server
                 day, total = self.spend.get(k, (today, 0.0))
                 self.spend[k] = (today, (total if day == today else 0.0) + float(usd))
+            if self.root is not None:
+                kept = {k: usd for k, (day, usd) in self.spend.items() if day == today}
+                storage.write_bytes_atomic(self._file(today), json.dumps({"day": today, "spend": kept}).encode())
 
     def over_budget(self, caller: dict, g: Optional[dict], now: Optional[float] = None) -> Optional[dict]:
         """None, or the 429 to answer: the key's $ per day or the server's is spent."""

@@ -96,6 +96,29 @@ def test_ledger_key_and_server_dollar_caps():
     assert led.hit("k", 2, 110.0) == 50 and led.hit("k", 2, 160.5) is None  # sliding 60 s window
 
 
+def test_dollars_spent_today_survive_an_ingress_restart(tmp_path):
+    """The Ingress keeps each key's $ for the UTC day under its results root: a restarted (or crashed) replica must
+    not hand every key a fresh day's budget."""
+    from pipelines.serve_auth import Ledger
+
+    now = time.time()
+    led = Ledger()
+    led.persist(str(tmp_path))
+    led.add("a", 0.25, now)
+    led.add("a", 0.15, now)
+    led.add("b", 0.1, now)
+    again = Ledger()  # a new replica process
+    again.persist(str(tmp_path))
+    assert again.spent("a", now) == pytest.approx(0.4) and again.spent("*", now) == pytest.approx(0.5)
+    assert again.over_budget({"id": "a", "name": "a", "quotas": {"usd_per_day": 0.4}}, {}, now)
+    assert again.spent("a", now + 86400) == 0.0  # tomorrow starts at 0
+    again.add("b", 0.05, now)
+    third = Ledger()
+    third.persist(str(tmp_path))
+    assert third.spent("b", now) == pytest.approx(0.15)
+    assert [p.name for p in tmp_path.iterdir()] == [f"spend-{Ledger.day(now)}.json"]
+
+
 def _asgi(app_status: list):
     async def app(scope, receive, send):
         app_status.append(scope["path"])
@@ -233,6 +256,22 @@ def test_serve_deploy_binding_all_interfaces_without_keys_is_refused(tmp_path):
 # ------------------------------------------------------------------ one Serve stack over HTTP
 
 
+def _never_ending_model(path: str) -> str:
+    """A tiny GPT-2 with a long context whose EOS can never be the greedy choice (its output embedding is zero, so
+    its logit is 0 while the best of 2,047 random logits is > 0): a greedy decode runs to its whole budget."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.init_model import create_tiny_model
+
+    create_tiny_model(path, n_layer=1, n_embd=32, n_positions=8192, max_texts=300)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[model.config.eos_token_id].zero_()
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     from ray import serve
@@ -260,6 +299,7 @@ def stack(tmp_path_factory):
                       eval_concurrency=1, results_root=str(tmp / "results-main"))
         base = start_serve(main, ray_init={})
         dead_port = free_port()
+        long_dir = _never_ending_model(str(tmp / "long"))
         apps = {
             "open": config(port=port, app_name="open", route_prefix="/open", api_keys_env=None, solver=solver,
                            max_running_evaluations=4, eval_concurrency=1, max_request_bytes=2_000_000,
@@ -267,6 +307,9 @@ def stack(tmp_path_factory):
             "dead": config(port=port, app_name="dead", route_prefix="/dead", api_keys_env=None, eval_retries=0,
                            solver={**solver, "base_url": f"http://127.0.0.1:{dead_port}/v1", "max_retries": 0},
                            results_root=str(tmp / "results-dead")),
+            "long": config(port=port, app_name="long", route_prefix="/long", api_keys_env=None, solver=solver,
+                           decomposer={"path": long_dir, "max_new_tokens": 16}, decomposer_num_cpus=0.5,
+                           results_root=str(tmp / "results-long")),
         }
         for name, c in apps.items():
             serve.run(build_app(c), name=name, route_prefix=c.route_prefix, blocking=False)
@@ -407,6 +450,13 @@ def test_dollar_quota_counts_solve_spend_and_is_429(stack):
             assert r.json()["error"]["code"] == "insufficient_quota" and int(r.headers["retry-after"]) >= 1
         assert s.get("/v1/models").status_code == 200  # free routes still answer
         assert b.post("/v1/solve", json={"problem": problem, "decomposer": "none"}).status_code == 200
+    from pipelines.serve_auth import Ledger
+
+    kept = json.loads((stack["tmp"] / "results-main" / f"spend-{Ledger.day()}.json").read_text())
+    from pipelines.serve_auth import digest
+
+    spender = f"key-{digest(KEYS['spender'])[:8]}"
+    assert kept["spend"][spender] == pytest.approx(cost, rel=1e-6)  # what a restarted Ingress starts from
 
 
 @pytest.mark.slow
@@ -521,6 +571,29 @@ def test_decoding_settings_from_a_small_set_batch_together(stack):
     assert sum(stats["batch_sizes"][seen:]) == 6
     groups = stats["batch_groups"][seen:]  # generate calls per batch: six distinct settings, one call
     assert groups == [1] * len(groups), (stats["batch_sizes"][seen:], groups)
+
+
+@pytest.mark.slow
+def test_a_decode_stops_when_its_client_leaves(stack):
+    """A client that disconnects mid-decode (here: its read timeout) frees the replica: Serve cancels the Ingress's
+    call, the Ingress cancels the Decomposer's, and the request's rows leave the running decode at the next check
+    instead of decoding their whole budget (4,000 tokens: seconds on this model) for nobody."""
+    from ray import serve
+
+    replica = serve.get_deployment_handle("Decomposer", app_name="long")
+    seen = len(replica.stats.remote().result()["cancelled"])
+    body = {"problem": "Tom has 3 apples and buys 2 more. How many apples does he have?", "max_new_tokens": 4000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack["base"] + "/long/v1/decompose", json=body, timeout=httpx.Timeout(60, read=0.5))
+    for _ in range(120):
+        cancelled = replica.stats.remote().result()["cancelled"][seen:]
+        if cancelled:
+            break
+        time.sleep(0.5)
+    assert len(cancelled) == 1, "the decode ran on after its client left (no row was cancelled)"
+    assert 0 < cancelled[0]["completion_tokens"] < cancelled[0]["max_new_tokens"] == 4000, cancelled
+    r = httpx.post(stack["base"] + "/long/v1/decompose", json={**body, "max_new_tokens": 64}, timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 64, r.text[:300]  # runs to its budget
 
 
 @pytest.mark.slow

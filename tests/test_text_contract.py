@@ -167,3 +167,18 @@ def test_rows_that_end_leave_the_batch_and_every_row_decodes_as_alone(tmp_path_f
     assert long_n <= len(sizes) < long_n + SYNC_EVERY  # one forward per new token of the longest row, to the check
     assert sizes[0] == 2 and sizes.count(2) <= short_n + SYNC_EVERY  # the short row left at the next check
     assert set(sizes[sizes.count(2):]) == {1}
+
+    # a row whose request was cancelled (its client left) leaves the same way at the next check; the others go on
+    import threading
+
+    gone, stay = threading.Event(), threading.Event()
+    gone.set()
+    sizes.clear()
+    h = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        left, kept = generate_subquestions(d, [long_p, short_p], cancelled=[gone, stay])
+    finally:
+        h.remove()
+    assert (left.finish_reason, left.completion_tokens, left.eos) == ("cancelled", SYNC_EVERY, False)
+    assert (kept.text, kept.finish_reason) == (alone[short_p].text, "stop")
+    assert sizes.count(2) == SYNC_EVERY and len(sizes) < long_n  # the long row stopped at the first check

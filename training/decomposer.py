@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from subq.errors import ConfigError
 from subq.evaluation import Decomposition, stage_usage
@@ -186,7 +186,8 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
                           beta: float | None = None, seed: int | list[int | None] | None = None,
                           fixed_steps: bool = False, max_prompt_tokens: int | None = None,
                           top_p: float | list[float | None] | None = None,
-                          stop: list[str] | list[list[str] | None] | None = None, n: int = 1) -> list[Generation]:
+                          stop: list[str] | list[list[str] | None] | None = None, n: int = 1,
+                          cancelled: Sequence | None = None) -> list[Generation]:
     """Sub-questions for each problem (one batched decode). Prompts are `subq.textformat.prompt_ids` (as in
     training), left-padded; max_prompt_tokens: their budget (default: the context left after max_new_tokens).
     beta: ILQL guidance weight (None: the config's
@@ -200,7 +201,10 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
     seeded seed[i] + j, so its text depends on its seed only, never on the rows it shares a batch with (an int seed
     seeds one generator for the whole batch, as before); stop: up to 4 strings: a row ends once its text holds one,
     its text is cut before it, and completion_tokens counts the tokens up to the one completing it.
-    Generation.finish_reason is "length" exactly when the row's budget ran out (no EOS, no stop sequence)."""
+    Generation.finish_reason is "length" exactly when the row's budget ran out (no EOS, no stop sequence).
+    cancelled: one flag per problem (anything with `is_set()`, e.g. a threading.Event set when a served request's
+    client left); at each host check the rows of a set flag leave the batch like finished rows, and their
+    Generation says finish_reason "cancelled" (what it had decoded so far is kept in it)."""
     import torch
 
     from training.ilql import guided_logits
@@ -210,6 +214,8 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
     if n < 1:
         raise ConfigError("must be >= 1", field="n")
     P = len(problems)
+    if cancelled is not None and len(cancelled) != P:
+        raise ConfigError(f"{len(cancelled)} cancel flags for {P} problems", field="cancelled")
     is_list = lambda v: isinstance(v, (list, tuple))  # noqa: E731
     limits = _per_row(max_new_tokens, P, n, "max_new_tokens", is_list)
     samples = _per_row(do_sample, P, n, "do_sample", is_list)
@@ -266,6 +272,7 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
     rows = list(range(B))  # the original row of each row still in the batch
     new_ids: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    aborted = [False] * B  # rows whose request was cancelled
     past = None
     cur_ids, cur_attn = ids, attn
     with torch.no_grad():
@@ -311,6 +318,12 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
                         for i, (f, r) in enumerate(zip(finished.tolist(), cur_ids[:, T0:].tolist()))]
                     if any(hit):
                         finished |= torch.tensor(hit, device=finished.device)
+                if cancelled is not None:  # a row whose request was cancelled leaves as if finished
+                    gone = [not f and cancelled[rows[i] // n].is_set() for i, f in enumerate(finished.tolist())]
+                    if any(gone):
+                        for i in (i for i, g in enumerate(gone) if g):
+                            aborted[rows[i]] = True
+                        finished |= torch.tensor(gone, device=finished.device)
                 fin = finished.tolist()
                 if all(fin):
                     break
@@ -336,7 +349,7 @@ def generate_subquestions(decomposer: Decomposer, problems: list[str], *,
             n_tokens, text = len(row), tok.decode(row, skip_special_tokens=True)
         ended = cut is not None or eos in row
         gens.append(Generation(d.text_format.parse(text), text, int(prompt_tokens[i]), n_tokens, ended,
-                               "stop" if ended else "length"))
+                               "stop" if ended else "cancelled" if aborted[i] else "length"))
     return gens
 
 
@@ -356,7 +369,8 @@ class LocalDecomposer:
                         do_sample: Optional[bool] = None, temperature: Optional[float] = None,
                         beta: Optional[float] = None, top_p: Optional[float] = None,
                         stop: Optional[list[str]] = None, n: int = 1,
-                        seed: Optional[list[Optional[int]]] = None) -> list[Decomposition]:
+                        seed: Optional[list[Optional[int]]] = None, cancelled: Optional[Sequence] = None,
+                        ) -> list[Decomposition]:
         """n decompositions per problem, problem-major. max_new_tokens, do_sample, temperature, top_p and stop may
         also be lists (one per problem: requests with different settings share one decode); seed: one per problem
         (sample j seeded seed + j). See training.decomposer.generate_subquestions."""
@@ -368,7 +382,7 @@ class LocalDecomposer:
             max_new_tokens=s.max_new_tokens if max_new_tokens is None else max_new_tokens,
             do_sample=s.do_sample if do_sample is None else do_sample,
             temperature=s.temperature if temperature is None else temperature,
-            beta=s.beta if beta is None else beta, top_p=top_p, stop=stop, n=n, seed=seed,
+            beta=s.beta if beta is None else beta, top_p=top_p, stop=stop, n=n, seed=seed, cancelled=cancelled,
         )
         out = []
         for g in gens:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 from typing import Optional
 
 from ray import serve
@@ -41,6 +42,7 @@ class DecomposerDeployment:
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self.cancelled: list[dict] = []  # requests whose caller left mid-decode: tokens decoded of their budget
         self.batch_groups: list[int] = []  # generate calls per batch (one per distinct decoding setting)
         cfg = self.local.model.model.config
         self.context = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048)
@@ -70,21 +72,22 @@ class DecomposerDeployment:
         # one generate call per beta in the batch; every other setting is per row (a request's n samples are n rows,
         # sample j seeded seed + j)
         groups: dict[str, list[int]] = {}
-        for i, (_, params) in enumerate(requests):
+        for i, (_, params, _gone) in enumerate(requests):
             groups.setdefault(json.dumps({k: v for k, v in params.items() if k not in ROW_SETTINGS},
                                          sort_keys=True), []).append(i)
         self.batch_groups.append(len(groups))
         results: list[Optional[dict]] = [None] * len(requests)
         for key, idx in groups.items():
             rows: dict[str, list] = {k: [] for k in ("problems", "max_new_tokens", "do_sample", "temperature",
-                                                      "top_p", "stop", "seed")}
+                                                      "top_p", "stop", "seed", "cancelled")}
             for i in idx:
-                problem, p = requests[i]
+                problem, p, gone = requests[i]
                 for j in range(p.get("n", 1)):
                     rows["problems"].append(problem)
                     for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "stop"):
                         rows[k].append(p.get(k))
                     rows["seed"].append(None if p.get("seed") is None else p["seed"] + j)
+                    rows["cancelled"].append(gone)  # one flag per row: the n samples of a request leave together
             try:
                 decs = await asyncio.to_thread(self.local.decompose_batch, rows.pop("problems"), **rows,
                                                **json.loads(key))
@@ -94,6 +97,9 @@ class DecomposerDeployment:
                     choices = [{"questions": d.questions, "text": d.text, "usage": d.usage.to_dict(),
                                 "finish_reason": d.finish_reason} for d in decs[at:at + n]]
                     at += n
+                    if any(c["finish_reason"] == "cancelled" for c in choices):
+                        self.cancelled.append({"completion_tokens": sum(c["usage"]["completion_tokens"] for c in choices),
+                                               "max_new_tokens": requests[i][1]["max_new_tokens"] * n})
                     results[i] = {"ok": True, **choices[0], "choices": choices}
             except Exception as e:  # noqa: BLE001 - reported per request
                 for i in idx:
@@ -101,7 +107,15 @@ class DecomposerDeployment:
         return results
 
     async def decompose(self, problem: str, params: Optional[dict] = None) -> dict:
-        return await self._batched((problem, self._normalize(params or {})))
+        """One request's decode, batched with others. When its caller leaves (the HTTP client disconnected: Serve
+        cancels this call), its rows leave the running decode at the next check (every 8 tokens) instead of
+        decoding to the end of their budget."""
+        gone = threading.Event()
+        try:
+            return await self._batched((problem, self._normalize(params or {}), gone))
+        except asyncio.CancelledError:
+            gone.set()
+            raise
 
     async def chat(self, body: dict) -> dict:
         """An OpenAI chat request (validated by the Ingress: ChatRequest) -> {"ok", "response": chat.completion}."""
@@ -124,7 +138,7 @@ class DecomposerDeployment:
         import torch
 
         return {"batch_sizes": list(self.batch_sizes), "batch_groups": list(self.batch_groups),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "cancelled": list(self.cancelled)}
 
 
 @serve.deployment(name="Solver")

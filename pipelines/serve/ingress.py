@@ -64,6 +64,7 @@ class Ingress:
         set_guard(keys, c.max_request_bytes, default_quotas=c.quotas.model_dump(), max_usd_per_day=c.max_usd_per_day,
                   allowed_hosts=hosts, cors_origins=c.cors_origins, max_list_items=c.max_inline_problems)
         self.store = EvalStore(self.cfg.results_root)
+        ledger().persist(self.cfg.results_root)  # the day's $ per key, as a previous replica left it
         self.evals: dict[str, Evaluation] = {}
         self._reserved: dict[str, int] = {}  # admitted evaluations still loading their problems, per key id
         for eid in self.store.ids():  # what a previous replica left: finished ones served, running ones interrupted
@@ -82,7 +83,13 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError
 
         try:
-            res = await getattr(handle, method).remote(*args)
+            call = getattr(handle, method).remote(*args)
+            try:
+                res = await call
+            except asyncio.CancelledError:  # our caller left: a client disconnect (Serve cancels the call itself) or a
+                # DELETEd evaluation's task (Serve does not know of it): the deployment stops working on it
+                call.cancel()
+                raise
         except BackPressureError:
             raise ApiError(503, "overloaded: retry later", type_="server_error", code="overloaded",
                            headers={"Retry-After": str(max(1, int(self.cfg.retry_after_s + 0.999)))}) from None
