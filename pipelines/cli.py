@@ -19,7 +19,8 @@ if os.path.basename(sys.argv[0] if sys.argv else "") == "subq":
 import typer
 
 from cluster import cluster_cmd
-from pipelines import cluster_check, demo_cmd, doctor, generate_cmd, serve_cmd
+from pipelines import (cluster_check, demo_cmd, doctor, evaluate_cmd, generate_cmd, serve_cmd,
+                       teacher_server_cmd)
 from subq.cli_options import new_app, run
 from subq.errors import SubqError
 from training import train_cmd
@@ -56,7 +57,7 @@ def score(
     print(json.dumps(out))
 
 
-for _register in (serve_cmd.register, generate_cmd.register, cluster_cmd.register, cluster_check.register,
+for _register in (serve_cmd.register, evaluate_cmd.register, generate_cmd.register, teacher_server_cmd.register, cluster_cmd.register, cluster_check.register,
                   train_cmd.register, demo_cmd.register, doctor.register):
     _register(app)
 

@@ -11,7 +11,6 @@ check failed. Key and token values are never printed, only where they were found
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import os
 import shutil
 import subprocess

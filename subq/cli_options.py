@@ -76,64 +76,115 @@ def _show(v) -> str:
     return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def option_specs(cls) -> dict[str, tuple[Any, Any]]:
-    """field name -> (option type, typer.Option) for every field of `cls`."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _option(name: str, ann, default, desc: str, required: bool, names: list[str], repeat: bool) -> tuple[Any, Any]:
+    """(option type, typer.Option) of one scalar/list/dict field. `names`: its flags (the first is the canonical
+    `--field-name`; the rest are declared aliases, today's names kept)."""
+    t = _unwrap_optional(ann)
+    help_ = desc.rstrip()
+    if typing.get_origin(t) is Literal:
+        help_ += f" One of: {' | '.join(str(a) for a in typing.get_args(t))}."
+        t = str
+    # the field's default, though the option's is None (click would print a string show_default in parentheses)
+    help_ += " [required: here or in --config]" if required else f" [default: {_show(default)}]"
+    if t is bool:
+        decls = [n if "/" in n else f"{n}/--no-{n[2:]}" for n in names]
+        return Optional[bool], typer.Option(None, *decls, help=help_, show_default=False)
+    if repeat:
+        return Optional[list[str]], typer.Option(None, *names, help=help_ + " (repeatable)", show_default=False)
+    if typing.get_origin(t) in (dict, list):
+        help_ += " (YAML, e.g. '{a: 1}' or '[x, y]')"
+    if t not in (str, int, float):
+        t = str
+    return Optional[t], typer.Option(None, *names, help=help_, show_default=False)
+
+
+def option_specs(cls, *, flatten: tuple[str, ...] = (), aliases: Optional[dict[str, list[str]]] = None,
+                 repeat: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """parameter name -> (option type, typer.Option) for every field of `cls`.
+
+    flatten: nested-model fields whose own fields become `--<field>-<sub-field>` options (parameter `field__sub`);
+    other nested fields are one repeatable `--field KEY=VALUE`. aliases: dotted field path -> extra flag names
+    (a bool's may be `--on/--off`). repeat: list fields given as a repeatable option instead of one YAML list."""
+    aliases = aliases or {}
     specs = {}
     for name, (ann, default, desc, required) in _fields(cls).items():
-        flag = "--" + name.replace("_", "-")
         t = _unwrap_optional(ann)
-        help_ = desc.rstrip()
-        if typing.get_origin(t) is Literal:
-            help_ += f" One of: {' | '.join(str(a) for a in typing.get_args(t))}."
-            t = str
+        if _is_nested(t) and name in flatten:
+            for sub, (s_ann, s_default, s_desc, s_required) in _fields(t).items():
+                path = f"{name}.{sub}"
+                specs[f"{name}__{sub}"] = _option(path, s_ann, s_default, s_desc, s_required,
+                                                  [_flag(f"{name}_{sub}"), *aliases.get(path, [])], path in repeat)
+            continue
         if _is_nested(t):
             keys = ", ".join(f"{k}={_show(d)}" for k, (_, d, _, _) in _fields(t).items())
-            help_ += f" Repeatable KEY=VALUE; keys and defaults: {keys}."
-            specs[name] = (Optional[list[str]], typer.Option(None, flag, help=help_, metavar="KEY=VALUE",
-                                                              show_default=False))
+            help_ = desc.rstrip() + f" Repeatable KEY=VALUE; keys and defaults: {keys}."
+            specs[name] = (Optional[list[str]], typer.Option(None, _flag(name), *aliases.get(name, []), help=help_,
+                                                              metavar="KEY=VALUE", show_default=False))
             continue
-        # the field's default, though the option's is None (click would print a string show_default in parentheses)
-        help_ += " [required: here or in --config]" if required else f" [default: {_show(default)}]"
-        shown = False
-        if t is bool:
-            specs[name] = (Optional[bool], typer.Option(None, f"{flag}/--no-{name.replace('_', '-')}", help=help_,
-                                                        show_default=shown))
-        else:
-            if typing.get_origin(t) in (dict, list):
-                help_ += " (YAML, e.g. '{a: 1}' or '[x, y]')"
-            if t not in (str, int, float):
-                t = str
-            specs[name] = (Optional[t], typer.Option(None, flag, help=help_, show_default=shown))
+        specs[name] = _option(name, ann, default, desc, required, [_flag(name), *aliases.get(name, [])],
+                              name in repeat)
     return specs
 
 
-def nested_overrides(cls, config_path: Optional[str], values: dict[str, Any]) -> dict[str, Any]:
-    """Turn `--nested KEY=VALUE` lists into mappings merged over the --config file's nested mapping."""
-    out = dict(values)
-    for name, (ann, _, _, _) in _fields(cls).items():
-        if typing.get_origin(_unwrap_optional(ann)) in (dict, list) and isinstance(out.get(name), str):
+def nested_overrides(cls, config_path: Optional[str], values: dict[str, Any],
+                     base: Optional[dict] = None) -> dict[str, Any]:
+    """The given flags as field values: `--nested KEY=VALUE` lists and flattened `field__sub` options become
+    mappings merged over the config's nested mapping (`base`, else the --config file), YAML list/dict strings
+    are parsed."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if "__" in k:
+            name, sub = k.split("__", 1)
+            out.setdefault(name, {})[sub] = v
+        else:
+            out[k] = v
+    if base is None:
+        base = read_yaml(config_path) if config_path else {}
+    fields = _fields(cls)
+    for name, (ann, _, _, _) in fields.items():
+        t = _unwrap_optional(ann)
+        if typing.get_origin(t) in (dict, list) and isinstance(out.get(name), str):
             try:
                 out[name] = yaml.safe_load(out[name])
             except yaml.YAMLError as e:
-                raise ConfigError(f"not valid YAML: {e}", field=f"--{name.replace('_', '-')}") from None
+                raise ConfigError(f"not valid YAML: {e}", field=_flag(name)) from None
         items = out.get(name)
-        if not (_is_nested(_unwrap_optional(ann)) and items):
+        if not (_is_nested(t) and items):
             continue
-        base = dict((read_yaml(config_path).get(name) or {}) if config_path else {})
-        for item in items:
-            if "=" not in item:
-                raise ConfigError(f"expected KEY=VALUE, got {item!r}", field=f"--{name.replace('_', '-')}")
-            k, v = item.split("=", 1)
-            base[k.strip()] = yaml.safe_load(v)
-        out[name] = base
+        merged = dict(base.get(name) or {})
+        if isinstance(items, dict):  # flattened options
+            for sub, v in items.items():
+                sub_t = _unwrap_optional(_fields(t)[sub][0])
+                if typing.get_origin(sub_t) in (dict, list) and isinstance(v, str):
+                    try:
+                        v = yaml.safe_load(v)
+                    except yaml.YAMLError as e:
+                        raise ConfigError(f"not valid YAML: {e}", field=_flag(f"{name}_{sub}")) from None
+                merged[sub] = v
+        else:
+            for item in items:
+                if "=" not in item:
+                    raise ConfigError(f"expected KEY=VALUE, got {item!r}", field=_flag(name))
+                k, v = item.split("=", 1)
+                merged[k.strip()] = yaml.safe_load(v)
+        out[name] = merged
     return out
 
 
-def config_command(cls, *, extra: Optional[dict[str, tuple[Any, Any]]] = None,
-                   exclude: tuple[str, ...] = ()) -> Callable:
+def config_command(cls, *, extra: Optional[dict[str, tuple[Any, Any]]] = None, exclude: tuple[str, ...] = (),
+                   flatten: tuple[str, ...] = (), aliases: Optional[dict[str, list[str]]] = None,
+                   repeat: tuple[str, ...] = (), config_help: Optional[str] = None,
+                   read_config: Optional[Callable[[Optional[str]], dict]] = None) -> Callable:
     """Decorator: the wrapped `fn(config_path, overrides, **extra)` becomes a typer command with `--config`, one
-    option per field of `cls` (minus `exclude`) and the `extra` options ({name: (type, typer.Option)})."""
-    specs = {k: v for k, v in option_specs(cls).items() if k not in exclude}
+    option per field of `cls` (minus `exclude`; `flatten`, `aliases`, `repeat` as in option_specs) and the `extra`
+    options ({name: (type, typer.Option)}). `overrides` holds the flags given, as field values (nested mappings
+    merged over the config file's, read with `read_config`, default: plain YAML)."""
+    specs = {k: v for k, v in option_specs(cls, flatten=flatten, aliases=aliases, repeat=repeat).items()
+             if k not in exclude and k.split("__")[0] not in exclude}
     extra = dict(extra or {})
 
     def deco(fn: Callable) -> Callable:
@@ -141,12 +192,14 @@ def config_command(cls, *, extra: Optional[dict[str, tuple[Any, Any]]] = None,
         def command(**kwargs):
             config_path = kwargs.pop("config")
             extras = {k: kwargs.pop(k) for k in extra}
-            overrides = nested_overrides(cls, config_path, {k: v for k, v in kwargs.items() if v is not None})
+            base = read_config(config_path) if read_config else None
+            overrides = nested_overrides(cls, config_path, {k: v for k, v in kwargs.items() if v is not None}, base)
             return fn(config_path, overrides, **extras)
 
         params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                    default=typer.Option(None, "--config", help=f"YAML file of {cls.__name__} "
-                                                         "fields (the same names as these flags); flags override it."))]
+                                    default=typer.Option(None, "--config", help=config_help or (
+                                        f"YAML file of {cls.__name__} fields (the same names as these flags); "
+                                        "flags override it.")))]
         for name, (t, opt) in {**specs, **extra}.items():
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=t, default=opt))
         command.__signature__ = inspect.Signature(params)

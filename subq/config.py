@@ -63,3 +63,27 @@ def to_dict(config) -> dict:
 
 def dump_yaml(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def merge_values(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, nested mappings merged key by key; None in `over` means "not given"."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            out[k] = merge_values(out[k] if isinstance(out.get(k), dict) else {}, v)
+        else:
+            out[k] = v
+    return out
+
+
+def validate_values(cls: type[T], values: dict, source: str | None = None) -> T:
+    """`cls` from field values; the first error names its field (ConfigError)."""
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        raise ConfigError(err["msg"], field=loc, source=source) from None
+

@@ -15,7 +15,6 @@ Families group the roles a pipeline needs: `paper` = qg/qa/feedback (generation,
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from importlib import resources
 
 from subq.errors import ConfigError

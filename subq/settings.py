@@ -12,6 +12,15 @@ from subq.errors import ConfigError
 
 # ---------------------------------------------------------------- settings
 
+# The command-line names these settings had before `subq serve`/`subq eval` derived their flags from the config
+# (`--solver-name`, `--decomposer-beta`, ...): kept as declared aliases (subq.cli_options.config_command).
+FLAG_ALIASES = {
+    "solver.name": ["--solver-model"], "solver.api_key_env": ["--api-key-env"],
+    "solver.price_input_per_1k": ["--solver-price-input"], "solver.price_output_per_1k": ["--solver-price-output"],
+    "decomposer.beta": ["--beta"], "decomposer.max_new_tokens": ["--max-new-tokens"],
+}
+
+
 
 class SolverSettings(BaseModel):
     """How the solver (answerer) is reached. Shared by the Serve app and `subq eval`."""

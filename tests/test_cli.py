@@ -1,5 +1,6 @@
 """Every subcommand answers --help (the console script, as a user types it)."""
 
+import re
 import subprocess
 
 from pipelines.cli import app
@@ -56,3 +57,51 @@ def test_doctor_clears_a_stale_extension_build_lock_and_names_the_fix_for_a_fres
     os.utime(lock, (old, old))
     c = check_deepspeed_ops(build=False)
     assert not lock.exists() and "removed a stale build lock" in c.detail and "not built yet" in c.detail, c
+
+
+def _help(argv: list[str]) -> str:
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, [*argv, "--help"], terminal_width=400)
+    assert r.exit_code == 0, r.output
+    return " ".join(r.output.split())
+
+
+def _leaves(cls, flatten: tuple[str, ...] = ()) -> dict[str, object]:
+    """flag -> default of every field of cls (the flattened nested ones as --field-sub)."""
+    from subq.cli_options import _fields, _unwrap_optional, _is_nested
+
+    out = {}
+    for name, (ann, default, _, required) in _fields(cls).items():
+        if name in flatten and _is_nested(_unwrap_optional(ann)):
+            for sub, (_, d, _, req) in _fields(_unwrap_optional(ann)).items():
+                out[f"--{name}-{sub}".replace("_", "-")] = None if req else d
+        else:
+            out[f"--{name}".replace("_", "-")] = None if required else default
+    return out
+
+
+def test_serve_eval_and_teacher_server_help_lists_every_config_field_with_its_default():
+    """`--help` of serve, eval and teacher-server shows one option per config field (the nested solver and
+    decomposer settings flattened with their prefix) and its default, as generate, train and demo do; the flags
+    today's scripts use still work (declared aliases)."""
+    from subq.cli_options import _show
+    from pipelines.evaluate import EvalConfig
+    from pipelines.serve import ServeConfig
+    from pipelines.teacher_server import TeacherServerConfig
+
+    for verb, cls, kept in (("serve", ServeConfig, ["--solver-model", "--solver-price-input", "--beta",
+                                                     "--sample", "--greedy", "--max-new-tokens", "--api-key-env"]),
+                            ("eval", EvalConfig, ["--decomposer", "--solver-model", "--beta", "--solver-price-output"]),
+                            ("teacher-server", TeacherServerConfig, ["--latency-ms", "--model", "--require-key-env"])):
+        text = _help([verb])
+        for flag, default in _leaves(cls, ("decomposer", "solver", "quotas")).items():
+            if flag in ("--api-key",):  # a secret is never a flag: --require-key-env names its variable
+                continue
+            m = re.search(re.escape(flag) + r"[ ,/]", text)
+            assert m, (verb, flag)
+            seg = text[m.end():]
+            first = min(i for i in (seg.find("[default: "), seg.find("[required"), len(seg)) if i >= 0)
+            assert seg[first:].startswith((f"[default: {_show(default)}]", "[required")), (verb, flag, seg[:300])
+        for flag in kept:
+            assert flag in text, (verb, flag)

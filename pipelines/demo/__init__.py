@@ -495,9 +495,9 @@ def write_demo_report(cfg: DemoConfig, out: Path, gen: dict, runs: dict, ev: dic
            "|---|---|---|---|---|---|---|---|",
            f"| {g['rows']}/{g['problems']} | {g['failures_open']} | {g['teacher_calls']} | {g['requests_sent_this_run']} | "
            f"{g['prompt_tokens']} | {g['completion_tokens']} | {g['cost_usd']:.4f} | {g['n_429']} |", "",
-           f"Calls, tokens, $ and 429s are totals over every run of this demo directory, read from the durable "
-           f"request cache (one record per paid reply; a resumed run adds only the calls it sent). Data: "
-           f"`generate/parts/` (Parquet), `generate/paper_raw.jsonl`, `generate/paper_dataset.json`.", "",
+           "Calls, tokens, $ and 429s are totals over every run of this demo directory, read from the durable "
+           "request cache (one record per paid reply; a resumed run adds only the calls it sent). Data: "
+           "`generate/parts/` (Parquet), `generate/paper_raw.jsonl`, `generate/paper_dataset.json`.", "",
            "## Training (Ray Train + DeepSpeed)", "",
            "| algo | steps | from | loss first -> last | val loss | val BLEU | val #subq (ref) | curves |",
            "|---|---|---|---|---|---|---|---|"]
@@ -654,7 +654,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         ev = reusable_evaluation(cfg, out, runs, held)
         if ev is not None:
             entry = times.record("serve+evaluate", 0.0, reused=True)
-            say(f"[6/8] serve     not needed: the evaluation below finished earlier with the same problems and models")
+            say("[6/8] serve     not needed: the evaluation below finished earlier with the same problems and models")
             say(f"[7/8] evaluate  {StageTimes.describe(entry)} ({out / 'eval' / 'results.json'})")
         else:
             say(f"[6/8] serve     Ray Serve on 127.0.0.1: Decomposer -> Solver ({cfg.solver}) behind the FastAPI ingress")

@@ -37,18 +37,17 @@ Python API: `ServeConfig`, `build_app(config) -> Application`, `app_builder(args
 `start_serve(config) -> base_url`, `stop_serve()`.
 """
 
-from pipelines.serve.api import problem_from_messages
-from pipelines.serve.app import (
-    api_key_digests,
-    api_key_entries,
-    app_builder,
-    build_app,
-    start_serve,
-    start_serve_many,
-    stop_serve,
-    wait_healthy,
-)
-from pipelines.serve.config import Quotas, ServeConfig
+import importlib
 
-__all__ = ["Quotas", "ServeConfig", "api_key_digests", "api_key_entries", "app_builder", "build_app",
-           "problem_from_messages", "start_serve", "start_serve_many", "stop_serve", "wait_healthy"]
+# names -> the module holding them, imported on first use (PEP 562), so `subq --help`, which reads ServeConfig
+# (pipelines.serve.config: pydantic only) to derive `subq serve`'s flags, does not load Ray and FastAPI
+_HOMES = {"problem_from_messages": "api", "Quotas": "config", "ServeConfig": "config",
+          **{n: "app" for n in ("api_key_digests", "api_key_entries", "app_builder", "build_app", "start_serve",
+                                "start_serve_many", "stop_serve", "wait_healthy")}}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'pipelines.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipelines.serve.{_HOMES[name]}"), name)

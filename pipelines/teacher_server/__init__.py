@@ -66,7 +66,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 from typing import Optional
 
@@ -75,41 +75,11 @@ from fastapi.responses import JSONResponse, Response
 
 from subq.costs import estimate_tokens
 from subq.problems import DATA_DIR
+from pipelines.teacher_server_config import TeacherServerConfig as TeacherServerConfig
 
 RAW_RECORDINGS = DATA_DIR / "gsm8k-ai-subq" / "qg_test_data_raw.jsonl"
 GSM8K_FILES = [DATA_DIR / "gsm8k" / n for n in ("train.jsonl", "test.jsonl")]
 DEFAULT_MODELS = ("gpt-3.5-turbo", "gpt-3.5-turbo-1106", "gpt-4o-mini", "gpt-4o", "subq-teacher")
-
-
-@dataclass
-class TeacherServerConfig:
-    host: str = "127.0.0.1"  # interface to bind
-    port: int = 8300  # TCP port
-    rpm: Optional[float] = None  # requests/minute limit (None: unlimited)
-    tpm: Optional[float] = None  # tokens/minute limit, prompt + max_tokens charged up front (None: unlimited)
-    burst_s: float = 1.0  # bucket capacity in seconds of the limit (a small burst, like real providers' smoothing)
-    latency_s: float = 0.0  # mean reply latency
-    latency_jitter_s: float = 0.0  # std-dev of the latency (normal, clipped at 0)
-    fail_rate: float = 0.0  # share of requests answered 500/503
-    malformed_rate: float = 0.0  # share answered 200 with a reply in no expected format
-    malformed_body_share: float = 0.5  # ... of which this share is a truncated (unreadable) body, the rest a
-    # readable reply in no expected format (both billed: the tokens were generated)
-    timeout_rate: float = 0.0  # share that hang for timeout_hang_s, then 504
-    timeout_hang_s: float = 30.0  # how long a "timeout" request hangs
-    batch_api: bool = True  # serve the Batch API (/v1/files, /v1/batches: pipelines.teacher_batch); False: 404
-    batch_delay_s: float = 1.0  # processing time of one batch
-    batch_error_rate: float = 0.0  # share of batch requests answered with a per-request 500 (error file)
-    batch_malformed_rate: float = 0.0  # share of batch requests answered 200 with a reply in no expected format
-    batch_expire_first: int = 0  # the first N batches expire after half their requests
-    batch_bad_output_first: int = 0  # the first N completed batches get a bad output file ...
-    batch_bad_output: str = "malformed"  # ... "malformed" (a broken line) or "missing" (content 404)
-    batch_upload_fail_first: int = 0  # the first N file uploads answer 500
-    api_key: Optional[str] = None  # if set, requests need `Authorization: Bearer <it>` (401 otherwise)
-    models: Optional[list[str]] = None  # if set, other model names get 404 (None: any name is served)
-    seed: int = 0  # RNG seed for faults, latency and unrecorded choices
-    reject_problems: Optional[list[str]] = None  # prompts containing any of these texts get a 400, as a provider
-    # answers a context-length or content-filter refusal of one request (tests: one odd problem in a run)
-    record_prompts: bool = False  # keep every answered chat call's messages and reply (GET /v1/prompts; tests)
 
 
 # ------------------------------------------------------------------ replay data

@@ -10,7 +10,7 @@ if sys.argv[1:] == ["--from-env"]:
 
     serve(TeacherServerConfig(**json.loads(os.environ["SUBQ_TEACHER_SERVER_CONFIG"])))
 else:
-    from pipelines.generate_cmd import register
+    from pipelines.teacher_server_cmd import register
     from subq.cli_options import run_verb
 
     run_verb(register, "teacher-server")
