@@ -157,12 +157,7 @@ def check_solver(s: SolverSettings, timeout_s: float = 10.0) -> None:
 
 
 def make_teacher_client(TeacherClient, s: SolverSettings, key: Optional[str]):
-    """Build actors.teacher.TeacherClient from solver settings (only the arguments it declares)."""
-    import inspect
-
-    params = inspect.signature(TeacherClient).parameters
-    wanted = {"model": s.name, "base_url": s.base_url, "api_key": key, "max_retries": s.max_retries,
-              "timeout_s": s.timeout_s, "timeout": s.timeout_s, "rpm": s.rpm, "tpm": s.tpm,
-              "price": s.price(), "api_key_env": s.api_key_env, "backoff_max_s": 5.0,
-              "accept_invalid": None, "cache_dir": s.cache_dir}
-    return TeacherClient(**{k: v for k, v in wanted.items() if k in params})
+    """actors.teacher.TeacherClient from solver settings: each setting named, the same for every caller."""
+    return TeacherClient(s.name, s.base_url, api_key=key, api_key_env=s.api_key_env, max_retries=s.max_retries,
+                         timeout_s=s.timeout_s, rpm=s.rpm, tpm=s.tpm, price=s.price(), backoff_max_s=5.0,
+                         cache_dir=s.cache_dir)

@@ -30,59 +30,31 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
-import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from subq import storage
+from actors.cache import RequestCache, cache_key, normalize_endpoint, refuse_userinfo
+from actors.errors import (
+    _KEYLIKE,
+    TeacherAuthError,
+    TeacherBudgetExceeded,
+    TeacherError,
+    TeacherMalformedError,
+    TeacherRequestError,
+    TeacherStopped,
+    TeacherUnavailableError,
+)
+from actors.metrics import TeacherMetrics, _MeteredStats
 from subq.costs import Price, PriceTable, estimate_tokens
-from subq.errors import DataError, SubqError
+
+# what lived here before the split (actors.errors, actors.cache, actors.metrics), still importable from here
+__all__ = ["BILLING", "ChatResult", "RequestCache", "TeacherActor", "TeacherAuthError", "TeacherBudgetExceeded",
+           "TeacherClient", "TeacherError", "TeacherMalformedError", "TeacherRequestError", "TeacherStopped",
+           "TeacherUnavailableError", "cache_key", "normalize_endpoint", "refuse_userinfo"]
 
 # ------------------------------------------------------------------ errors
-
-
-class TeacherError(SubqError):
-    """A teacher call failed. `upstream` is the base URL, `status` the HTTP status (None: no reply)."""
-
-    def __init__(self, message: str, *, upstream: str, status: Optional[int] = None, hint: Optional[str] = None,
-                 code: Optional[str] = None):
-        super().__init__(message, source=upstream, hint=hint)
-        self.upstream = upstream
-        self.status = status
-        self.code = code  # the provider's error code when it sent one (e.g. context_length_exceeded)
-
-
-class TeacherAuthError(TeacherError):
-    """401/403: the key is missing, wrong or lacks access. Not retried; stops a job at once."""
-
-
-class TeacherRequestError(TeacherError):
-    """400/404/422 and other 4xx: the request itself was refused. Not retried. `fatal` (an unknown model: every
-    call would fail) stops a job; anything else (context length, a content filter) concerns one request only."""
-
-    @property
-    def fatal(self) -> bool:
-        return self.status == 404 or (self.code or "") == "model_not_found"
-
-
-class TeacherUnavailableError(TeacherError):
-    """Retries exhausted on 429/5xx/timeouts/connection errors (serving maps it to HTTP 502)."""
-
-
-class TeacherMalformedError(TeacherUnavailableError):
-    """Every re-sampled reply failed validation."""
-
-
-class TeacherStopped(TeacherError):
-    """The cluster limiter refused the call: the job is stopping (another actor hit a fatal error)."""
-
-
-class TeacherBudgetExceeded(TeacherStopped):
-    """The job's spending cap (held by the budget actor) was reached before this call was sent."""
 
 
 class _Retryable(Exception):
@@ -118,9 +90,6 @@ def _bill(pt: int, ct: int, cost: float, template_id: Optional[str]) -> None:
     t[2] += cost
 
 
-_KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{3,}")
-
-
 # ------------------------------------------------------------------ results
 
 
@@ -143,168 +112,7 @@ class ChatResult:
         return asdict(self)
 
 
-def normalize_endpoint(base_url: Optional[str]) -> str:
-    """An endpoint's identity: scheme://host[:port]/path, lower-case host, no credentials, query, fragment,
-    default port or trailing slash (None: the OpenAI API). `http://u:p@Host:80/v1/` -> `http://host/v1`."""
-    from urllib.parse import urlsplit
-
-    u = urlsplit((base_url or "https://api.openai.com/v1").strip())
-    scheme = (u.scheme or "https").lower()
-    host = (u.hostname or "").lower()
-    port = u.port
-    if port and not ((scheme == "http" and port == 80) or (scheme == "https" and port == 443)):
-        host = f"{host}:{port}"
-    return f"{scheme}://{host}{u.path.rstrip('/')}"
-
-
-def has_userinfo(base_url: Optional[str]) -> bool:
-    """True when a base URL carries credentials (`https://user:password@host/...`)."""
-    from urllib.parse import urlsplit
-
-    try:
-        u = urlsplit((base_url or "").strip())
-    except ValueError:
-        return False
-    return bool(u.username or u.password or "@" in (u.netloc or ""))
-
-
-def refuse_userinfo(base_url: Optional[str], field: str = "base_url") -> None:
-    """A clear error (naming the field, never the URL) for credentials in a base URL: they would reach actor
-    names, config files and logs. The key belongs in the environment variable named by --api-key-env."""
-    if has_userinfo(base_url):
-        from subq.errors import ConfigError
-
-        raise ConfigError("the base URL holds credentials (user:password@host); they would be written to actor "
-                          "names, config files and logs", field=field,
-                          hint="remove them from the URL and put the key in the variable named by --api-key-env")
-
-
-def check_endpoint(base_url: Optional[str], timeout_s: float = 10.0) -> None:
-    """Fail at once (TeacherUnavailableError, naming the endpoint) when nothing answers at `base_url`; any HTTP
-    reply, even an error status, counts as reachable. Sends no key."""
-    import httpx
-
-    url = normalize_endpoint(base_url) + "/models"
-    try:
-        httpx.get(url, timeout=timeout_s)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-        raise TeacherUnavailableError(f"cannot connect ({type(e).__name__}: {_KEYLIKE.sub('sk-***', str(e))[:200]})",
-                                      upstream=base_url or normalize_endpoint(None),
-                                      hint="is the server running? check --base-url") from None
-    except httpx.HTTPError:
-        pass
-
-
-def cache_key(model: str, messages: list[dict], temperature: float, max_tokens: int, sample_index: int,
-              template_id: Optional[str], endpoint: Optional[str] = None) -> str:
-    """Content address of one call: sha256 over everything that determines what is paid for. The messages are
-    the rendered template, so a changed template text is a new key. `endpoint` (normalized with
-    `normalize_endpoint`, credentials stripped) makes replies of one endpoint invisible to another; None keeps
-    the endpoint-less key of older versions."""
-    d = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
-         "sample_index": sample_index, "template_id": template_id}
-    if endpoint is not None:
-        d["endpoint"] = normalize_endpoint(endpoint)
-    blob = json.dumps(d, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-class RequestCache:
-    """Durable content-addressed cache of good replies: one small JSON file per call (atomic writes; local
-    paths or any pyarrow filesystem URI).
-
-    Changed for issue 11 (API otherwise stable: get/put/path/keys as before): `cache_key(...)` takes an optional
-    `endpoint=` (TeacherClient always passes its base URL, so its keys differ from endpoint-less ones);
-    TeacherClient stores `endpoint` and `model` in each entry and uses a hit only when both match
-    (`RequestCache.matches`). Writes go through `storage.write_bytes_atomic` (a unique `_tmp-` temp, fsync)."""
-
-    @staticmethod
-    def matches(entry: dict, endpoint: Optional[str], model: str) -> bool:
-        """Provenance check of a hit: the entry was written by a call to this endpoint and model."""
-        return entry.get("endpoint") == normalize_endpoint(endpoint) and entry.get("model") == model
-
-    def __init__(self, location: str):
-        self.location = str(location)
-
-    def path(self, key: str) -> str:
-        return storage.join(self.location, key[:2], f"{key}.json")
-
-    def get(self, key: str) -> Optional[dict]:
-        try:
-            return json.loads(storage.read_bytes(self.path(key)))
-        except DataError:
-            return None
-        except ValueError:  # a torn file cannot happen with atomic writes; treat as a miss
-            return None
-
-    def put(self, key: str, entry: dict) -> None:
-        storage.write_bytes_atomic(self.path(key), json.dumps(entry).encode("utf-8"))
-
-    def keys(self) -> set[str]:
-        fs, root = storage.resolve(self.location)
-        import pyarrow.fs as pafs
-
-        if fs.get_file_info(root).type != pafs.FileType.Directory:
-            return set()
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        return {i.base_name[:-5] for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")
-                and not storage.is_temp(i.base_name)}
-
-
 # ------------------------------------------------------------------ metrics
-
-# client counters exported through ray.util.metrics (Prometheus names get Ray's "ray_" prefix)
-METRICS = {"attempts": "subq_teacher_requests", "retries": "subq_teacher_retries", "n_429": "subq_teacher_429",
-           "n_5xx": "subq_teacher_5xx", "timeouts": "subq_teacher_timeouts", "cache_hits": "subq_teacher_cache_hits",
-           "prompt_tokens": "subq_teacher_tokens_in", "completion_tokens": "subq_teacher_tokens_out",
-           "cost_usd": "subq_teacher_cost_usd", "maybe_billed_usd": "subq_teacher_maybe_billed_usd",
-           "limiter_wait_s": "subq_limiter_wait_seconds"}
-
-
-class TeacherMetrics:
-    """Ray metrics of one client (tags: endpoint, model): the counters above, calls in flight (gauge). Only
-    inside a Ray worker or driver; elsewhere every method does nothing."""
-
-    def __init__(self, endpoint: str, model: str):
-        self.tags = {"endpoint": normalize_endpoint(endpoint), "model": model}
-        self.counters: dict = {}
-        self.in_flight = None
-        try:
-            import ray
-
-            if not ray.is_initialized():
-                return
-            from ray.util.metrics import Counter, Gauge
-
-            for k, name in METRICS.items():
-                self.counters[k] = Counter(name, description=f"subq teacher client: {k}", tag_keys=("endpoint", "model"))
-            self.in_flight = Gauge("subq_teacher_in_flight", description="teacher calls in flight (per process)",
-                                   tag_keys=("endpoint", "model"))
-        except Exception:  # metrics are best effort: never stop a call
-            self.counters = {}
-
-    def inc(self, key: str, n: float) -> None:
-        c = self.counters.get(key)
-        if c is not None and n > 0:
-            c.inc(n, tags=self.tags)
-
-    def set_in_flight(self, n: int) -> None:
-        if self.in_flight is not None:
-            self.in_flight.set(n, tags=self.tags)
-
-
-class _MeteredStats(dict):
-    """The client's `stats` dict; each increment of a metered key also goes to its Ray counter."""
-
-    def __init__(self, metrics: TeacherMetrics, values: dict):
-        super().__init__(values)
-        self._metrics = metrics
-
-    def __setitem__(self, key, value):
-        old = self.get(key, 0)
-        super().__setitem__(key, value)
-        if key in METRICS:
-            self._metrics.inc(key, value - old)
 
 
 # ------------------------------------------------------------------ the client
@@ -334,7 +142,14 @@ class TeacherClient:
         max_resamples: int = 2,
         max_retry_after_s: float = 120.0,
         limiter_name: Optional[str] = None,
+        limits_owner: Optional[str] = None,
+        lease_every_s: Optional[float] = None,
     ):
+        """Limits: given a shared `limiter` (a job's teacher actor), `rpm`/`tpm` are the job's, owned by
+        `limits_owner` (the job driver's OwnerLease renews them); this client registers them under that owner only
+        if it must create the limiter again. Without a limiter and with rpm/tpm (a Serve replica's solver), the
+        client holds its own OwnerLease (renewed every `lease_every_s`, default a third of the owner TTL) on the
+        endpoint's shared limiter until `close()` or its process ends."""
         refuse_userinfo(base_url)
         self.model = model
         self.base_url = base_url or "https://api.openai.com/v1"
@@ -348,6 +163,8 @@ class TeacherClient:
         self.max_retry_after_s = max_retry_after_s
         self.limiter_name = limiter_name  # to find the shared limiter again if its actor is lost
         self._limits = (rpm, tpm)
+        self._owner = limits_owner  # whose limits these are on the shared limiter
+        self._lease = None  # this client's own OwnerLease (no job lease to rely on)
         if isinstance(price, Price):
             self.price = price
         else:
@@ -356,7 +173,7 @@ class TeacherClient:
         self.limiter = limiter
         self.budget = budget  # optional RateLimiter actor holding the job's budget and stop flag
         if limiter is None and (rpm or tpm):
-            self.limiter = self._make_limiter(rpm, tpm)
+            self.limiter = self._make_limiter(rpm, tpm, lease_every_s)
         self.fatal: Optional[str] = None  # set after a fatal error: later calls are refused (TeacherStopped)
         self._sem: Optional[asyncio.Semaphore] = None
         self._batcher = None  # actors.limiter.AcquireBatcher, made on the first acquisition (in the event loop)
@@ -372,17 +189,17 @@ class TeacherClient:
                       "maybe_billed_usd": 0.0, "retry_after_capped": 0, "prompt_tokens": 0, "completion_tokens": 0,
                       "cost_usd": 0.0})
 
-    def _make_limiter(self, rpm, tpm):
+    def _make_limiter(self, rpm, tpm, every_s: Optional[float] = None):
         try:
             import ray
 
             if ray.is_initialized():
-                from actors.limiter import get_or_create_limiter, limiter_name
+                from actors.limiter_client import OwnerLease, account_id, default_owner, limiter_name
 
-                from actors.limiter import account_id
-
-                self.limiter_name = limiter_name(self.base_url, self.model, account_id(self._key))
-                return get_or_create_limiter(self.limiter_name, rpm, tpm, wait=False)
+                self.limiter_name = self.limiter_name or limiter_name(self.base_url, self.model, account_id(self._key))
+                self._lease = OwnerLease(self.limiter_name, default_owner(), rpm, tpm, every_s=every_s, block=False)
+                self._owner = self._lease.owner
+                return self._lease.actor
         except ImportError:
             pass
         from actors.limiter import TokenBucket
@@ -437,14 +254,15 @@ class TeacherClient:
         try:
             if hasattr(lim, "acquire") and hasattr(lim.acquire, "remote"):
                 if self._batcher is None:  # acquisitions made while one is on its way go together in the next
-                    from actors.limiter import AcquireBatcher
+                    from actors.limiter_client import AcquireBatcher
 
                     self._batcher = AcquireBatcher(lambda items: self._remote("acquire_many", items))
                 res = await self._batcher.acquire(tokens, 0.0)
                 if res["stop"]:
                     cls = TeacherBudgetExceeded if res["kind"] == "budget" else TeacherStopped
                     raise cls(res["stop"], upstream=self.base_url)
-                from actors.limiter import node_id, start_delay
+                from actors.limiter import node_id
+                from actors.limiter_client import start_delay
 
                 if self._node is False:
                     self._node = node_id()
@@ -482,9 +300,11 @@ class TeacherClient:
         except ray.exceptions.RayActorError:
             if not self.limiter_name:
                 raise
-            from actors.limiter import get_or_create_limiter
+            from actors.limiter_client import reattach_limiter
 
-            self.limiter = get_or_create_limiter(self.limiter_name, *self._limits, wait=False)
+            self.limiter = await reattach_limiter(self.limiter_name, self._owner, *self._limits)
+            if self._lease is not None:
+                self._lease.actor = self.limiter
             return await getattr(self.limiter, method).remote(*args)
 
     # -- one call
@@ -572,7 +392,6 @@ class TeacherClient:
 
     async def _attempt(self, messages, temperature, max_tokens, sample_index, key, est_tokens, est_cost,
                        state) -> ChatResult:
-        import openai
 
         client = self._openai()
         await self._acquire(est_tokens, est_cost)
@@ -706,6 +525,8 @@ class TeacherClient:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._lease is not None:  # our limits stop counting (the limiter stays for the others)
+            await asyncio.to_thread(self._lease.close)
 
 
 def _upstream_code(e) -> Optional[str]:

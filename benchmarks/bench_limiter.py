@@ -30,7 +30,7 @@ class Client:
         self.lim = ray.get_actor(name, namespace="subq")
 
     async def run(self, seconds: float, in_flight: int, block: int, batcher: bool = False) -> int:
-        from actors.limiter import AcquireBatcher
+        from actors.limiter_client import AcquireBatcher
 
         n = 0
         end = time.monotonic() + seconds
@@ -72,7 +72,7 @@ def main() -> None:
     a = ap.parse_args()
     import ray
 
-    from actors.limiter import get_or_create_limiter
+    from actors.limiter_client import get_or_create_limiter
 
     import os
 

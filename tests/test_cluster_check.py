@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from pipelines import cluster_check as check
+from pipelines import cluster_files as files
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT.parent / "shared" / "kuberay"  # KubeRay's CRDs and samples (tests only; the product never reads them)
@@ -160,7 +161,7 @@ def test_kuberay_manifests_match_their_crds_and_the_launcher_yaml():
     pyproject.toml."""
     if not (KUBERAY / "crds").is_dir():
         pytest.skip("KubeRay CRDs not found at ../shared/kuberay")
-    schemas = {k: check.crd_schema(KUBERAY / "crds" / f"ray.io_{k.lower()}s.yaml") for k in check.KUBERAY_KINDS}
+    schemas = {k: files.crd_schema(KUBERAY / "crds" / f"ray.io_{k.lower()}s.yaml") for k in check.KUBERAY_KINDS}
     kinds = set()
     for m in MANIFESTS:
         doc = yaml.safe_load(m.read_text())
@@ -179,10 +180,10 @@ def test_kuberay_manifests_match_their_crds_and_the_launcher_yaml():
     assert any("workerGroupSpecs.1.maxReplicas" in p and "'four'" in p for p in probs), probs
 
     # agreement with the launcher YAML and pyproject.toml
-    pin = check.project_pins()["ray"]
-    launcher = {n.name: n for n in check.effective_launcher_nodes(_launcher())[1]}
+    pin = files.project_pins()["ray"]
+    launcher = {n.name: n for n in files.effective_launcher_nodes(_launcher())[1]}
     rc = yaml.safe_load((ROOT / "cluster/kuberay/raycluster.yaml").read_text())
-    cl, version = check._kuberay("raycluster.yaml", rc)
+    cl, version = files._kuberay("raycluster.yaml", rc)
     groups = {n.name: n for n in cl.nodes}
     assert version == pin
     pairs = {"head": "head", "generation": "cpu_generation", "gpu": "gpu_train_serve"}
@@ -345,7 +346,7 @@ def test_sandbox_install_runs_the_cpu_worker_commands_for_real(tmp_path):
     download.pytorch.org is unreachable here: the test serves torch's CPU wheel from a local PEP 503 index
     (SUBQ_TORCH_INDEX_URL, the script's documented setting) and lets everything else come from PyPI."""
     cfg = _launcher()
-    nodes = {n.name: n for n in check.effective_launcher_nodes(cfg)[1]}
+    nodes = {n.name: n for n in files.effective_launcher_nodes(cfg)[1]}
     setup = nodes["cpu_generation"].setup
     assert setup == ["bash ~/subq/cluster/install_node.sh cpu"]
     wheels = sorted(Path("/opt/wheels").glob("torch-*+cpu-*.whl"))
@@ -379,7 +380,7 @@ def test_sandbox_install_runs_the_cpu_worker_commands_for_real(tmp_path):
     for cmd in setup:
         r = subprocess.run(["bash", "-c", cmd], cwd=home, env=env, capture_output=True, text=True, timeout=1500)
         assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    pin = check.project_pins()["ray"]
+    pin = files.project_pins()["ray"]
     r = subprocess.run(["bash", "-c", "ray --version"], cwd=home, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and re.search(rf"\b{re.escape(pin)}\b", r.stdout), r.stdout + r.stderr
     r = subprocess.run(["bash", "-c", "cd / && python -c 'import subq, actors, pipelines, training, cluster, torch; "

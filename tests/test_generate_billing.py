@@ -263,7 +263,7 @@ def test_lease_takeover_of_a_stale_lease_and_heartbeat(tmp_path):
 
 
 def test_userinfo_in_a_base_url_never_reaches_names_files_or_errors(tmp_path):
-    from actors.limiter import limiter_name
+    from actors.limiter_client import limiter_name
     from actors.teacher import TeacherClient
     from pipelines.generate_config import GenerateConfig
     from subq.config import load_config

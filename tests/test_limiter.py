@@ -103,7 +103,7 @@ def test_teacher_actors_in_ray_data_share_one_limiter(ray_cluster):
     """TeacherActor as a Ray Data actor-pool UDF: 2 actors, one named limiter, no 429 from a limited server."""
     import ray
 
-    from actors.limiter import get_or_create_limiter
+    from actors.limiter_client import get_or_create_limiter
     from actors.teacher import TeacherActor
     from pipelines.teacher_server import TeacherServer
     from subq.problems import load_problems
@@ -126,7 +126,7 @@ def test_teacher_actors_in_ray_data_share_one_limiter(ray_cluster):
 def test_named_actor_is_shared_and_paces_all_callers(ray_cluster):
     import ray
 
-    from actors.limiter import get_or_create_limiter
+    from actors.limiter_client import get_or_create_limiter
 
     a = get_or_create_limiter("subq-limiter:test:model", rpm=60)
     b = get_or_create_limiter("subq-limiter:test:model", rpm=60)
@@ -151,7 +151,7 @@ def test_named_actor_is_shared_and_paces_all_callers(ray_cluster):
 def test_limiter_sits_on_its_drivers_node_and_comes_back_after_a_crash(ray_cluster):
     import ray
 
-    from actors.limiter import get_or_create_limiter
+    from actors.limiter_client import get_or_create_limiter
 
     lim = get_or_create_limiter("subq-limiter:test-crash:model", rpm=600)
     here = ray.get_runtime_context().get_node_id()
@@ -209,11 +209,11 @@ def test_limiter_outlives_the_job_that_created_it(ray_cluster, tmp_path):
 
     import ray
 
-    from actors.limiter import get_or_create_limiter
+    from actors.limiter_client import get_or_create_limiter
 
     name = "subq-limiter:shared-endpoint:model"
     script = ("import ray, sys; ray.init(address=sys.argv[1], namespace='subq', log_to_driver=False)\n"
-              "from actors.limiter import get_or_create_limiter\n"
+              "from actors.limiter_client import get_or_create_limiter\n"
               f"lim = get_or_create_limiter({name!r}, rpm=600)\n"
               "print(ray.get(lim.reserve.remote()))\n")
     r = subprocess.run([sys.executable, "-c", script, ray.get_runtime_context().gcs_address], capture_output=True,
@@ -300,7 +300,7 @@ def test_acquisitions_made_during_a_round_trip_go_together_in_the_next():
     order); a failed round trip fails only its own callers."""
     import asyncio
 
-    from actors.limiter import AcquireBatcher
+    from actors.limiter_client import AcquireBatcher
 
     bucket = TokenBucket(rpm=600)  # 0.1 s apart
     sent = []
@@ -414,7 +414,7 @@ def test_a_live_jobs_stricter_limit_outlives_the_owner_ttl_and_a_restarted_limit
 
     import ray
 
-    from actors.limiter import OwnerLease, get_or_create_limiter
+    from actors.limiter_client import OwnerLease, get_or_create_limiter
 
     name = "subq-limiter:test-lease"
     lim = get_or_create_limiter(name, owner_ttl_s=1.0)
@@ -442,3 +442,39 @@ def test_a_live_jobs_stricter_limit_outlives_the_owner_ttl_and_a_restarted_limit
             assert set(st["owners"]) == {"job-a", "job-b"} and st["rpm"] == 60, st
         assert set(stats()["owners"]) == {"job-a"}  # B ended: unregistered
     ray.kill(lim)
+
+
+def test_a_teacher_client_keeps_its_limits_registered_and_brings_them_to_a_recreated_limiter(ray_cluster):
+    """One registration path for every client: a client that sets its own limits (a Serve solver replica) holds
+    them through an OwnerLease that renews past the owner TTL; a client of a job (a generation teacher actor, the
+    limits owned by the job's driver) that finds the limiter lost for good creates it again and registers the
+    job's limits under the job's owner id, not as a second owner of its own."""
+    import asyncio
+    import time
+
+    import ray
+
+    from actors.limiter_client import get_or_create_limiter
+    from actors.teacher import TeacherClient
+
+    own = "subq-limiter:test-client-own"
+    lim = get_or_create_limiter(own, owner_ttl_s=1.0)
+    client = TeacherClient("gpt-3.5-turbo", "http://127.0.0.1:9/v1", api_key="unused", rpm=60, limiter_name=own,
+                           lease_every_s=0.25)
+    time.sleep(2.5)  # more than two TTLs: registered once, it would have lapsed
+    owners = ray.get(lim.stats.remote())["owners"]
+    assert len(owners) == 1 and next(iter(owners.values()))["rpm"] == 60, owners
+    asyncio.run(client.close())
+    assert ray.get(lim.stats.remote())["owners"] == {}
+    ray.kill(lim)
+
+    job = "subq-limiter:test-client-job"
+    lim = get_or_create_limiter(job, 60, owner="generate:job-1")
+    actor_client = TeacherClient("gpt-3.5-turbo", "http://127.0.0.1:9/v1", api_key="unused", rpm=60, limiter=lim,
+                                 limiter_name=job, limits_owner="generate:job-1")
+    ray.kill(lim, no_restart=True)  # its node was lost: gone for good
+    time.sleep(1)
+    asyncio.run(actor_client._acquire(10, 0.0))  # the next call finds it gone, creates it again, registers
+    st = ray.get(ray.get_actor(job, namespace="subq").stats.remote())
+    assert set(st["owners"]) == {"generate:job-1"} and st["rpm"] == 60, st
+    ray.kill(ray.get_actor(job, namespace="subq"))

@@ -32,7 +32,7 @@ def ray_cluster():
 def run_backlog(ray, tpm: float, n: int, limiter_tpm: float | None) -> dict:
     """n QG calls (max_tokens 700) through 2 TeacherActors sharing one limiter actor against a server limited to
     `tpm` with a bucket of BURST_S seconds. Returns the server's counts and the share of the limit used."""
-    from actors.limiter import get_or_create_limiter
+    from actors.limiter_client import get_or_create_limiter
     from actors.teacher import TeacherActor
     from pipelines.teacher_server import TeacherServer
     from subq.costs import estimate_tokens

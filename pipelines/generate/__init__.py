@@ -390,7 +390,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
         lease.acquire()  # a live job on this output would send again what --cancel stops: stop it first
         return cancel_batches(cfg, prices)
     if pending and cfg.api == "online":
-        from actors.teacher import check_endpoint
+        from actors.cache import check_endpoint
 
         check_endpoint(cfg.base_url)  # nothing answers there: one error line now, not a run of failures
     storage.makedirs(cfg.output)
@@ -451,7 +451,8 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
 def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
     import ray
 
-    from actors.limiter import OwnerLease, RateLimiter, limiter_name
+    from actors.limiter import RateLimiter
+    from actors.limiter_client import OwnerLease, limiter_name
     from cluster.connect import init_ray, schedulable
 
     started = False
@@ -471,7 +472,7 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         run_id = hashlib.sha256(f"{cfg.output}|{time.time()}".encode()).hexdigest()[:12]
         owner = f"generate:{socket.gethostname()}:{os.getpid()}:{run_id}"
         # always a limiter: without --rpm/--tpm it learns them from the provider's x-ratelimit-limit-* headers
-        from actors.limiter import account_id
+        from actors.limiter_client import account_id
         from subq import console
 
         # one detached limiter per (endpoint, model, account), shared with every other job and Serve replica
@@ -505,7 +506,7 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
                              backoff_max_s=cfg.backoff_max_s, timeout_s=cfg.timeout_s, price=prices.price(cfg.model),
                              cache_dir=storage.join(cfg.output, "cache"), max_concurrency=cfg.max_concurrency,
                              max_resamples=cfg.max_resamples, max_retry_after_s=cfg.max_retry_after_s,
-                             rpm=cfg.rpm, tpm=cfg.tpm)
+                             rpm=cfg.rpm, tpm=cfg.tpm, limits_owner=owner)
         job = dict(template=cfg.template, n_sets=cfg.n_sets, n_feedback=cfg.n_feedback, temperature=cfg.temperature,
                    max_tokens=cfg.max_tokens, model=cfg.model, output=cfg.output)
         items = [dict(problem_id=p.problem_id, problem=p.problem, gold_answer=p.gold_answer, source=p.source,

@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from typing import Optional
 
-from actors.teacher import RequestCache, cache_key, normalize_endpoint
+from actors.cache import RequestCache, cache_key, normalize_endpoint
 from subq import console, stop, storage
 from subq.costs import estimate_tokens
 from subq.errors import ConfigError, SubqError

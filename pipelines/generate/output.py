@@ -127,7 +127,7 @@ MANIFEST_FIELDS = ("model", "base_url", "template", "n_sets", "n_feedback", "tem
 
 
 def manifest_settings(cfg: GenerateConfig) -> dict:
-    from actors.teacher import normalize_endpoint
+    from actors.cache import normalize_endpoint
 
     d = {k: getattr(cfg, k) for k in MANIFEST_FIELDS}
     d["base_url"] = normalize_endpoint(cfg.base_url)
