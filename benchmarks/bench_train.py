@@ -28,7 +28,7 @@ def bare_loop(cfg, steps: int, global_batch: int) -> dict:
     from training.bc import bc_loss
     from training.data import batches, collate, encode, read_training_rows, select_examples
     from training.ilql import ILQLConfig, TargetQHeads, ilql_losses, polyak_update
-    from training.train import _build_module
+    from training.train.loop import _build_module
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(cfg.model)

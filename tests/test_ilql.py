@@ -147,7 +147,7 @@ def test_ilql_init_from_an_ilql_checkpoint_keeps_its_target_heads(tmp_path):
     from training.config import TrainConfig
     from training.ilql import load_heads, save_heads
     from training.init_model import create_tiny_model
-    from training.train import _build_module
+    from training.train.loop import _build_module
 
     src = create_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=32, vocab_size=400, max_texts=200)
     ckpt = tmp_path / "ilql_final"

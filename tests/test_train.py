@@ -186,7 +186,7 @@ def test_zero_stage_auto_from_model_size_and_world_size():
 
 
 def test_nccl_interface_default_is_the_exclusion_form_and_the_environment_wins():
-    from training.train import NCCL_IFNAME_DEFAULT, network_defaults
+    from training.train.runtime import NCCL_IFNAME_DEFAULT, network_defaults
 
     assert NCCL_IFNAME_DEFAULT == "^docker0,lo"
     env: dict = {}
@@ -204,7 +204,7 @@ def test_a_hung_start_up_stage_times_out_even_when_blocked_outside_python():
     import threading
 
     from training.ds_ops import StageTimeout
-    from training.train import run_stage
+    from training.train.runtime import run_stage
 
     never = threading.Event()
     t0 = time.monotonic()
@@ -218,7 +218,7 @@ def test_a_hung_start_up_stage_times_out_even_when_blocked_outside_python():
 
 
 def test_rank_shares_split_the_validation_set():
-    from training.train import rank_share
+    from training.train.loop import rank_share
 
     items = list(range(11))
     shares = [rank_share(items, r, 3) for r in range(3)]
@@ -231,7 +231,7 @@ def test_best_checkpoint_writer_does_not_stall_the_caller_and_surfaces_errors():
     not yet started; close() waits for the last write; a failed write is raised in the loop."""
     import threading
 
-    from training.train import _CheckpointWriter
+    from training.train.checkpoints import _CheckpointWriter
 
     gate, done = threading.Event(), []
     w = _CheckpointWriter()
@@ -515,7 +515,7 @@ def test_python_m_help_lists_the_same_options_as_the_subq_verb(module, verb):
 def test_metrics_plot_one_quantity_per_axis_best_step_and_overfitting(tmp_path):
     import matplotlib.image as mpimg
 
-    from training.train import _write_metrics, metric_panels, overfitting_note
+    from training.train.metrics import _write_metrics, metric_panels, overfitting_note
 
     history = [{"step": s, "loss": 5.0 / s, "val_loss": vl, "val_bleu": b, "val_num_subq": 2.0,
                 "val_ref_num_subq": 3.0, "val_no_eos_frac": 0.25, "best_step": bs}

@@ -46,7 +46,7 @@ def _count_host_syncs(log_dir: str):
         import torch
 
         import training.decomposer as dec
-        import training.train as tr
+        import training.train.loop as tr
 
         count, paused = [0], [False]
 
