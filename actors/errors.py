@@ -49,3 +49,19 @@ class TeacherBudgetExceeded(TeacherStopped):
 
 
 _KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{3,}")
+
+
+def _upstream_code(e) -> Optional[str]:
+    body = getattr(e, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return str(code) if code else None
+
+
+def _upstream_message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+    return str(getattr(e, "message", "") or e)[:300]

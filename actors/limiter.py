@@ -111,8 +111,14 @@ class TokenBucket:
     max_slack_s: float = 0.25
     slack_decay: float = 0.9998
     clock: Callable[[], float] = time.monotonic
+    # added to each interval of the admission gate (`admit`): the spread of the trip from being let go to reaching
+    # the provider (an actor reply, then the HTTP send)
+    admit_margin_s: float = 0.002
     # state
     slack_s: float = field(default=0.0, init=False)  # learned: added to each paced interval
+    _admit_at: float = field(default=0.0, init=False)  # earliest time the next token-limited call may be let go
+    admits: int = field(default=0, init=False)
+    admit_waits: int = field(default=0, init=False)  # times a call at the gate was told to wait
     _next_req: float = field(default=0.0, init=False)  # earliest time the next request may start (GCRA TAT)
     _next_tok: float = field(default=0.0, init=False)
     _blocked_until: float = field(default=0.0, init=False)
@@ -153,6 +159,25 @@ class TokenBucket:
             self.reserved += 1
             self.tokens_reserved += int(tokens)
             return max(0.0, start - now)
+
+    def admit(self, tokens: int = 0) -> float:
+        """The gate a token-limited call passes right before it is sent (after its reserved slot): 0 = go now (its
+        tokens are counted from now), else the seconds to wait before asking again. It applies the provider's own
+        rule to the times calls are really let go, not the ones planned: a provider whose bucket holds less than
+        one call admits a call only once the tokens of the one before have refilled, counted from when that one
+        reached it, so a call let go late must move the next one, which a schedule handed out ahead cannot do (a
+        late send is not banked by such a bucket: the next planned slot would then be early, a 429). No burst is
+        assumed (a provider's bucket size is not published). Without a token limit it never waits."""
+        with self._lock:
+            now = self.clock()
+            if not (self.tpm and tokens):
+                return 0.0
+            if now < self._admit_at:
+                self.admit_waits += 1
+                return self._admit_at - now
+            self._admit_at = now + 60.0 * tokens / self.tpm + self.slack_s + self.admit_margin_s
+            self.admits += 1
+            return 0.0
 
     def settle(self, reserved: int, used: int, cost_usd: float = 0.0, headers: Optional[dict] = None,
                age_s: float = 0.0) -> None:
@@ -247,7 +272,8 @@ class TokenBucket:
                     "retry_after_capped": self.retry_after_capped, "corrections": self.corrections,
                     "learned": dict(self.learned),
                     "longest_retry_after_s": round(self.longest_retry_after_s, 3),
-                    "slack_ms": round(self.slack_s * 1000, 2),
+                    "slack_ms": round(self.slack_s * 1000, 2), "admits": self.admits,
+                    "admit_waits": self.admit_waits,
                     "max_retry_after_s": self.max_retry_after_s,
                     "blocked_for_s": round(max(0.0, self._blocked_until - self.clock()), 3)}
 
@@ -338,7 +364,8 @@ class RateLimiter:
                 return {"wait_s": 0.0, "stop": f"budget of ${self.bucket.budget_usd:.4f} reached", "kind": "budget"}
             self.held_usd += est_cost_usd
         wait = self.bucket.reserve(tokens)
-        return {"wait_s": wait, "start_at": time.time() + wait, "node": self.node_id, "stop": None, "kind": None}
+        return {"wait_s": wait, "start_at": time.time() + wait, "node": self.node_id, "stop": None, "kind": None,
+                "admit": bool(self.bucket.tpm and tokens)}  # then pass `admit` right before sending
 
     async def acquire_many(self, items: list) -> list[dict]:
         """`acquire` for each (tokens, est_cost_usd) of `items`, in order, in one round trip (what `AcquireBatcher`
@@ -356,6 +383,10 @@ class RateLimiter:
                 return {"waits": [], "stop": f"budget of ${self.bucket.budget_usd:.4f} reached", "kind": "budget"}
             self.held_usd += n * est_cost_usd
         return {"waits": [self.bucket.reserve(tokens) for _ in range(n)], "stop": None, "kind": None}
+
+    async def admit(self, tokens: int = 0) -> float:
+        """TokenBucket.admit: 0 = send now, else wait that long and ask again."""
+        return self.bucket.admit(tokens)
 
     async def stop(self, reason: str) -> None:
         """Refuse every later call (a fatal error such as a bad key: stop the whole job at once)."""

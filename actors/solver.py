@@ -157,7 +157,5 @@ def check_solver(s: SolverSettings, timeout_s: float = 10.0) -> None:
 
 
 def make_teacher_client(TeacherClient, s: SolverSettings, key: Optional[str]):
-    """actors.teacher.TeacherClient from solver settings: each setting named, the same for every caller."""
-    return TeacherClient(s.name, s.base_url, api_key=key, api_key_env=s.api_key_env, max_retries=s.max_retries,
-                         timeout_s=s.timeout_s, rpm=s.rpm, tpm=s.tpm, price=s.price(), backoff_max_s=5.0,
-                         cache_dir=s.cache_dir)
+    """actors.teacher.TeacherClient from solver settings (SolverSettings.client_kwargs: the same for every caller)."""
+    return TeacherClient(**s.client_kwargs(), api_key=key)

@@ -38,6 +38,8 @@ from typing import Any, Callable, Optional
 from actors.cache import RequestCache, cache_key, normalize_endpoint, refuse_userinfo
 from actors.errors import (
     _KEYLIKE,
+    _upstream_code,
+    _upstream_message,
     TeacherAuthError,
     TeacherBudgetExceeded,
     TeacherError,
@@ -180,6 +182,7 @@ class TeacherClient:
         self._node: Any = False  # this process's Ray node id, looked up on the first shared-limiter acquisition
         self._last_wait = 0.0  # the wait of the latest slot: paced when > SLOT_HORIZON_S (see `_acquire`)
         self._far_gate: Optional[asyncio.Semaphore] = None
+        self._gate = False  # the limiter asked for its admission gate (a token limit): see `_admit`
         self._max_concurrency = max_concurrency
         self._client = None
         self.metrics = TeacherMetrics(self.base_url, model)
@@ -267,8 +270,10 @@ class TeacherClient:
                 if self._node is False:
                     self._node = node_id()
                 wait = start_delay(res, self._node)
+                self._gate = bool(res.get("admit"))
             else:
                 wait = lim.reserve(tokens)
+                self._gate = bool(lim.tpm and tokens)
             self._last_wait = wait
             deadline = time.monotonic() + wait
             if wait > 0:
@@ -280,6 +285,18 @@ class TeacherClient:
                 gate.release()
         if deadline > time.monotonic():
             await asyncio.sleep(deadline - time.monotonic())
+
+    async def _admit(self, tokens: int) -> None:
+        """Right before sending a token-limited call: the limiter's gate (TokenBucket.admit), asked again after
+        each wait it gives, so calls reach the provider spaced by their tokens from when they were really let go."""
+        if not self._gate or self.limiter is None:
+            return
+        for _ in range(1000):
+            wait = await self._limiter_call("admit", tokens)
+            if not wait or wait <= 0:
+                return
+            self.stats["limiter_wait_s"] += wait
+            await asyncio.sleep(wait)
 
     async def _limiter_call(self, method: str, *args) -> Any:
         lim = self.limiter
@@ -395,6 +412,7 @@ class TeacherClient:
 
         client = self._openai()
         await self._acquire(est_tokens, est_cost)
+        await self._admit(est_tokens)
         state["attempts"] += 1
         self.stats["attempts"] += 1
         if state["attempts"] > 1:
@@ -527,22 +545,6 @@ class TeacherClient:
             self._client = None
         if self._lease is not None:  # our limits stop counting (the limiter stays for the others)
             await asyncio.to_thread(self._lease.close)
-
-
-def _upstream_code(e) -> Optional[str]:
-    body = getattr(e, "body", None)
-    err = body.get("error", body) if isinstance(body, dict) else None
-    code = err.get("code") if isinstance(err, dict) else None
-    return str(code) if code else None
-
-
-def _upstream_message(e) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:300]
-    return str(getattr(e, "message", "") or e)[:300]
 
 
 # ------------------------------------------------------------------ Ray Data actor

@@ -1,4 +1,5 @@
-"""The one way subq starts or joins Ray: `init_ray(address=None, **kwargs)` (every verb and job calls it).
+"""The one way subq starts or joins Ray: `ray_session(address=None, **kwargs)` for a job (generate, eval, train, the
+demo: disconnects at its end what it connected), `init_ray(...)` for a server that outlives the call (serve).
 
     init_ray()                                   # RAY_ADDRESS, else the running `ray start` Ray, else a local one
     init_ray("10.0.0.5:6379")                    # a GCS address (what `ray start --head` prints; set in Ray jobs)
@@ -20,11 +21,12 @@ from the dashboard's own process); otherwise it starts a local Ray. Either way i
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 from urllib.parse import urlparse
 
 from subq.errors import SubqError
@@ -137,11 +139,44 @@ def resolve(address: Optional[str] = None, environ: Optional[dict] = None) -> Ta
 def init_ray(address: Optional[str] = None, *, say: bool = True, **kwargs) -> Target:
     """Start or join Ray (no-op when this process is already connected). `address`: a driver address, or None for
     RAY_ADDRESS / the running Ray / a new local one; `kwargs` go to `ray.init` (options for a new local Ray are
-    dropped when joining). Says on the terminal which cluster it joined unless `say=False`. Returns the Target."""
+    dropped when joining). A local start that misses Ray's fixed 30 s window for the raylet (a saturated machine)
+    is tried again, twice. Says on the terminal which cluster it joined unless `say=False`. Returns the Target.
+    Jobs use `ray_session` (which also disconnects at the end); a server that outlives the call uses this."""
     import ray
 
     if ray.is_initialized():
         return Target(None, True)
+    for attempt in range(3):
+        try:
+            return _init_ray_once(address, say, kwargs)
+        except Exception as e:  # noqa: BLE001 - only the start-up timeout is tried again
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str] = None, *, say: bool = True, **kwargs) -> Iterator[Target]:
+    """The one Ray start of a job (generate, eval, train, the demo): `init_ray` for the with-block, and at its
+    end `ray.shutdown()` only if this call connected the process: a job run inside a process already connected
+    (a test, a notebook, the demo running the others) leaves that connection alone. Joining a cluster and
+    disconnecting never stops the cluster; a local Ray started here stops with it."""
+    import ray
+
+    if ray.is_initialized():
+        yield Target(None, True)
+        return
+    target = init_ray(address, say=say, **kwargs)
+    try:
+        yield target
+    finally:
+        ray.shutdown()
+
+
+def _init_ray_once(address: Optional[str], say: bool, kwargs: dict) -> Target:
+    import ray
+
     t = resolve(address)
     kw = dict(kwargs)
     if t.joining:

@@ -6,21 +6,21 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from subq.settings import EndpointSettings
 
 
 
-class GenerateConfig(BaseModel):
-    """Everything a generation run needs; YAML keys and CLI flags have the same names."""
+class GenerateConfig(EndpointSettings):
+    """Everything a generation run needs; YAML keys and CLI flags have the same names. The teacher endpoint's
+    settings (model, base_url, api_key_env, rpm, tpm, retries, timeouts, prices) are subq.settings.EndpointSettings."""
 
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field("gsm8k:train", description="Problems: a dataset name (gsm8k:train, gsm8k:test, "
                        "gsm8k-ai-subq:test) or a .jsonl/.json/.parquet path or URI with question/answer fields.")
     output: str = Field(..., description="Output directory or URI (layout in the module docstring).")
-    model: str = Field("gpt-3.5-turbo", description="Teacher model name (paper: gpt-3.5-turbo).")
-    base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint; None = api.openai.com.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the key.")
     template: Literal["paper", "doc"] = Field("paper", description="Prompt template family (subq.prompts): "
                                              "paper = the release's QG/QA/feedback prompts; doc = Divide-or-Conquer "
                                              "decompose/solve + the paper's feedback (answer_correctness by the strict "
@@ -29,8 +29,6 @@ class GenerateConfig(BaseModel):
     n_feedback: int = Field(3, ge=0, description="Feedback calls per set (paper: 3).")
     temperature: float = Field(0.7, ge=0, le=2, description="Teacher sampling temperature (paper: 0.7).")
     max_tokens: int = Field(512, ge=1, description="max_tokens per teacher call.")
-    rpm: Optional[float] = Field(None, gt=0, description="Cluster-wide requests/minute cap (None: no cap).")
-    tpm: Optional[float] = Field(None, gt=0, description="Cluster-wide tokens/minute cap (None: no cap).")
     max_concurrency: int = Field(32, ge=1, description="Teacher calls in flight per actor.")
     actors: tuple[int, int] = Field((1, 2), description="Teacher actor pool size MIN,MAX (Ray Data autoscaling).")
     batch_size: int = Field(8, ge=1, description="Problems per Ray Data batch (one Parquet part per batch).")
@@ -40,14 +38,7 @@ class GenerateConfig(BaseModel):
     max_cost_usd: Optional[float] = Field(None, gt=0, description="Stop cleanly once this run has spent this much.")
     dry_run: bool = Field(False, description="Print the token and cost estimate; make no calls, write nothing.")
     retry_failed: bool = Field(False, description="Process only problems in the failures table (not yet a row).")
-    max_retries: int = Field(6, ge=0, description="Retries per call for 429/5xx/timeouts/connection errors.")
     max_resamples: int = Field(2, ge=0, description="Re-samples of a reply that does not parse.")
-    backoff_initial_s: float = Field(0.5, gt=0, description="Initial jittered exponential backoff (seconds).")
-    backoff_max_s: float = Field(30.0, gt=0, description="Backoff cap (seconds).")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout (seconds).")
-    price_table: Optional[str] = Field(None, description="YAML price table (model: {input_per_1k, output_per_1k}).")
-    price_input_per_1k: Optional[float] = Field(None, ge=0, description="Override the model's input price (USD/1K).")
-    price_output_per_1k: Optional[float] = Field(None, ge=0, description="Override the model's output price (USD/1K).")
     progress_interval_s: float = Field(5.0, gt=0, description="Seconds between progress lines (stderr).")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join (None: RAY_ADDRESS or a local one).")
     ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray started by this job.")
@@ -57,8 +48,6 @@ class GenerateConfig(BaseModel):
                                                       "with an atomic create (local or mounted paths; object "
                                                       "stores are refused: pyarrow has no conditional put); off: "
                                                       "no lease (you make sure only one job writes OUTPUT).")
-    max_retry_after_s: float = Field(120.0, gt=0, description="Longest Retry-After honoured (seconds); a longer "
-                                     "one waits this long, is shown in the progress line and counted.")
     api: Literal["online", "batch"] = Field("online", description="online: chat calls through rate-limited actors; "
                                            "batch: the provider's Batch API at its batch price (pipelines/generate/batch.py).")
     cancel: bool = Field(False, description="Batch mode: cancel the batches this output has in flight, then stop.")
@@ -69,23 +58,6 @@ class GenerateConfig(BaseModel):
     batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status polls.")
     batch_max_submissions: int = Field(3, ge=1, description="Times a request is submitted in a batch before it is "
                                        "a recorded failure (expired, cancelled or failed batches resubmit).")
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, v):
-        from urllib.parse import urlsplit
-
-        if v is not None:
-            try:
-                u = urlsplit(v.strip())
-            except ValueError:
-                raise ValueError("not a URL") from None
-            if u.username or u.password or "@" in (u.netloc or ""):
-                # never echoed: the message names the field only
-                raise ValueError("the base URL holds credentials (user:password@host); they would be written to "
-                                 "actor names, config.yaml and logs: remove them and put the key in the variable "
-                                 "named by --api-key-env")
-        return v
 
     @field_validator("actors", mode="before")
     @classmethod
@@ -104,11 +76,3 @@ class GenerateConfig(BaseModel):
         if len(v) != 2 or v[0] < 1 or v[1] < v[0]:
             raise ValueError("expected MIN,MAX with 1 <= MIN <= MAX")
         return v
-
-    def prices(self):
-        from subq.costs import PriceTable
-
-        table = PriceTable.load(self.price_table).with_override(self.model, self.price_input_per_1k,
-                                                                self.price_output_per_1k)
-        table.price(self.model)  # ConfigError naming 'model' when unpriced
-        return table

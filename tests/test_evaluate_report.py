@@ -128,7 +128,7 @@ def test_eval_bad_input_is_one_line_naming_the_field(subq_bin, tmp_path):
     assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([subq_bin, "eval", "--out", str(tmp_path / "o"), "--solver-model", "nonesuch-model"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "solver.name" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "solver.model" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([subq_bin, "eval", "--out", str(tmp_path / "o"), "--decomposer", f"x={tmp_path}/nope"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "decomposers" in r.stderr

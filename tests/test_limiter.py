@@ -61,6 +61,33 @@ def test_tpm_pacing_and_settle_refund():
     assert b.stats()["tokens_used"] == 100
 
 
+def test_admission_gate_spaces_token_calls_from_when_they_were_really_let_go():
+    """`admit`, asked right before a call is sent, applies a provider's rule to the times calls really leave: a
+    call let go late moves the next one (a bucket smaller than one call banks nothing), which the planned slots
+    of `reserve` cannot do. Against such a bucket a planned schedule sends the call after a late one early."""
+    from pipelines.teacher_server import _Bucket
+
+    clock = FakeClock()
+    b = TokenBucket(tpm=60_000, clock=clock, admit_margin_s=0.0)  # 1,000 tokens/s
+    provider = _Bucket(60_000, 0.5, clock=clock)  # holds 500 tokens: less than one call of 1,000
+    assert b.admit(1000) == 0.0
+    provider.take(1000)
+    assert b.admit(1000) == pytest.approx(1.0)  # the next one: a second later
+    clock.t += 1.3  # the first of the next two is let go 0.3 s late...
+    assert b.admit(1000) == 0.0 and provider.wait_for(1000) == 0.0
+    provider.take(1000)
+    clock.t += 0.7  # ...the second at its planned time would reach the provider 0.3 s early: a 429
+    assert provider.wait_for(1000) > 0
+    assert b.admit(1000) == pytest.approx(0.3)  # the gate holds it until the provider has the tokens
+    clock.t += 0.3
+    assert provider.wait_for(1000) == 0.0 and b.admit(1000) == 0.0
+    planned = TokenBucket(tpm=60_000, clock=FakeClock())  # the planned schedule alone: 0, 1, 2 s whatever happens
+    assert [planned.reserve(1000) for _ in range(3)] == pytest.approx([0.0, 1.0, 2.0])
+    assert TokenBucket(rpm=60, clock=clock).admit(1000) == 0.0  # no token limit: no gate
+    st = b.stats()
+    assert st["admits"] == 3 and st["admit_waits"] == 2
+
+
 def test_tpm_without_refund_keeps_the_max_tokens_charge():
     clock = FakeClock()
     b = TokenBucket(tpm=6000, clock=clock)

@@ -24,12 +24,9 @@ from typing import Any, Optional, Sequence
 from subq.errors import ConfigError
 from subq.evaluation import Decomposition, stage_usage
 from subq.settings import DecomposerSettings
-from subq.textformat import DecomposerFormat, get_format, prompt_ids
+from subq.textformat import DEFAULT_MAX_NEW_TOKENS, DecomposerFormat, get_format, prompt_ids
 
 CONFIG_FILE = "training_config.yaml"
-# Decode budget: the release allowed the reference length + 200 tokens; 9% of the released test sub-question sets
-# are longer than 128 tokens of the tiny tokenizer, so every default (validation, serving, evaluation) is >= 256.
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass

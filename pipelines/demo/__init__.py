@@ -332,7 +332,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
     times = StageTimes(out / "stages.json")
     stage = "start"  # the stage in progress, named when Ctrl-C stops it
     teacher = None
-    started_ray = False
+    session = contextlib.ExitStack()  # Ray for the demo (cluster.connect.ray_session), left at the very end
     started_serve = False
 
     def on_term(signum, frame):  # SIGTERM (e.g. `ray job stop`) behaves like Ctrl-C
@@ -345,15 +345,13 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         t0 = time.time()
         if cfg.offline:  # before Ray starts: Serve replicas and actors inherit the environment of the local Ray
             os.environ[LOCAL_KEY_ENV] = LOCAL_KEY
-        where = "joined the running Ray"
-        if not ray.is_initialized():
-            from cluster.connect import init_ray
+        from cluster.connect import ray_session
 
-            # local-only options are dropped by init_ray when it joins a cluster
-            target = init_ray(cfg.ray_address, log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2),
-                              include_dashboard=False)
-            where = f"joined {target.address}" if target.joining else "local"
-            started_ray = not target.joining
+        connected = ray.is_initialized()
+        # local-only options are dropped when it joins a cluster
+        target = session.enter_context(ray_session(cfg.ray_address, log_to_driver=False, include_dashboard=False,
+                                                   num_cpus=max(2, os.cpu_count() or 2)))
+        where = "joined the running Ray" if connected else f"joined {target.address}" if target.joining else "local"
         res = ray.cluster_resources()
         say(f"[1/8] ray       {where}: {res.get('CPU', 0):.0f} CPU, "
             f"{res.get('GPU', 0):.0f} GPU ({time.time() - t0:.0f}s)")
@@ -444,5 +442,4 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = _say) -> dict:
         finally:
             if teacher is not None:
                 teacher.stop()
-            if started_ray:
-                ray.shutdown()
+            session.close()

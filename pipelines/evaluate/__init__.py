@@ -171,26 +171,6 @@ def failure_verdict(runs: list[dict], out: str) -> tuple[Optional[str], Optional
                   f"most common: {reasons}")
 
 
-def _init_ray() -> None:
-    """Join RAY_ADDRESS (a cluster job) or start a local Ray. A local start that misses Ray's fixed 30 s window for
-    the raylet (a saturated machine) is tried again, twice."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from cluster.connect import init_ray
-
-    for attempt in range(3):
-        try:  # RAY_ADDRESS (a cluster job) is joined; the local-only options are dropped then
-            init_ray(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                     object_store_memory=200 * 1024**2, log_to_driver=False)
-            return
-        except Exception as e:  # noqa: BLE001 - only the start-up timeout is retried
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-
-
 def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     """The batch job: for each decomposer spec, Ray Data over the split -> decompose -> solve -> score; then the
     report directory. Solver calls go through the durable request cache (<out>/cache by default), so a re-run
@@ -209,44 +189,48 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     check_solver(cfg.solver)  # no key / endpoint down -> one error line before any work
     solver = cfg.solver.model_copy(update={"cache_dir": cfg.solver.cache_dir or cfg.cache_dir
                                            or storage.join(cfg.out, "cache")})
-    _init_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    runs = []
-    for name, path in specs:
-        kind = name if path is None else "distilled"
-        t0 = time.perf_counter()
-        seed = [json.dumps(new_item(i, p, name, solver.name).to_dict()) for i, p in enumerate(problems)]
-        ds = ray.data.from_items([{"item": s} for s in seed], override_num_blocks=max(1, len(seed) // cfg.batch_size))
-        dec_settings = cfg.decomposer.model_copy(update={"path": path, "name": name}).model_dump()
-        ds = ds.map_batches(_DecomposeStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                            fn_constructor_kwargs=dict(kind=kind, name=name, settings=dec_settings,
-                                                       solver=solver.model_dump(), concurrency=cfg.concurrency),
-                            **decompose_resources(cfg, kind))
-        ds = ds.map_batches(_SolveStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                            fn_constructor_kwargs=dict(solver=solver.model_dump(), concurrency=cfg.concurrency),
-                            num_cpus=0.25)
-        items: list[ItemResult] = []
-        correct = cost = 0.0
-        with console.progress_bar(total=len(seed), desc=f"eval {name}", unit="item") as bar:
-            for row in ds.iter_rows():  # streaming: items arrive as their batches finish
-                it = ItemResult.from_dict(json.loads(row["item"]))
-                items.append(it)
-                correct += bool(it.scores and it.scores["paper"]["correct"])
-                cost += sum(u.get("cost_usd", 0.0) for u in it.usage.values())
-                scored = sum(1 for x in items if x.scores)
-                bar.set_postfix_str(f"acc {correct / scored if scored else 0:.3f} ${cost:.4f} "
-                                    f"errors {len(items) - scored}", refresh=False)
-                bar.update(1)
-        items.sort(key=lambda i: i.index)
-        summary = summarize_items(items)
-        summary["wall_s"] = time.perf_counter() - t0
-        runs.append({"decomposer": name, "solver": solver.name, "summary": summary, "items": items})
-        fb = (f" fell back to single-stage: {summary['fell_back_single_stage']} of {summary['n']}"
-              if name != "none" else "")
-        progress(f"eval {name} x {solver.name}: n={summary['n']} acc(paper)={summary['accuracy']['paper']['accuracy']:.3f} "
-                 f"cost=${summary['usage']['total']['cost_usd']:.5f} solver calls={summary['usage']['solve']['calls']} "
-                 f"errors={summary['errors']}{fb}")
+    from cluster.connect import ray_session
+
+    # RAY_ADDRESS (a cluster job) is joined, the local-only options dropped then; disconnected at the end
+    with ray_session(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                     object_store_memory=200 * 1024**2, log_to_driver=False):
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        runs = []
+        for name, path in specs:
+            kind = name if path is None else "distilled"
+            t0 = time.perf_counter()
+            seed = [json.dumps(new_item(i, p, name, solver.name).to_dict()) for i, p in enumerate(problems)]
+            ds = ray.data.from_items([{"item": s} for s in seed], override_num_blocks=max(1, len(seed) // cfg.batch_size))
+            dec_settings = cfg.decomposer.model_copy(update={"path": path, "name": name}).model_dump()
+            ds = ds.map_batches(_DecomposeStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                                fn_constructor_kwargs=dict(kind=kind, name=name, settings=dec_settings,
+                                                           solver=solver.model_dump(), concurrency=cfg.concurrency),
+                                **decompose_resources(cfg, kind))
+            ds = ds.map_batches(_SolveStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                                fn_constructor_kwargs=dict(solver=solver.model_dump(), concurrency=cfg.concurrency),
+                                num_cpus=0.25)
+            items: list[ItemResult] = []
+            correct = cost = 0.0
+            with console.progress_bar(total=len(seed), desc=f"eval {name}", unit="item") as bar:
+                for row in ds.iter_rows():  # streaming: items arrive as their batches finish
+                    it = ItemResult.from_dict(json.loads(row["item"]))
+                    items.append(it)
+                    correct += bool(it.scores and it.scores["paper"]["correct"])
+                    cost += sum(u.get("cost_usd", 0.0) for u in it.usage.values())
+                    scored = sum(1 for x in items if x.scores)
+                    bar.set_postfix_str(f"acc {correct / scored if scored else 0:.3f} ${cost:.4f} "
+                                        f"errors {len(items) - scored}", refresh=False)
+                    bar.update(1)
+            items.sort(key=lambda i: i.index)
+            summary = summarize_items(items)
+            summary["wall_s"] = time.perf_counter() - t0
+            runs.append({"decomposer": name, "solver": solver.name, "summary": summary, "items": items})
+            fb = (f" fell back to single-stage: {summary['fell_back_single_stage']} of {summary['n']}"
+                  if name != "none" else "")
+            progress(f"eval {name} x {solver.name}: n={summary['n']} acc(paper)={summary['accuracy']['paper']['accuracy']:.3f} "
+                     f"cost=${summary['usage']['total']['cost_usd']:.5f} solver calls={summary['usage']['solve']['calls']} "
+                     f"errors={summary['errors']}{fb}")
     if is_offline(runs):
         progress(f"warning: {OFFLINE_CAVEAT}")
     config = cfg.model_dump()

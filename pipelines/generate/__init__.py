@@ -47,6 +47,7 @@ way with `"stopped": "budget"` (exit 0); a bad key or request stops with one `er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -453,15 +454,11 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
 
     from actors.limiter import RateLimiter
     from actors.limiter_client import OwnerLease, limiter_name
-    from cluster.connect import init_ray, schedulable
+    from cluster.connect import ray_session, schedulable
 
-    started = False
-    if not ray.is_initialized():
-        kw = {"include_dashboard": False, "log_to_driver": False}
-        if cfg.ray_address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray_num_cpus:
-            kw["num_cpus"] = cfg.ray_num_cpus
-        init_ray(cfg.ray_address, namespace="subq", **kw)
-        started = True
+    session = contextlib.ExitStack()  # Ray for this job (cluster.connect.ray_session), left at the very end
+    session.enter_context(ray_session(cfg.ray_address, namespace="subq", include_dashboard=False, log_to_driver=False,
+                                      **({"num_cpus": cfg.ray_num_cpus} if cfg.ray_num_cpus else {})))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -501,12 +498,8 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
             here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
             budget = ray.remote(RateLimiter).options(name=bname, namespace="subq", num_cpus=0, max_concurrency=1000,
                                                      scheduling_strategy=here).remote(None, None, 0.0, cfg.max_cost_usd)
-        client_kwargs = dict(model=cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
-                             max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s,
-                             backoff_max_s=cfg.backoff_max_s, timeout_s=cfg.timeout_s, price=prices.price(cfg.model),
-                             cache_dir=storage.join(cfg.output, "cache"), max_concurrency=cfg.max_concurrency,
-                             max_resamples=cfg.max_resamples, max_retry_after_s=cfg.max_retry_after_s,
-                             rpm=cfg.rpm, tpm=cfg.tpm, limits_owner=owner)
+        client_kwargs = dict(cfg.client_kwargs(), cache_dir=storage.join(cfg.output, "cache"),
+                             max_concurrency=cfg.max_concurrency, max_resamples=cfg.max_resamples, limits_owner=owner)
         job = dict(template=cfg.template, n_sets=cfg.n_sets, n_feedback=cfg.n_feedback, temperature=cfg.temperature,
                    max_tokens=cfg.max_tokens, model=cfg.model, output=cfg.output)
         items = [dict(problem_id=p.problem_id, problem=p.problem, gold_answer=p.gold_answer, source=p.source,
@@ -545,5 +538,4 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
         progress.status_fn = None
         if limits_lease is not None:
             limits_lease.close()  # also on a failure or a stop: no renewals of a job that is over
-        if started:
-            ray.shutdown()
+        session.close()

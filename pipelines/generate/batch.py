@@ -160,7 +160,8 @@ class BatchDriver:
                 raise ConfigError(f"the endpoint {self.base_url} has no Batch API (GET /batches answered "
                                   f"{e.status_code}); nothing was uploaded", field="api",
                                   hint="use --api online for this endpoint") from None
-            self._api("checking the Batch API", lambda: (_ for _ in ()).throw(e))
+            err = e
+            self._api("checking the Batch API", lambda: (_ for _ in ()).throw(err))
         except openai.APIConnectionError as e:
             raise SubqError(f"cannot reach the endpoint ({type(e).__name__})", source=self.base_url) from None
 

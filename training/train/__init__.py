@@ -160,18 +160,14 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None, progress
         cfg = TrainConfig.model_validate(cfg)
     cfg = resolve_models(absolute_paths(cfg))  # a missing local model fails here, at once, before Ray or the hub
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     counts = preflight(cfg)
     _announce_one_time_costs(cfg)
-    started = False
-    if not ray.is_initialized():
-        from cluster.connect import init_ray
-        init_ray(**(ray_init or {}))
-        started = True
-    try:
+    from cluster.connect import ray_session
+
+    with ray_session(**(ray_init or {})):  # disconnects at the end only what it connected
         from training.preflight import check_cluster
 
         check_cluster(cfg)  # against the cluster, before any worker starts (training/preflight.py)
@@ -190,9 +186,6 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None, progress
         )
         with progress_line(cfg) if progress else contextlib.nullcontext():
             result = _fit_interruptibly(trainer)
-    finally:
-        if started:
-            ray.shutdown()
     if result.error:
         raise result.error
     rd = run_dir(cfg)
