@@ -200,3 +200,24 @@ def test_no_file_over_600_lines_beyond_the_known_ones():
     big = {f for f, n in sizes.items() if n > 600}
     assert big <= set(OVERSIZE), f"files over 600 lines: {sorted(big - set(OVERSIZE))}"
     assert not set(OVERSIZE) - big, f"now under 600 lines: remove from OVERSIZE: {sorted(set(OVERSIZE) - big)}"
+
+
+TEST_ROOMS = {"subq", "actors", "cluster", "training", "pipelines", "e2e"}
+
+
+def test_tests_mirror_the_package_tree():
+    """Every test file sits under a folder named after the package it tests (tests/subq/, tests/actors/,
+    tests/cluster/, tests/training/, tests/pipelines/ and tests/pipelines/<job>/ for a job package), or under
+    tests/e2e/ (the README walk-through, the demo, autoscaling, multi-node); only the house rules and the shared
+    fixtures stay at the top."""
+    tests = REPO / "tests"
+    misplaced = []
+    for p in sorted(tests.rglob("test_*.py")):
+        rel = p.relative_to(tests)
+        if rel.parts == ("test_layers.py",):
+            continue
+        room, *sub = rel.parts[:-1]
+        if room not in TEST_ROOMS or (sub and not (REPO / room / Path(*sub) / "__init__.py").exists()) or len(sub) > 1:
+            misplaced.append(rel.as_posix())
+    assert not misplaced, f"test files outside the mirrored tree: {misplaced}"
+    assert not [p.name for p in tests.rglob("__init__.py")], "no __init__.py under tests/ (rootdir-relative imports)"

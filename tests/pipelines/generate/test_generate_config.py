@@ -59,7 +59,7 @@ def test_export_compacts_duplicate_rows_and_writes_both_paper_formats(tmp_path):
     from pipelines.generate.output import export
     from subq.schema import read_parquet, read_rows, write_parquet
 
-    rows = read_rows(str(__import__("pathlib").Path(__file__).resolve().parents[1]
+    rows = read_rows(str(__import__("pathlib").Path(__file__).resolve().parents[3]
                          / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl"))[:5]
     out = tmp_path / "out"
     write_parquet(rows[:3], str(out / "parts" / "part-a.parquet"))

@@ -73,7 +73,7 @@ def test_subq_eval_writes_report_directory(tmp_path, subq_bin):
     assert by["none"]["usage"]["solve"]["calls"] >= 6 and by["teacher"]["usage"]["solve"]["calls"] >= 6
     assert by["tiny"]["usage"]["solve"]["calls"] >= 6 - by["tiny"]["fell_back_single_stage"]
     # the random tiny model's fallbacks are counted exactly and reported, never taken for two-stage (the two-stage
-    # path itself: tests/test_two_stage.py)
+    # path itself: tests/pipelines/evaluate/test_two_stage.py)
     tiny_items = next(run for run in res["runs"] if run["decomposer"] == "tiny")["items"]
     k = sum(1 for it in tiny_items if not it["sub_questions"])
     assert by["tiny"]["fell_back_single_stage"] == k == sum(it["fell_back"] for it in tiny_items)

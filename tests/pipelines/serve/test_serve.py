@@ -127,7 +127,7 @@ def test_solve_two_stage_with_distilled_decomposer(client):
     assert b["decomposer"] == "subq-decomposer" and b["solver"] == MODEL_NAME
     # the random tiny model (seed 0, greedy) writes no sub-question for this problem: the solver answered alone,
     # and the reply says so. That fallback is the outcome asserted here, never taken for two-stage (the two-stage
-    # path, with a student that writes well-formed sub-questions: tests/test_two_stage.py)
+    # path, with a student that writes well-formed sub-questions: tests/pipelines/evaluate/test_two_stage.py)
     assert b["fell_back_single_stage"] is True and b["mode"] == "single_stage" and b["sub_questions"] == []
     assert isinstance(b["sub_questions"], list) and isinstance(b["answer_text"], str) and b["answer_text"]
     assert b["usage"]["decompose"]["completion_tokens"] > 0 and b["usage"]["solve"]["prompt_tokens"] > 0

@@ -15,7 +15,7 @@ from cluster import auth
 from cluster.submit import EXCLUDES, build_runtime_env, load_secret, _secret_package
 from subq.errors import SubqError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 
 

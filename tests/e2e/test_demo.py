@@ -107,7 +107,7 @@ def test_demo_killed_while_generating_resumes_without_regenerating_and_reports(t
     assert not {it["problem_id"] for run in res["runs"] for it in run["items"]} & set(train_ids)
     # a 4-step student may write no sub-question: the solver then answered single-stage. Never silent: each run
     # counts exactly its items without sub-questions, and eval/report.md states the count (two-stage itself is
-    # proven in tests/test_two_stage.py with a student that writes well-formed sub-questions)
+    # proven in tests/pipelines/evaluate/test_two_stage.py with a student that writes well-formed sub-questions)
     eval_md = (out / "eval" / "report.md").read_text()
     for run in res["runs"]:
         if run["decomposer"] in ("bc", "filtered_bc", "ilql-dense"):

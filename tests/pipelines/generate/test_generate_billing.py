@@ -19,7 +19,7 @@ import httpx
 import pytest
 from conftest import subq_generate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def gen(subq_bin, *args, check=True, timeout=300):

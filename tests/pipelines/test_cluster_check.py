@@ -16,7 +16,7 @@ import yaml
 from pipelines import cluster_check as check
 from pipelines import cluster_files as files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT.parent / "shared" / "kuberay"  # KubeRay's CRDs and samples (tests only; the product never reads them)
 MANIFESTS = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 BLOCK = re.compile(r"(?P<mark><!-- runnable -->\s*\n)?```bash\n(?P<code>.*?)```", re.S)
 # the sections whose every shell block must be runnable (and so run by this test)

@@ -30,7 +30,7 @@ def student(tmp_path_factory):
     of the N shortest of the first 100 released problems (short: the overfit stays cheap)."""
     from subq.schema import read_rows
     from subq.textformat import get_format
-    from tests.test_text_contract import _overfit
+    from tests.training.test_text_contract import _overfit
     from training.data import Example, collate, encode
     from training.decomposer import generate_subquestions, load_decomposer
     from training.init_model import create_tiny_model

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import _rows
+from tests.training.test_train import _rows
 
-TRAINING_DIR = str(Path(__file__).resolve().parents[1] / "training")
+TRAINING_DIR = str(Path(__file__).resolve().parents[2] / "training")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def _count_host_syncs(log_dir: str):
 def ray_syncs(tmp_path_factory):
     import ray
 
-    from tests.test_preflight import connect, start_head, stop_cluster, wait_nodes
+    from tests.training.test_preflight import connect, start_head, stop_cluster, wait_nodes
 
     log_dir = str(tmp_path_factory.mktemp("syncs"))
     # `ray start` of its own rather than ray.init(num_cpus=...): on a loaded machine the raylet may register after

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 N = 10  # problems per job
 
@@ -339,7 +339,7 @@ def gpu_preflight_scenario(tmp: Path) -> None:
 
     from subq.errors import SubqError
     from subq.schema import write_parquet
-    from tests.test_train import _rows
+    from tests.training.test_train import _rows
     from training.config import TrainConfig
     from training.init_model import create_tiny_model
     from training.preflight import check_cluster

@@ -111,5 +111,5 @@ def scenario(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     scenario(Path(sys.argv[1]))

@@ -7,7 +7,7 @@ from subq import prompts
 from subq.errors import ConfigError
 from subq.textformat import get_format
 
-SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "paper-prompts.md"
+SHARED_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "docs" / "paper-prompts.md"
 
 
 @pytest.mark.skipif(not SHARED_PROMPTS.exists(), reason="shared/docs not beside the checkout")

@@ -16,7 +16,7 @@ from subq.schema import ROW_SCHEMA, detect_format, read_parquet, read_rows, vali
 
 pytestmark = pytest.mark.slow
 
-RAW = Path(__file__).resolve().parents[1] / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl"
+RAW = Path(__file__).resolve().parents[3] / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl"
 
 
 gen = subq_generate

@@ -23,7 +23,7 @@ from subq.problems import load_problems
 from subq.schema import read_parquet
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv running the tests: `ray`, `subq`, `python`
 
 

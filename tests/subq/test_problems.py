@@ -74,7 +74,7 @@ def test_column_reader_matches_the_record_reader(tmp_path):
     assert t.column("problem_id").to_pylist() == [problem_id(x) for x in ("a?", "b?", "c?", "d?")]
     assert t.column("index").to_pylist() == [0, 1, 2, 3]
     assert load_problem_table(str(f), limit=2).num_rows == 2
-    real = Path(__file__).resolve().parents[1] / "subq" / "data" / "gsm8k" / "test.jsonl"
+    real = Path(__file__).resolve().parents[2] / "subq" / "data" / "gsm8k" / "test.jsonl"
     t = load_problem_table(str(real))
     assert (t.column("problem").to_pylist(), t.column("gold_answer").to_pylist()) == by_records(real)
     pq.write_table(pa.table({"question": ["a?", "b?"], "true_answer": [1.0, 2.0]}), tmp_path / "p.parquet")

@@ -15,7 +15,7 @@ from subq.parsers import parse_answers, parse_feedback, parse_subquestions
 from subq.problems import load_problems
 from subq.prompts import messages, parse_prompt, render
 
-RELEASED = [json.loads(x) for x in (Path(__file__).resolve().parents[1] / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl").read_text().splitlines()[:3]]
+RELEASED = [json.loads(x) for x in (Path(__file__).resolve().parents[3] / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl").read_text().splitlines()[:3]]
 
 
 @pytest.mark.parametrize("tid", ["paper_qg", "paper_qa", "paper_feedback", "doc_decompose", "doc_solve"])
