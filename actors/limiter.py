@@ -10,6 +10,14 @@ backs the whole cluster off; a short one (a call that came a few ms early to a p
 less than one call) also teaches a pacing margin (`slack_s`) that covers the callers' send jitter. It also keeps the job's spend and an optional budget, so a budget cap is
 enforced cluster-wide before a call is sent.
 
+Against a provider whose token bucket holds less than one call (a call is admitted only when the bucket is full),
+planned slots are not enough: a call that leaves late is not banked, so the next planned one arrives early (a 429).
+So a token-limited call also passes an admission gate right before it is sent (`admit`): the provider's rule
+applied to the times calls really leave, each one telling the gate when it did (`sent`, from the HTTP client's
+send hook); the next call is counted from then. Measured through the real stack (tests/actors/test_rate_limit_stack.py:
+two teacher actors, the openai client over HTTP, a bucket of 0.1 s at 600,000 TPM): no 429 in 120 calls, 0.88-0.91
+of the limit used.
+
 `RateLimiter` is the Ray actor around it. Use ONE per limit key (endpoint + model + account), found by name; it is
 detached (outlives any job or replica) and each job registers the limits it asked for (the strictest applies):
 
@@ -114,11 +122,13 @@ class TokenBucket:
     # added to each interval of the admission gate (`admit`): the spread of the trip from being let go to reaching
     # the provider (an actor reply, then the HTTP send)
     admit_margin_s: float = 0.002
+    gate_slack_decay: float = 0.995
     # state
     slack_s: float = field(default=0.0, init=False)  # learned: added to each paced interval
     _admit_at: float = field(default=0.0, init=False)  # earliest time the next token-limited call may be let go
     admits: int = field(default=0, init=False)
     admit_waits: int = field(default=0, init=False)  # times a call at the gate was told to wait
+    late_sends: int = field(default=0, init=False)  # gated calls that left late enough to move the next one
     _next_req: float = field(default=0.0, init=False)  # earliest time the next request may start (GCRA TAT)
     _next_tok: float = field(default=0.0, init=False)
     _blocked_until: float = field(default=0.0, init=False)
@@ -153,7 +163,7 @@ class TokenBucket:
                 start = max(start, self._next_req - self.burst_s)
                 self._next_req = max(self._next_req, start) + interval
             if self.tpm and tokens:
-                tok_interval = 60.0 * tokens / self.tpm + self.slack_s
+                tok_interval = 60.0 * tokens / self.tpm + self.slack_s + self.admit_margin_s  # as the gate spaces
                 start = max(start, self._next_tok - self.burst_s)
                 self._next_tok = max(self._next_tok, start) + tok_interval
             self.reserved += 1
@@ -176,8 +186,21 @@ class TokenBucket:
                 self.admit_waits += 1
                 return self._admit_at - now
             self._admit_at = now + 60.0 * tokens / self.tpm + self.slack_s + self.admit_margin_s
+            self.slack_s *= self.gate_slack_decay
             self.admits += 1
             return 0.0
+
+    def sent(self, tokens: int = 0, age_s: float = 0.0) -> None:
+        """A call let through the gate really left `age_s` ago: the next one may leave one interval after that, not
+        after the time it was let through (a call whose process was busy when the gate opened leaves late, and a
+        bucket smaller than one call banks nothing of it)."""
+        with self._lock:
+            if not (self.tpm and tokens):
+                return
+            nxt = self.clock() - max(0.0, age_s) + 60.0 * tokens / self.tpm + self.slack_s + self.admit_margin_s
+            if nxt > self._admit_at:
+                self._admit_at = nxt
+                self.late_sends += 1
 
     def settle(self, reserved: int, used: int, cost_usd: float = 0.0, headers: Optional[dict] = None,
                age_s: float = 0.0) -> None:
@@ -223,6 +246,8 @@ class TokenBucket:
                 if ready > getattr(self, nxt) - self.burst_s:  # our next start (GCRA: TAT - burst) is earlier
                     self.corrections += 1
                     setattr(self, nxt, ready + self.burst_s)
+                if kind == "tokens" and ready + self.admit_margin_s > self._admit_at:  # the gate too
+                    self._admit_at = ready + self.admit_margin_s
 
     def report_429(self, retry_after_s: Optional[float] = None, headers: Optional[dict] = None) -> float:
         """A provider said 'too many requests': block everyone until its reset. Returns the block length (s)."""
@@ -237,7 +262,11 @@ class TokenBucket:
                 # a short wait: the call came a little early for a provider bucket that had to be (nearly) full,
                 # i.e. our send times jitter by about this much. Space later calls by it (a few % of the limit at
                 # most; a bucket holding several calls never answers these, so this stays 0 there)
-                self.slack_s = min(self.max_slack_s, self.slack_s + wait)
+                # behind the admission gate (a token limit) what is left is the spread of the trip from gate to
+                # provider: a long one-off (a new connection's handshake) must not slow every later call, so the
+                # margin at most doubles (+2 ms) per 429 and decays by `gate_slack_decay` per admitted call
+                step = min(wait, self.slack_s + 0.002) if self.tpm else wait
+                self.slack_s = min(self.max_slack_s, self.slack_s + step)
             now = self.clock()
             until = now + max(0.0, wait)
             if until > self._blocked_until:
@@ -273,7 +302,7 @@ class TokenBucket:
                     "learned": dict(self.learned),
                     "longest_retry_after_s": round(self.longest_retry_after_s, 3),
                     "slack_ms": round(self.slack_s * 1000, 2), "admits": self.admits,
-                    "admit_waits": self.admit_waits,
+                    "admit_waits": self.admit_waits, "late_sends": self.late_sends,
                     "max_retry_after_s": self.max_retry_after_s,
                     "blocked_for_s": round(max(0.0, self._blocked_until - self.clock()), 3)}
 
@@ -387,6 +416,10 @@ class RateLimiter:
     async def admit(self, tokens: int = 0) -> float:
         """TokenBucket.admit: 0 = send now, else wait that long and ask again."""
         return self.bucket.admit(tokens)
+
+    async def sent(self, tokens: int = 0, age_s: float = 0.0) -> None:
+        """TokenBucket.sent: a gated call really left (sent without waiting for an answer)."""
+        self.bucket.sent(tokens, age_s)
 
     async def stop(self, reason: str) -> None:
         """Refuse every later call (a fatal error such as a bad key: stop the whole job at once)."""

@@ -77,6 +77,16 @@ class _Retryable(Exception):
 # A ContextVar, so concurrent problems on one client stay apart.
 BILLING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("subq_billing", default=None)
 
+# called by httpx right before a request of this task goes out, after the openai SDK built it (its first request in
+# a process spends ~45 ms there: a gated call is counted from its real send, not from when it was let through)
+_ON_SEND: contextvars.ContextVar[Optional[Callable[[], None]]] = contextvars.ContextVar("subq_on_send", default=None)
+
+
+async def _on_send(request) -> None:
+    fn = _ON_SEND.get()
+    if fn is not None:
+        fn()
+
 
 def _bill(pt: int, ct: int, cost: float, template_id: Optional[str]) -> None:
     acc = BILLING.get()
@@ -183,6 +193,7 @@ class TeacherClient:
         self._last_wait = 0.0  # the wait of the latest slot: paced when > SLOT_HORIZON_S (see `_acquire`)
         self._far_gate: Optional[asyncio.Semaphore] = None
         self._gate = False  # the limiter asked for its admission gate (a token limit): see `_admit`
+        self._warm, self._warm_lock = False, None  # see `_warm_up`
         self._max_concurrency = max_concurrency
         self._client = None
         self.metrics = TeacherMetrics(self.base_url, model)
@@ -225,8 +236,10 @@ class TeacherClient:
                 raise TeacherAuthError(f"no API key: set the environment variable {self.api_key_env}",
                                        upstream=self.base_url, status=None,
                                        hint="for a local server any non-empty value works")
+            # openai's own httpx client, plus a hook at the moment httpx sends a request (see `_ON_SEND`)
             self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
-                                              timeout=self.timeout_s)
+                                              timeout=self.timeout_s, http_client=openai.DefaultAsyncHttpxClient(
+                                                  timeout=self.timeout_s, event_hooks={"request": [_on_send]}))
         return self._client
 
     FAR_SLOTS = 1  # paced: this client's calls holding a slot more than SLOT_HORIZON_S ahead (see `_acquire`)
@@ -285,6 +298,20 @@ class TeacherClient:
                 gate.release()
         if deadline > time.monotonic():
             await asyncio.sleep(deadline - time.monotonic())
+
+    async def _warm_up(self, client) -> None:
+        """Before this client's first token-limited call: one GET /models, so its first chat call does not leave
+        tens of ms after the gate let it through (a new connection, the SDK's first request) while the next call,
+        from a warm process, leaves on time: against a bucket smaller than one call that next one is a 429."""
+        if self._warm_lock is None:
+            self._warm_lock = asyncio.Lock()
+        async with self._warm_lock:
+            if not self._warm:
+                try:
+                    await client.models.list()
+                except Exception:  # noqa: BLE001 - only a warm-up: the call itself reports what is wrong
+                    pass
+                self._warm = True
 
     async def _admit(self, tokens: int) -> None:
         """Right before sending a token-limited call: the limiter's gate (TokenBucket.admit), asked again after
@@ -412,6 +439,8 @@ class TeacherClient:
 
         client = self._openai()
         await self._acquire(est_tokens, est_cost)
+        if self._gate and not self._warm:
+            await self._warm_up(client)
         await self._admit(est_tokens)
         state["attempts"] += 1
         self.stats["attempts"] += 1
@@ -466,10 +495,23 @@ class TeacherClient:
 
         t_send = time.monotonic()
         state["sent"] = True
+        on_send = None
+        if self._gate and self.limiter is not None:  # the gate counts the next call from its real send
+            lim = self.limiter
+
+            def on_send() -> None:
+                if hasattr(getattr(lim, "sent", None), "remote"):
+                    lim.sent.remote(est_tokens, 0.0)  # one way: no answer awaited
+                else:
+                    lim.sent(est_tokens, 0.0)
         try:
-            raw = await client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
-                extra_headers={"x-subq-cache-key": key, "x-subq-sample-index": str(sample_index)})
+            token = _ON_SEND.set(on_send)
+            try:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
+                    extra_headers={"x-subq-cache-key": key, "x-subq-sample-index": str(sample_index)})
+            finally:
+                _ON_SEND.reset(token)
             headers = dict(raw.headers)
             try:
                 completion = raw.parse()

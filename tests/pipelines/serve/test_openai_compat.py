@@ -136,6 +136,34 @@ def test_decompose_served_equals_offline_guided_or_not_batched_or_alone(stack):
     assert any(texts[None, i] != texts[0.0, i] for i in range(16))  # the heads steer: beta 4 is not plain LM
 
 
+def test_subq_eval_decodes_what_is_served_and_what_offline_decoding_writes(stack, tmp_path):
+    """`subq eval` (the Ray Data job, its decomposer actor loading the same checkpoint) writes, item by item, the
+    decomposition that offline decoding and /v1/decompose give: with the checkpoint's own beta (4) and with beta 0."""
+    import json
+
+    from pipelines.evaluate import EvalConfig, run_eval
+    from subq.problems import load_problems
+    from training.decomposer import generate_subquestions, load_decomposer
+
+    problems = [p.problem for p in load_problems("gsm8k:test", 16)]
+    model = load_decomposer(stack["model_dir"])
+    for beta in (None, 0.0):
+        offline = [generate_subquestions(model, [p], max_new_tokens=12, beta=beta)[0].text for p in problems]
+        cfg = EvalConfig(data="gsm8k:test", limit=16, out=str(tmp_path / f"eval-{beta}"),
+                         decomposers=[f"ilql={stack['model_dir']}"], batch_size=16,
+                         decomposer={"max_new_tokens": 12, "beta": beta},
+                         solver={"name": SOLVER, "backend": "local", "local_path": stack["model_dir"], "max_tokens": 2})
+        run_eval(cfg, progress=lambda s: None)
+        res = json.loads((tmp_path / f"eval-{beta}" / "results.json").read_text())
+        items = res["runs"][0]["items"]
+        rows = {it["index"]: it["decomposition_text"] for it in items}
+        assert [rows[i] for i in range(16)] == offline, beta
+        with httpx.Client(base_url=stack["base"], timeout=300) as c:
+            served = c.post("/v1/decompose", json={"problem": problems[5], "max_new_tokens": 12,
+                                                    **({} if beta is None else {"beta": beta})}).json()
+        assert served["text"] == rows[5]
+
+
 def test_stop_sequence_from_a_first_reply_truncates_a_second_before_it(oc):
     kw = dict(max_tokens=24, temperature=1.0, seed=11)  # seeded sampling: varied text, the same twice
     first = _chat(oc, **kw).choices[0].message.content
