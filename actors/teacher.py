@@ -32,7 +32,6 @@ import asyncio
 import contextvars
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 from actors.cache import RequestCache, cache_key, normalize_endpoint, refuse_userinfo
@@ -50,6 +49,7 @@ from actors.errors import (
 )
 from actors.metrics import TeacherMetrics, _MeteredStats
 from subq.costs import Price, PriceTable, estimate_tokens
+from actors.billing import BILLING, ChatResult, _bill
 
 # what lived here before the split (actors.errors, actors.cache, actors.metrics), still importable from here
 __all__ = ["BILLING", "ChatResult", "RequestCache", "TeacherActor", "TeacherAuthError", "TeacherBudgetExceeded",
@@ -68,15 +68,6 @@ class _Retryable(Exception):
         self.billed_usd = billed_usd  # a reply arrived with its usage (billed, then retried): what it cost
 
 
-# what the provider bills, counted into the dict the caller set here (e.g. one problem's accounts), reply by reply:
-# every reply that arrived, usable or not (re-sampled, invalid, retried after it arrived): "billed_replies",
-# "billed_prompt_tokens", "billed_completion_tokens", "billed_cost_usd" and "billed_by_template" {template id:
-# [prompt, completion, $]}, from the reply's own `usage`; calls that may have been billed without a reply
-# (timeout after sending, dropped connection, unreadable 200, a call cancelled in flight): "maybe_billed" and
-# "maybe_billed_usd", priced at the hold estimate (prompt estimate + max_tokens at the online price).
-# A ContextVar, so concurrent problems on one client stay apart.
-BILLING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("subq_billing", default=None)
-
 # called by httpx right before a request of this task goes out, after the openai SDK built it (its first request in
 # a process spends ~45 ms there: a gated call is counted from its real send, not from when it was let through)
 _ON_SEND: contextvars.ContextVar[Optional[Callable[[], None]]] = contextvars.ContextVar("subq_on_send", default=None)
@@ -88,40 +79,7 @@ async def _on_send(request) -> None:
         fn()
 
 
-def _bill(pt: int, ct: int, cost: float, template_id: Optional[str]) -> None:
-    acc = BILLING.get()
-    if acc is None:
-        return
-    acc["billed_replies"] = acc.get("billed_replies", 0) + 1
-    acc["billed_prompt_tokens"] = acc.get("billed_prompt_tokens", 0) + pt
-    acc["billed_completion_tokens"] = acc.get("billed_completion_tokens", 0) + ct
-    acc["billed_cost_usd"] = acc.get("billed_cost_usd", 0.0) + cost
-    t = acc.setdefault("billed_by_template", {}).setdefault(template_id or "", [0, 0, 0.0])
-    t[0] += pt
-    t[1] += ct
-    t[2] += cost
-
-
 # ------------------------------------------------------------------ results
-
-
-@dataclass
-class ChatResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    attempts: int  # HTTP attempts made for this call (0 when served from the cache)
-    cached: bool  # True: read from the durable cache, nothing paid now
-    key: str = ""  # content-addressed cache key
-    model: str = ""
-    provenance: Optional[str] = None  # the reply's system_fingerprint (the teacher server labels replay/synthetic)
-    invalid_reason: Optional[str] = None  # set when validation failed on every sample and accept_invalid was True
-    n_429: int = 0
-    raw_headers: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------ metrics

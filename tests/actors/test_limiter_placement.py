@@ -55,7 +55,8 @@ def scenario() -> dict:
         def node_of(actor) -> str:
             return ray._private.state.actors(actor._actor_id.hex())["Address"]["NodeID"]
 
-        made = [get_or_create_limiter(f"subq-limiter:test-placement:{i}", rpm=60, detached=False) for i in range(N)]
+        made = [get_or_create_limiter(f"subq-limiter:test-placement:{i}", rpm=60, detached=False, wait=False)
+                for i in range(N)]
         ray.get([a.stats.remote() for a in made])
         report["on_driver_node"] = sum(node_of(a) == head for a in made)
         plain = [ray.remote(RateLimiter).options(num_cpus=0).remote(60) for _ in range(N)]  # no pinning
