@@ -41,9 +41,6 @@ class DecomposerDeployment:
             self.local.model.model.to(torch.bfloat16)  # the LM in bf16 (ILQL heads cast its states to their dtype)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-        self.in_flight = 0  # requests queued or decoding (see `decompose`)
-        self.at_once = 0  # batches of one with nothing queued: the next batch does not wait
         self.batch_sizes: list[int] = []
         self.cancelled: list[dict] = []  # requests whose caller left mid-decode: tokens decoded of their budget
         self.batch_groups: list[int] = []  # generate calls per batch (one per distinct decoding setting)
@@ -72,12 +69,6 @@ class DecomposerDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
     async def _batched(self, requests: list[tuple]) -> list[dict]:
         self.batch_sizes.append(len(requests))
-        # wait for the next batch to fill only while requests come more than one at a time: after a batch of one
-        # with nothing else queued (a lone client) the next request is decoded at once instead of waiting out
-        # batch_wait_timeout_s for company that does not come; from a batch of two, or a queue, up, it waits again
-        alone = len(requests) == 1 and self.in_flight <= 1
-        self._batched.set_batch_wait_timeout_s(0.0 if alone else self.batch_wait_timeout_s)
-        self.at_once += alone
         # one generate call per beta in the batch; every other setting is per row (a request's n samples are n rows,
         # sample j seeded seed + j)
         groups: dict[str, list[int]] = {}
@@ -120,14 +111,11 @@ class DecomposerDeployment:
         cancels this call), its rows leave the running decode at the next check (every 8 tokens) instead of
         decoding to the end of their budget."""
         gone = threading.Event()
-        self.in_flight += 1
         try:
             return await self._batched((problem, self._normalize(params or {}), gone))
         except asyncio.CancelledError:
             gone.set()
             raise
-        finally:
-            self.in_flight -= 1
 
     async def chat(self, body: dict) -> dict:
         """An OpenAI chat request (validated by the Ingress: ChatRequest) -> {"ok", "response": chat.completion}."""
@@ -150,8 +138,7 @@ class DecomposerDeployment:
         import torch
 
         return {"batch_sizes": list(self.batch_sizes), "batch_groups": list(self.batch_groups),
-                "torch_threads": torch.get_num_threads(), "cancelled": list(self.cancelled),
-                "at_once": self.at_once}
+                "torch_threads": torch.get_num_threads(), "cancelled": list(self.cancelled)}
 
 
 @serve.deployment(name="Solver")
