@@ -310,9 +310,6 @@ def _follow_evaluation(base: str, eid: str, t0: float, n: int, name: str, solver
             "ran": [full["created"], full["finished"]]}
 
 
-# ---------------------------------------------------------------- report
-
-
 # ---------------------------------------------------------------- driver
 
 

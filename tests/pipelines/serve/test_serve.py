@@ -44,7 +44,7 @@ def wait_eval(client: httpx.Client, eid: str, timeout: float = 240, prefix: str 
 def stack(tmp_path_factory):
     from ray import serve
 
-    from pipelines.serve import ServeConfig, build_app, start_serve, stop_serve
+    from pipelines.serve import ServeConfig, build_app, start_serve, stop_serve, wait_healthy
     from pipelines.teacher_server import TeacherServer
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -82,13 +82,7 @@ def stack(tmp_path_factory):
                             eval_retries=8, eval_retry_backoff_s=0.05, results_root=str(tmp / "results-flaky"))
         serve.run(build_app(flaky), name="flaky", route_prefix="/flaky", blocking=False)
         for prefix in ("/dead", "/busy", "/flaky"):
-            for _ in range(120):
-                try:
-                    if httpx.get(f"{base}{prefix}/healthz", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            wait_healthy(base + prefix, timeout_s=120)
         try:
             yield {"base": base, "model_dir": model_dir, "teacher": teacher, "dead_upstream": f"127.0.0.1:{dead_port}",
                    "slow": slow, "flaky": flaky_teacher, "tmp": tmp}

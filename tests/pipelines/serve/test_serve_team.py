@@ -276,7 +276,7 @@ def _never_ending_model(path: str) -> str:
 def stack(tmp_path_factory):
     from ray import serve
 
-    from pipelines.serve import ServeConfig, build_app, start_serve, stop_serve
+    from pipelines.serve import ServeConfig, build_app, start_serve, stop_serve, wait_healthy
     from pipelines.teacher_server import TeacherServer
     from training.init_model import create_tiny_model
 
@@ -314,13 +314,7 @@ def stack(tmp_path_factory):
         for name, c in apps.items():
             serve.run(build_app(c), name=name, route_prefix=c.route_prefix, blocking=False)
         for name in apps:
-            for _ in range(240):
-                try:
-                    if httpx.get(f"{base}/{name}/healthz", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            wait_healthy(f"{base}/{name}", timeout_s=120)
         try:
             yield {"base": base, "port": port, "tmp": tmp, "slow": slow, "dead": f"127.0.0.1:{dead_port}"}
         finally:
