@@ -1,7 +1,6 @@
 """`subq doctor`: check this machine for the three pipelines and say what was found, one line per check.
 
     subq doctor              # versions, Ray start-up, DeepSpeed ops, torch threads, memory, disk, GPU, auth, keys
-    subq doctor --build-ops  # also build DeepSpeed's CPU communication op now (a one-time cost, ~1-2 min on 2 cores)
     subq doctor --json       # the same as one JSON object
 
 Each check is `ok`, `warn` (works, but read the detail) or `fail` (a pipeline will not run); the exit code is 1 when any
@@ -13,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -63,34 +61,22 @@ def check_ray() -> Check:
     return Check("ray", "ok", f"local instance started in {time.time() - t0:.1f}s ({res.get('CPU', 0):.0f} CPU){note}")
 
 
-def check_deepspeed_ops(build: bool = False) -> Check:
-    """DeepSpeed's CPU shared-memory communication op: built once per machine, on first training if not before
-    (training.ds_ops holds the rules: where torch builds it, and when a build `lock` is stale)."""
+def check_deepspeed_ops() -> Check:
+    """DeepSpeed imports, and no torch extension build lock is left behind (training builds no op on CPU: it skips
+    the inference-only shm comm op; training.ds_ops holds the rules: where torch builds, when a `lock` is stale)."""
     try:
         import deepspeed.ops  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return Check("deepspeed ops", "fail", f"deepspeed does not import: {type(e).__name__}: {e}")
-    from training.ds_ops import BUILD_SECONDS, CPU_COMM_OP, clear_stale_locks, extensions_dir, lock_fix, op_built
+    from training.ds_ops import clear_stale_locks, extensions_dir, lock_fix
 
-    ext = extensions_dir() / CPU_COMM_OP
     removed, held = clear_stale_locks()
     cleared = f"; removed a stale build lock left by a killed build ({removed[0]})" if removed else ""
-    if op_built():
-        return Check("deepspeed ops", "ok", f"CPU comm op built ({ext}){cleared}")
     if held:
         return Check("deepspeed ops", "warn", f"a build lock is held ({held[0]}): a build is running now, or one was "
-                     f"killed less than 2 minutes ago; if no training is running: {lock_fix(held[0])}")
-    if not build:
-        return Check("deepspeed ops", "warn", f"CPU comm op not built yet: the first CPU training builds it (about "
-                     f"{BUILD_SECONDS} on 2 cores, once per machine); `subq doctor --build-ops` builds it now{cleared}")
-    t0 = time.time()
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    r = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                       env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not op_built():
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:]
-        return Check("deepspeed ops", "fail", f"building the CPU comm op failed (exit {r.returncode}): {tail}")
-    return Check("deepspeed ops", "ok", f"CPU comm op built in {time.time() - t0:.0f}s at {ext}{cleared}")
+                     f"killed less than 2 minutes ago; if no build is running: {lock_fix(held[0])}")
+    return Check("deepspeed ops", "ok", f"nothing to build for training (torch Adam; the inference-only CPU comm op is "
+                 f"skipped); no build lock under {extensions_dir()}{cleared}")
 
 
 def check_torch_threads() -> Check:
@@ -153,13 +139,14 @@ def check_keys() -> Check:
                  "OPENAI_API_KEY is not set: fine offline (the local teacher server); a real --base-url needs it")
 
 
-CHECKS: list[Callable[[], Check]] = [check_versions, check_ray, check_torch_threads, check_memory, check_disk,
+CHECKS: list[Callable[[], Check]] = [check_versions, check_ray, check_deepspeed_ops, check_torch_threads,
+                                      check_memory, check_disk,
                                       check_gpu, check_auth, check_keys]
 
 
-def run_checks(build_ops: bool = False) -> list[Check]:
+def run_checks() -> list[Check]:
     out = []
-    for fn in CHECKS[:2] + [lambda: check_deepspeed_ops(build_ops)] + CHECKS[2:]:
+    for fn in CHECKS:
         try:
             out.append(fn())
         except Exception as e:  # noqa: BLE001 - a check that crashes is a failed check, not a crashed doctor
@@ -170,7 +157,6 @@ def run_checks(build_ops: bool = False) -> list[Check]:
 def register(app: typer.Typer) -> None:
     @app.command("doctor")
     def doctor(
-        build_ops: bool = typer.Option(False, "--build-ops", help="Build DeepSpeed's CPU communication op now (one-time, ~1-2 min)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     ) -> None:
         """Check this machine for subq: packages, a local Ray start, DeepSpeed ops, torch threads, memory, disk, GPU,
@@ -178,7 +164,7 @@ def register(app: typer.Typer) -> None:
         from subq import console
 
         console.activate("doctor")
-        checks = run_checks(build_ops)
+        checks = run_checks()
         if as_json:
             console.emit_json({"checks": [asdict(c) for c in checks], "ok": all(c.status != "fail" for c in checks)})
         else:

@@ -24,6 +24,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from subq.errors import ConfigError
+from subq.textformat import DEFAULT_MAX_NEW_TOKENS
 
 POLICY_MODES = ("frozen", "shared")
 
@@ -104,7 +105,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="Optimizer steps between validations (0: only at the end).")
     eval_problems: Optional[int] = Field(None, ge=0, description="Validation problems decoded for BLEU / sub-question count (None: the whole validation set, as the release; 0: loss only); split across the ranks.")
     startup_timeout_s: float = Field(900, ge=0, description="Seconds a worker may spend in DeepSpeed start-up (op build, process group) before the run fails naming the stage (0: no limit).")
-    eval_max_new_tokens: int = Field(256, gt=0, description="Max new tokens when decoding validation problems (the release allowed the reference length + 200; val_no_eos_frac reports how many hit this budget).")
+    eval_max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, gt=0, description="Max new tokens when decoding validation problems (the same default as serving and evaluation, subq.settings.DecodingSettings; the release allowed the reference length + 200; val_no_eos_frac reports how many hit this budget).")
 
     @field_validator("deepspeed")
     @classmethod

@@ -1,17 +1,20 @@
-"""DeepSpeed's one-time CPU op build and torch's extension `lock` files: never a silent wait.
+"""DeepSpeed's JIT-compiled ops on CPU and torch's extension `lock` files: no build nobody uses, never a silent wait.
 
 On CPU, `deepspeed.init_distributed` JIT-compiles its shared-memory communication op (`deepspeed_shm_comm`) with
-torch's cpp_extension once per machine (about 1-2 minutes on 2 cores), under `$TORCH_EXTENSIONS_DIR` (default
-`<venv>/torch_extensions/`, see use_own_extensions_dir). torch guards the build with a `lock` file and every later process
-waits on it with no timeout; a process killed during the build leaves the lock behind and every later training
-run then hangs. So before training:
+torch's cpp_extension (70-110 s on 2 cores, once per environment) for `inference_all_reduce` alone: tensor-parallel
+inference, which training never calls (its all-reduces are torch.distributed's over gloo). `skip_unused_cpu_ops()`
+tells DeepSpeed the op is not available, so a first training on a new install starts at once (before 2026-12-07
+it paid that build; `subq doctor --build-ops` existed to pay it up front). Builds that do happen (other ops, other
+tools) live under `$TORCH_EXTENSIONS_DIR` (default `<venv>/torch_extensions/`, see use_own_extensions_dir); torch
+guards each with a `lock` file and every later process waits on it with no timeout, so a process killed during a
+build leaves a lock behind and every later user of that op hangs. So before training:
 
-- `build_notice()`: a line to show when the op is not built yet (what is happening and how long it takes);
 - `clear_stale_locks()`: removes each extension `lock` with no live builder (no process working in that
   extension's directory and the lock older than `grace_s`), and returns the ones it could not judge stale with the
-  exact command that removes them.
+  exact command that removes them;
+- `stage_timeout(...)`: a start-up stage that runs past its limit fails naming the stage and the lock to remove.
 
-    from training.ds_ops import clear_stale_locks, build_notice
+    from training.ds_ops import clear_stale_locks, skip_unused_cpu_ops
     removed, live = clear_stale_locks()
 """
 
@@ -23,7 +26,6 @@ import time
 from pathlib import Path
 
 CPU_COMM_OP = "deepspeed_shm_comm"
-BUILD_SECONDS = "1-2 minutes"
 
 
 def extensions_dir() -> Path:
@@ -42,16 +44,13 @@ def use_own_extensions_dir() -> Path:
     return d
 
 
-def op_built(name: str = CPU_COMM_OP, root: Path | None = None) -> bool:
-    d = (root or extensions_dir()) / name
-    return d.is_dir() and any(d.glob("*.so"))
+def skip_unused_cpu_ops() -> None:
+    """Before `deepspeed.init_distributed` on CPU: mark the shared-memory communication op unavailable, so DeepSpeed
+    neither builds nor loads it (`deepspeed.comm.torch.build_shm_op` returns None; all-reduces stay
+    torch.distributed's). The op serves `inference_all_reduce` only, which training never calls."""
+    import deepspeed.ops
 
-
-def build_notice(use_gpu: bool) -> str | None:
-    if use_gpu or op_built():
-        return None
-    return (f"building DeepSpeed's CPU communication op once for this machine (about {BUILD_SECONDS}; "
-            f"later runs reuse it from {extensions_dir()})")
+    deepspeed.ops.__compatible_ops__[CPU_COMM_OP] = False  # DeepSpeed's own per-process table of usable ops
 
 
 def _busy_dirs() -> list[Path]:

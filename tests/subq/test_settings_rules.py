@@ -73,3 +73,15 @@ def test_an_ilql_checkpoint_is_served_and_evaluated_with_its_own_beta(ilql_beta4
     assert _betas_used(monkeypatch, evaluated) == [4.0]
     assert _betas_used(monkeypatch, served, beta=0.5) == [0.5]  # a request's own beta wins
     assert _betas_used(monkeypatch, served.model_copy(update={"beta": 2.0})) == [2.0]  # so does the operator's
+
+
+def test_a_decompose_request_overrides_exactly_the_decoding_settings():
+    """POST /v1/decompose names the same decoding settings as `subq serve`, `subq eval` and training's validation
+    (one definition: subq.settings.DecodingSettings); every one is optional (unset: the server's)."""
+    from pipelines.serve.api import DecomposeRequest
+    from subq.settings import DecodingSettings
+    from training.config import TrainConfig
+
+    assert set(DecomposeRequest.model_fields) - {"problem"} == set(DecodingSettings.model_fields)
+    assert all(DecomposeRequest.model_fields[k].default is None for k in DecodingSettings.model_fields)
+    assert TrainConfig.model_fields["eval_max_new_tokens"].default == DecodingSettings().max_new_tokens

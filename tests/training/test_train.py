@@ -326,8 +326,9 @@ def test_filtered_bc_cli_trains_only_on_correct_sets(tmp_path, tiny, subq_bin):
                         "--deepspeed", "zero1", "--val-fraction", "0", "--eval-problems", "0",
                         "--storage-path", str(tmp_path / "runs"), "--name", "fbc"],
                        capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "RAY_ADDRESS": "local"})
+                       env={**os.environ, "RAY_ADDRESS": "local", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "ext" / "deepspeed_shm_comm").exists()  # a new install's first training builds no op
     out = json.loads(r.stdout)  # `subq train | jq .`: stdout is exactly one JSON line, nothing else
     assert r.stdout.count("\n") == 1
     assert out["data"]["used"] == 24 and out["data"]["filtered_out"] == 8

@@ -90,11 +90,11 @@ def preflight(cfg: TrainConfig) -> dict:
     return {**stats, "train_problems": len(train_rows), "val_problems": len(val_rows)}
 
 
-def _announce_one_time_costs(cfg: TrainConfig) -> None:
-    """Stale torch-extension locks on this machine are cleared (or reported with the fix); the one-time
-    DeepSpeed CPU op build is announced with its expected duration."""
+def _clear_build_locks() -> None:
+    """Stale torch-extension locks on this machine are cleared (or reported with the fix): a lock left by a killed
+    op build would make a rank wait forever."""
     from subq import console
-    from training.ds_ops import build_notice, clear_stale_locks, lock_fix, use_own_extensions_dir
+    from training.ds_ops import clear_stale_locks, lock_fix, use_own_extensions_dir
 
     use_own_extensions_dir()  # before Ray starts: local workers inherit it
     removed, live = clear_stale_locks()
@@ -103,9 +103,6 @@ def _announce_one_time_costs(cfg: TrainConfig) -> None:
     for lock in live:
         console.echo(f"warning: a DeepSpeed op build holds {lock}; training waits for it (if no build is running: "
                      f"{lock_fix(lock)})")
-    notice = build_notice(cfg.use_gpu)
-    if notice:
-        console.echo(notice)
 
 
 @contextlib.contextmanager
@@ -164,7 +161,7 @@ def run_train(cfg: TrainConfig | dict, *, ray_init: dict | None = None, progress
     from ray.train.torch import TorchConfig, TorchTrainer
 
     counts = preflight(cfg)
-    _announce_one_time_costs(cfg)
+    _clear_build_locks()
     from cluster.connect import ray_session
 
     with ray_session(**(ray_init or {})):  # disconnects at the end only what it connected

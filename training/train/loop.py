@@ -123,10 +123,12 @@ def train_loop(loop_cfg: dict) -> None:
 
     # engine: precision (bf16 only on native bf16) and ZeRO stage (`auto`: from the model's size, the world size and
     # the smallest rank's memory), then deepspeed.initialize; every stage that may hang runs under a time limit
-    from training.ds_ops import clear_stale_locks, lock_hint, stage_timeout
+    from training.ds_ops import clear_stale_locks, lock_hint, skip_unused_cpu_ops, stage_timeout
 
     clear_stale_locks()  # a lock left by a killed op build would make this rank wait forever
-    with stage_timeout("DeepSpeed init_distributed (CPU op build, process group)", cfg.startup_timeout_s,
+    if not cfg.use_gpu:
+        skip_unused_cpu_ops()  # no 70-110 s build of an op only tensor-parallel inference uses
+    with stage_timeout("DeepSpeed init_distributed (process group)", cfg.startup_timeout_s,
                        hint=lock_hint):
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # adopts Ray Train's group
     net_hint = _network_hint if cfg.use_gpu else lock_hint
