@@ -217,7 +217,8 @@ STAGE_KEYS = tuple(f"{st}_{k}" for st in ("qg", "qa", "feedback") for k in ("pro
 
 
 def estimate(cfg: GenerateConfig, problems, prices) -> dict:
-    """Dry-run estimate: calls, prompt tokens (rendered prompts), completion tokens (typical and upper bound)."""
+    """Dry-run estimate: calls, prompt tokens (rendered prompts), completion tokens (typical and upper bound), $ online
+    and at the Batch API's price."""
     from subq.costs import estimate_tokens
     from subq.prompts import render, template_for
 
@@ -234,9 +235,12 @@ def estimate(cfg: GenerateConfig, problems, prices) -> dict:
         calls += cfg.n_sets * (2 + cfg.n_feedback)
     upper = calls * cfg.max_tokens
     price = prices.price(cfg.model)
+    f = price.batch_factor  # the same calls through the Batch API (--api batch)
     return {"dry_run": True, "problems": len(problems), "calls": calls, "prompt_tokens": prompt,
             "completion_tokens_typical": typical, "completion_tokens_max": upper,
             "cost_usd_typical": round(price.cost(prompt, typical), 6), "cost_usd_max": round(price.cost(prompt, upper), 6),
+            "cost_usd_typical_batch": round(price.cost(prompt, typical) * f, 6),
+            "cost_usd_max_batch": round(price.cost(prompt, upper) * f, 6), "batch_factor": f,
             "model": cfg.model, "price_per_1k": {"input": price.input_per_1k, "output": price.output_per_1k},
             "minutes_at_rpm": round(calls / cfg.rpm, 2) if cfg.rpm else None}
 
@@ -377,11 +381,7 @@ def _run_generate(cfg: GenerateConfig, lease: OutputLease) -> dict:
     pending = problems_from_table(table.filter(mask), str(cfg.input))
     del table, done, ids
     if cfg.dry_run:
-        from pipelines.generate.batch import batch_estimate
-
-        est = estimate(cfg, pending, prices)
-        return {**est, **batch_estimate(est, prices, cfg.model), "api": cfg.api,
-                "already_done": n_problems - len(pending)}
+        return {**estimate(cfg, pending, prices), "api": cfg.api, "already_done": n_problems - len(pending)}
     if not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"environment variable {cfg.api_key_env} is not set", field="api_key_env",
                           hint="export the key (any non-empty value for a local server)")

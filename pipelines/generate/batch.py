@@ -596,9 +596,3 @@ def cancel_batches(cfg, prices) -> dict:
     """`--cancel`: cancel the batches this output has in flight."""
     return BatchDriver(cfg, prices).cancel()
 
-
-def batch_estimate(est: dict, prices, model: str) -> dict:
-    """The dry-run estimate's $ at the batch price too."""
-    f = prices.price(model).batch_factor
-    return {"cost_usd_typical_batch": round(est["cost_usd_typical"] * f, 6),
-            "cost_usd_max_batch": round(est["cost_usd_max"] * f, 6), "batch_factor": f}
