@@ -29,7 +29,10 @@ class Solver:
     """Answers sub-questions (and writes the teacher's decomposition) through an OpenAI-compatible endpoint
     (actors.teacher.TeacherClient: the openai SDK, retries, the cluster limiter) or a local HF model."""
 
-    def __init__(self, settings: SolverSettings):
+    def __init__(self, settings: SolverSettings, api_key_ref: Optional[list] = None):
+        """`api_key_ref`: [ObjectRef] of the key, put by the driver, for workers whose environment lacks the
+        variable (a cluster joined through RAY_ADDRESS: the key travels in the object store, never in task specs,
+        runtime_env or logs; actors.teacher.TeacherActor does the same for the teacher)."""
         self.settings = settings
         self.price = settings.price()
         self.family = settings.prompt
@@ -39,6 +42,10 @@ class Solver:
 
         load_secret()  # under `subq submit`: the key shipped with the job (never in its env_vars or entrypoint)
         self._key = os.environ.get(settings.api_key_env) or None
+        if self._key is None and api_key_ref:
+            import ray
+
+            self._key = ray.get(api_key_ref[0])
 
     # -- backends
     def _openai_client(self):

@@ -82,14 +82,15 @@ def parse_decomposer_spec(spec: str) -> tuple[str, Optional[str]]:
 class _DecomposeStage:
     """Ray Data stage 1: decompose a batch (distilled model batched; teacher calls concurrently)."""
 
-    def __init__(self, kind: str, name: str, settings: dict, solver: dict, concurrency: int):
+    def __init__(self, kind: str, name: str, settings: dict, solver: dict, concurrency: int,
+                 api_key_ref: Optional[list] = None):
         self.kind, self.name = kind, name
         self.sem_n = concurrency
         self.loop = asyncio.new_event_loop()
         if kind == "distilled":
             self.local = LocalDecomposer(DecomposerSettings(**settings))
         elif kind == "teacher":
-            self.solver = Solver(SolverSettings(**solver))
+            self.solver = Solver(SolverSettings(**solver), api_key_ref=api_key_ref)
 
     def __call__(self, batch: dict) -> dict:
         items = [ItemResult.from_dict(json.loads(x)) for x in batch["item"]]
@@ -128,8 +129,8 @@ def _with_decomposition(item: ItemResult, d: Decomposition) -> ItemResult:
 class _SolveStage:
     """Ray Data stage 2: the solver answers each item's sub-questions (many calls in flight); then scoring."""
 
-    def __init__(self, solver: dict, concurrency: int):
-        self.solver = Solver(SolverSettings(**solver))
+    def __init__(self, solver: dict, concurrency: int, api_key_ref: Optional[list] = None):
+        self.solver = Solver(SolverSettings(**solver), api_key_ref=api_key_ref)
         self.sem_n = concurrency
         self.loop = asyncio.new_event_loop()
 
@@ -196,6 +197,10 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
                      object_store_memory=200 * 1024**2, log_to_driver=False):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        # the solver key reaches the stages' actors through the object store (a joined cluster's workers do not
+        # have this shell's environment; never in task specs, runtime_env or logs), as generation's teacher key
+        key = os.environ.get(solver.api_key_env) if solver.backend == "openai" else None
+        key_ref = [ray.put(key)] if key else None
         runs = []
         for name, path in specs:
             kind = name if path is None else "distilled"
@@ -205,10 +210,12 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
             dec_settings = cfg.decomposer.model_copy(update={"path": path, "name": name}).model_dump()
             ds = ds.map_batches(_DecomposeStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                                 fn_constructor_kwargs=dict(kind=kind, name=name, settings=dec_settings,
-                                                           solver=solver.model_dump(), concurrency=cfg.concurrency),
+                                                           solver=solver.model_dump(), concurrency=cfg.concurrency,
+                                                           api_key_ref=key_ref),
                                 **decompose_resources(cfg, kind))
             ds = ds.map_batches(_SolveStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                                fn_constructor_kwargs=dict(solver=solver.model_dump(), concurrency=cfg.concurrency),
+                                fn_constructor_kwargs=dict(solver=solver.model_dump(), concurrency=cfg.concurrency,
+                                                           api_key_ref=key_ref),
                                 num_cpus=0.25)
             items: list[ItemResult] = []
             correct = cost = 0.0

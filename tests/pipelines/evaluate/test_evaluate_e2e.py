@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cli_ray")]  # one Ray head for the module's jobs
 
-KEY_ENV = {"SUBQ_TEST_SOLVER_KEY": "local-test-key"}
+KEY_ENV = {"SUBQ_TEST_SOLVER_KEY": "local-test-key"}  # not in the shared head's environment: the key reaches the actors through the object store
 
 
 def _eval_cmd(subq_bin, teacher, out, limit, decomposers, *extra):

@@ -14,7 +14,7 @@ from conftest import subq_generate
 from subq.problems import load_problems
 from subq.schema import ROW_SCHEMA, detect_format, read_parquet, read_rows, validate_table
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cli_ray")]  # one Ray head for the module's jobs
 
 RAW = Path(__file__).resolve().parents[3] / "subq/data/gsm8k-ai-subq/qg_test_data_raw.jsonl"
 

@@ -99,6 +99,7 @@ def test_server_batch_api_files_batches_errors_expiry_cancel_with_openai_client(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_batch_rows_match_online_split_across_files_and_summary(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -146,6 +147,7 @@ def test_batch_rows_match_online_split_across_files_and_summary(tmp_path, subq_b
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_expired_batch_resubmits_only_the_requests_without_a_result(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -163,6 +165,7 @@ def test_expired_batch_resubmits_only_the_requests_without_a_result(tmp_path, su
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_driver_sigkilled_while_batches_run_then_rerun_submits_nothing_twice(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -197,6 +200,7 @@ def test_driver_sigkilled_while_batches_run_then_rerun_submits_nothing_twice(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_per_request_errors_are_recorded_failures_and_a_bad_output_file_is_reported(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -228,6 +232,7 @@ def test_per_request_errors_are_recorded_failures_and_a_bad_output_file_is_repor
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_ctrl_c_leaves_batches_running_and_cancel_cancels_them(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -261,6 +266,7 @@ def test_ctrl_c_leaves_batches_running_and_cancel_cancels_them(tmp_path, subq_bi
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_endpoint_without_batch_support_fails_before_any_upload(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -275,6 +281,7 @@ def test_endpoint_without_batch_support_fails_before_any_upload(tmp_path, subq_b
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_missing_output_file_is_reported_with_its_batch_id_and_only_its_requests_are_sent_again(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -290,6 +297,7 @@ def test_missing_output_file_is_reported_with_its_batch_id_and_only_its_requests
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_budget_stops_submitting_batches_and_a_rerun_goes_on(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -306,6 +314,7 @@ def test_budget_stops_submitting_batches_and_a_rerun_goes_on(tmp_path, subq_bin)
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_a_batch_whose_id_never_reached_the_state_file_is_found_again_not_bought_again(tmp_path, subq_bin):
     """The driver killed between `batches.create` returning and the state write: the re-run finds the batch by
     its metadata (and the upload by its file name) instead of creating it again."""

@@ -34,6 +34,7 @@ def bstats(ts) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_server_bill_in_the_usage_api_shape_counts_every_200_and_marks_batch():
     import openai
 
@@ -63,6 +64,7 @@ def test_server_bill_in_the_usage_api_shape_counts_every_200_and_marks_batch():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_summary_tokens_and_cost_equal_the_provider_bill_online_then_batch(tmp_path, subq_bin):
     """Acceptance: online with 5% 5xx + 10% replies in no format, then --api batch with per-request errors and
     invalid QG replies: summary.json's input/output tokens == the server's bill, cost_usd == the bill priced."""
@@ -99,6 +101,7 @@ def test_summary_tokens_and_cost_equal_the_provider_bill_online_then_batch(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_batch_rerun_after_kill_buys_nothing_twice_and_nothing_cached_or_out_of_run(tmp_path, subq_bin):
     """kill -9 while a Batch round runs with shards still waiting, then a re-run for fewer problems: no request is
     bought twice, no batch holds a cached request or a problem outside the re-run."""
@@ -175,6 +178,7 @@ def test_a_failed_set_cancels_its_siblings_pending_calls():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_batch_retry_failed_resubmits_exactly_the_failed_requests(tmp_path, subq_bin):
     from pipelines.teacher_server import TeacherServer
 
@@ -216,6 +220,7 @@ def _lease_contender(out: str, start_at: float, q, slow_write: bool) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_ray")  # one Ray head for the module's jobs
 def test_two_jobs_started_within_10ms_never_both_hold_the_lease(tmp_path):
     import pipelines.generate  # noqa: F401  (imported once, before the forks)
 

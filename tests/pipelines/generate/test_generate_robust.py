@@ -13,7 +13,7 @@ from test_generate import gen, part_ids
 
 from subq.problems import load_problems
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cli_ray")]  # one Ray head for the module's jobs
 
 SMALL = ["--input", "gsm8k:test", "--n-sets", "1", "--n-feedback", "1", "--actors", "1,1"]
 
@@ -114,7 +114,7 @@ def test_kill_9_at_five_points_then_resume_every_problem_once_no_paid_call_repea
               ("+12 calls cached", lambda: len(keys()) >= start + 12),
               ("mid-write of a part", lambda: any(p.name not in torn and p.stat().st_size > 0
                                                    for p in (out / "parts").glob("_tmp-*part-*")))]
-    env = {**os.environ, "OPENAI_API_KEY": "unused"}
+    env = {**os.environ, "OPENAI_API_KEY": "unused", "RAY_ADDRESS": "local"}  # each killed run owns its Ray
     in_flight_total = 0
     with TeacherServer(latency_s=0.1) as ts:
         for name, reached in points:
