@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 from pathlib import Path
+from typing import Optional
 
 import pyarrow.fs as pafs
 
@@ -20,6 +22,14 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
         except Exception as e:  # pyarrow raises several types for bad URIs
             raise DataError(f"cannot open filesystem for URI: {e}", source=location) from e
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def absolute(location: Optional[str]) -> Optional[str]:
+    """A local path made absolute (against this process's working directory); a URI or None as given. What a
+    driver hands to Ray workers: on a joined cluster they do not run in the driver's working directory."""
+    if not location or "://" in str(location):
+        return location
+    return os.path.abspath(os.path.expanduser(str(location)))
 
 
 def join(location: str, *parts: str) -> str:

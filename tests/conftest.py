@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -74,13 +75,12 @@ def _own_processes(marker: str) -> list:
     return out
 
 
-@pytest.fixture(scope="module")
-def cli_ray():
-    """One Ray head for a test module's CLI runs: `subq generate`, `subq eval`, ... join it through RAY_ADDRESS (set
-    for the module) instead of each starting and stopping a local Ray (on 2 cores: 10.6 s and 12.4 CPU-s for a
-    4-problem `subq generate` that starts its own, 4.3 s and 5.1 CPU-s joined). `ray start` with its own temp dir
-    (so no `ray.init()` finds it unasked) and token auth off; stopped by killing its own processes, never with
-    `ray stop` (that stops every Ray of the user). A test that must own its Ray sets RAY_ADDRESS=local."""
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2):
+    """A Ray head for CLI runs to join (its GCS address): `ray start` in its own temp dir (so no `ray.init()` finds it
+    unasked), token auth off; stopped by killing its own processes, never with `ray stop` (that stops every Ray
+    of the user)."""
+    import shutil
     import subprocess
 
     import psutil
@@ -89,20 +89,14 @@ def cli_ray():
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
            "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={root}",
            "--node-ip-address=127.0.0.1", f"--object-store-memory={300 * 1024**2}"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    before = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     try:
-        yield os.environ["RAY_ADDRESS"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        yield f"127.0.0.1:{port}"
     finally:
-        if before is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = before
         for p in _own_processes(root):
             try:
                 p.terminate()
@@ -114,9 +108,25 @@ def cli_ray():
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cli_ray():
+    """One Ray head (`ray_head`) for a test module's CLI runs: `subq generate`, `subq eval`, ... join it through
+    RAY_ADDRESS (set for the module) instead of each starting and stopping a local Ray (on 2 cores: 10.6 s and
+    12.4 CPU-s for a 4-problem `subq generate` that starts its own, 4.3 s and 5.1 CPU-s joined). Its workers do not
+    have the test's environment, as on a real cluster. A test that must own its Ray sets RAY_ADDRESS=local."""
+    before = os.environ.get("RAY_ADDRESS")
+    with ray_head() as address:
+        os.environ["RAY_ADDRESS"] = address
+        try:
+            yield address
+        finally:
+            if before is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = before
 
 
 def subq_generate(subq_bin: str, *args, key: str = "unused", progress_s: float = 2, timeout: float = 300,

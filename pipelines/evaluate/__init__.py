@@ -188,8 +188,10 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     specs = [parse_decomposer_spec(s) for s in cfg.decomposers]
     cfg.solver.price()  # unknown price -> ConfigError before any work
     check_solver(cfg.solver)  # no key / endpoint down -> one error line before any work
-    solver = cfg.solver.model_copy(update={"cache_dir": cfg.solver.cache_dir or cfg.cache_dir
-                                           or storage.join(cfg.out, "cache")})
+    # local paths absolute: the stages' actors on a joined cluster do not run in this working directory
+    solver = cfg.solver.model_copy(update={"cache_dir": storage.absolute(cfg.solver.cache_dir or cfg.cache_dir
+                                                                         or storage.join(cfg.out, "cache")),
+                                           "local_path": storage.absolute(cfg.solver.local_path)})
     from cluster.connect import ray_session
 
     # RAY_ADDRESS (a cluster job) is joined, the local-only options dropped then; disconnected at the end
@@ -207,7 +209,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
             t0 = time.perf_counter()
             seed = [json.dumps(new_item(i, p, name, solver.name).to_dict()) for i, p in enumerate(problems)]
             ds = ray.data.from_items([{"item": s} for s in seed], override_num_blocks=max(1, len(seed) // cfg.batch_size))
-            dec_settings = cfg.decomposer.model_copy(update={"path": path, "name": name}).model_dump()
+            dec_settings = cfg.decomposer.model_copy(update={"path": storage.absolute(path), "name": name}).model_dump()
             ds = ds.map_batches(_DecomposeStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                                 fn_constructor_kwargs=dict(kind=kind, name=name, settings=dec_settings,
                                                            solver=solver.model_dump(), concurrency=cfg.concurrency,

@@ -498,10 +498,11 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
             here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
             budget = ray.remote(RateLimiter).options(name=bname, namespace="subq", num_cpus=0, max_concurrency=1000,
                                                      scheduling_strategy=here).remote(None, None, 0.0, cfg.max_cost_usd)
-        client_kwargs = dict(cfg.client_kwargs(), cache_dir=storage.join(cfg.output, "cache"),
+        out = storage.absolute(cfg.output)  # the actors on a joined cluster do not run in this working directory
+        client_kwargs = dict(cfg.client_kwargs(), cache_dir=storage.join(out, "cache"),
                              max_concurrency=cfg.max_concurrency, max_resamples=cfg.max_resamples, limits_owner=owner)
         job = dict(template=cfg.template, n_sets=cfg.n_sets, n_feedback=cfg.n_feedback, temperature=cfg.temperature,
-                   max_tokens=cfg.max_tokens, model=cfg.model, output=cfg.output)
+                   max_tokens=cfg.max_tokens, model=cfg.model, output=out)
         items = [dict(problem_id=p.problem_id, problem=p.problem, gold_answer=p.gold_answer, source=p.source,
                       source_index=p.index) for p in pending]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))

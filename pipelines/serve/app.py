@@ -14,6 +14,7 @@ from pipelines.serve_auth import (
     check_exposure,
     load_key_entries,
 )
+from subq import storage
 from subq.errors import SubqError
 
 
@@ -40,8 +41,12 @@ def build_app(config: ServeConfig):
     cfg = config if isinstance(config, ServeConfig) else ServeConfig(**config)
     cfg.solver.price()  # an unpriced solver model is a ConfigError now, not a wrong $ later
     keys = api_key_entries(cfg)
-    if "://" not in cfg.results_root:
-        cfg = cfg.model_copy(update={"results_root": os.path.abspath(os.path.expanduser(cfg.results_root))})
+    # local paths absolute: replicas on a joined cluster do not run in this working directory
+    cfg = cfg.model_copy(update={
+        "results_root": storage.absolute(cfg.results_root),
+        "decomposer": cfg.decomposer.model_copy(update={"path": storage.absolute(cfg.decomposer.path)}),
+        "solver": cfg.solver.model_copy(update={"cache_dir": storage.absolute(cfg.solver.cache_dir),
+                                                "local_path": storage.absolute(cfg.solver.local_path)})})
     backpressure = {"status_code": 503, "retry_after_s": cfg.retry_after_s}
 
     def autoscaling(lo: int, hi: int) -> dict:
@@ -60,12 +65,26 @@ def build_app(config: ServeConfig):
         max_ongoing_requests=cfg.solver_max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         autoscaling_config=autoscaling(cfg.solver_min_replicas, cfg.solver_max_replicas),
         ray_actor_options={"num_cpus": 0},
-    ).bind(cfg.solver.model_dump())
+    ).bind(cfg.solver.model_dump(), _solver_key_ref(cfg))
     return Ingress.options(
         num_replicas=1,  # evaluations live in this replica's memory
         max_ongoing_requests=cfg.ingress_max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         backpressure_config=backpressure, ray_actor_options={"num_cpus": 0},
     ).bind(decomposer, solver, cfg.model_dump(), keys)
+
+
+def _solver_key_ref(cfg: ServeConfig) -> Optional[list]:
+    """[ObjectRef] of the solver key when this process is a driver that has it (`subq serve`, the demo): replicas on
+    a joined cluster's workers do not have this shell's environment, so the key travels in the object store (never
+    in the deployment's args, runtime_env or logs), as generation's and `subq eval`'s. None elsewhere (`serve
+    deploy` builds the app in a task that ends: replicas read the cluster's environment or the shipped key)."""
+    import ray
+
+    key = os.environ.get(cfg.solver.api_key_env)
+    if not key or cfg.solver.backend != "openai" or not ray.is_initialized() or \
+            ray.get_runtime_context().worker.mode != ray.SCRIPT_MODE:
+        return None
+    return [ray.put(key)]
 
 
 def app_builder(args: dict):

@@ -145,9 +145,9 @@ class DecomposerDeployment:
 class SolverDeployment:
     """The solver: answers (and, in `teacher` mode, writes the decomposition) through the configured backend."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, api_key_ref: Optional[list] = None):
         self.settings = SolverSettings(**settings)
-        self.solver = Solver(self.settings)
+        self.solver = Solver(self.settings, api_key_ref=api_key_ref)
 
     async def answer(self, problem: str, questions: list[str]) -> dict:
         try:

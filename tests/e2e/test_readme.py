@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ray_head
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -117,7 +118,11 @@ def test_readme_runnable_blocks_run_as_written(tmp_path):
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", N="4", EVAL_N="4",
                STEPS="2", WORKERS="1", SUBQ_LOG_DIR=str(tmp_path / "logs"), HOME=env.get("HOME", str(tmp_path)))
     log = tmp_path / "readme.log"  # a file, not a pipe: the servers the README starts in the background keep it open
-    with open(log, "w") as f:
+    # every verb joins one Ray head through RAY_ADDRESS ("starts a local Ray, or joins RAY_ADDRESS"), as on a
+    # cluster: its workers lack the shell's keys (they reach the actors and replicas through the object store);
+    # 4 logical CPUs: the server the README leaves running and `subq eval` share it
+    with ray_head(num_cpus=4) as address, open(log, "w") as f:
+        env["RAY_ADDRESS"] = address
         proc = subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=tmp_path, env=env, start_new_session=True,
                                 stdout=f, stderr=subprocess.STDOUT, text=True)
         try:
