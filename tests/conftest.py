@@ -77,9 +77,11 @@ def _own_processes(marker: str) -> list:
 
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 2):
-    """A Ray head for CLI runs to join (its GCS address): `ray start` in its own temp dir (so no `ray.init()` finds it
-    unasked), token auth off; stopped by killing its own processes, never with `ray stop` (that stops every Ray
-    of the user)."""
+    """A Ray head for CLI runs to join: yields the environment a driver needs (RAY_ADDRESS, RAY_AUTH_MODE).
+    `ray start` in its own temp dir (so no `ray.init()` finds it unasked), with Ray's default token auth, the mode
+    every driver of this process tree has once it has called ray.init (Ray sets RAY_AUTH_MODE=token in
+    os.environ then; a driver and a head that disagree fail at the first actor); stopped by killing its own
+    processes, never with `ray stop` (that stops every Ray of the user)."""
     import shutil
     import subprocess
 
@@ -88,14 +90,14 @@ def ray_head(num_cpus: int = 2):
     root = f"/tmp/rh-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}-{_free_port()}"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_AUTH_MODE"] = "token"
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
            "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={root}",
            "--node-ip-address=127.0.0.1", f"--object-store-memory={300 * 1024**2}"]
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        yield f"127.0.0.1:{port}"
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
     finally:
         for p in _own_processes(root):
             try:
@@ -117,16 +119,17 @@ def cli_ray():
     RAY_ADDRESS (set for the module) instead of each starting and stopping a local Ray (on 2 cores: 10.6 s and
     12.4 CPU-s for a 4-problem `subq generate` that starts its own, 4.3 s and 5.1 CPU-s joined). Its workers do not
     have the test's environment, as on a real cluster. A test that must own its Ray sets RAY_ADDRESS=local."""
-    before = os.environ.get("RAY_ADDRESS")
-    with ray_head() as address:
-        os.environ["RAY_ADDRESS"] = address
+    with ray_head() as head_env:
+        before = {k: os.environ.get(k) for k in head_env}
+        os.environ.update(head_env)
         try:
-            yield address
+            yield head_env["RAY_ADDRESS"]
         finally:
-            if before is None:
-                os.environ.pop("RAY_ADDRESS", None)
-            else:
-                os.environ["RAY_ADDRESS"] = before
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def subq_generate(subq_bin: str, *args, key: str = "unused", progress_s: float = 2, timeout: float = 300,

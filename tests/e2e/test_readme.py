@@ -121,8 +121,8 @@ def test_readme_runnable_blocks_run_as_written(tmp_path):
     # every verb joins one Ray head through RAY_ADDRESS ("starts a local Ray, or joins RAY_ADDRESS"), as on a
     # cluster: its workers lack the shell's keys (they reach the actors and replicas through the object store);
     # 4 logical CPUs: the server the README leaves running and `subq eval` share it
-    with ray_head(num_cpus=4) as address, open(log, "w") as f:
-        env["RAY_ADDRESS"] = address
+    with ray_head(num_cpus=4) as head_env, open(log, "w") as f:
+        env.update(head_env)
         proc = subprocess.Popen(["bash", str(tmp_path / "readme.sh")], cwd=tmp_path, env=env, start_new_session=True,
                                 stdout=f, stderr=subprocess.STDOUT, text=True)
         try:
