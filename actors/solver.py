@@ -38,14 +38,10 @@ class Solver:
         self.family = settings.prompt
         self._client = None
         self._local = None
-        from cluster.submit import load_secret
+        from cluster.submit import load_secret, worker_key
 
         load_secret()  # under `subq submit`: the key shipped with the job (never in its env_vars or entrypoint)
-        self._key = os.environ.get(settings.api_key_env) or None
-        if self._key is None and api_key_ref:
-            import ray
-
-            self._key = ray.get(api_key_ref[0])
+        self._key = worker_key(settings.api_key_env, api_key_ref)
 
     # -- backends
     def _openai_client(self):

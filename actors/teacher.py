@@ -556,10 +556,12 @@ class TeacherActor:
         import ray
 
         limiter = ray.get_actor(limiter_name, namespace=limiter_namespace) if limiter_name else None
+        from cluster.submit import worker_key
+
         kwargs = dict(client_kwargs)
-        env = kwargs.get("api_key_env", "OPENAI_API_KEY")
-        if api_key_ref and not os.environ.get(env):
-            kwargs["api_key"] = ray.get(api_key_ref[0])
+        key = worker_key(kwargs.get("api_key_env", "OPENAI_API_KEY"), api_key_ref)
+        if key is not None:
+            kwargs["api_key"] = key
         kwargs.setdefault("limiter_name", limiter_name)
         self.client = TeacherClient(**kwargs, limiter=limiter)
 

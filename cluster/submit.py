@@ -241,6 +241,28 @@ def submit(target: str, args: list[str], *, address: Optional[str] = None, key_e
             shutil.rmtree(Path(secret).parent, ignore_errors=True)
 
 
+def share_key(env: str) -> Optional[list]:
+    """Driver side of the key's trip to Ray workers that lack this shell's environment (a cluster joined through
+    RAY_ADDRESS): [ObjectRef] of the value of the variable named `env`, or None when it is not set. The key travels
+    in the object store, never in task specs, runtime_env or logs; workers read it with `worker_key`."""
+    value = os.environ.get(env)
+    if not value:
+        return None
+    import ray
+
+    return [ray.put(value)]
+
+
+def worker_key(env: str, ref: Optional[list]) -> Optional[str]:
+    """Worker side: the variable named `env` when this worker has it, else the value `share_key` sent, else None."""
+    value = os.environ.get(env)
+    if value or not ref:
+        return value or None
+    import ray
+
+    return ray.get(ref[0])
+
+
 def load_secret() -> Optional[str]:
     """On the cluster: move the shipped key (if any) into its environment variable, read once; returns the
     variable name. For targets whose workers never need the file (generate, train: teacher actors receive the key

@@ -104,7 +104,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
     eval_every: int = Field(0, ge=0, description="Optimizer steps between validations (0: only at the end).")
     eval_problems: Optional[int] = Field(None, ge=0, description="Validation problems decoded for BLEU / sub-question count (None: the whole validation set, as the release; 0: loss only); split across the ranks.")
-    startup_timeout_s: float = Field(900, ge=0, description="Seconds a worker may spend in DeepSpeed start-up (op build, process group) before the run fails naming the stage (0: no limit).")
+    startup_timeout_s: float = Field(900, ge=0, description="Seconds a worker may spend in DeepSpeed start-up (process group, engine set-up) before the run fails naming the stage (0: no limit).")
     eval_max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, gt=0, description="Max new tokens when decoding validation problems (the same default as serving and evaluation, subq.settings.DecodingSettings; the release allowed the reference length + 200; val_no_eos_frac reports how many hit this budget).")
 
     @field_validator("deepspeed")

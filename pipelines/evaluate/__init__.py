@@ -201,8 +201,9 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
         ctx.enable_progress_bars = False
         # the solver key reaches the stages' actors through the object store (a joined cluster's workers do not
         # have this shell's environment; never in task specs, runtime_env or logs), as generation's teacher key
-        key = os.environ.get(solver.api_key_env) if solver.backend == "openai" else None
-        key_ref = [ray.put(key)] if key else None
+        from cluster.submit import share_key
+
+        key_ref = share_key(solver.api_key_env) if solver.backend == "openai" else None
         runs = []
         for name, path in specs:
             kind = name if path is None else "distilled"

@@ -455,6 +455,7 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
     from actors.limiter import RateLimiter
     from actors.limiter_client import OwnerLease, limiter_name
     from cluster.connect import ray_session, schedulable
+    from cluster.submit import share_key
 
     session = contextlib.ExitStack()  # Ray for this job (cluster.connect.ray_session), left at the very end
     session.enter_context(ray_session(cfg.ray_address, namespace="subq", include_dashboard=False, log_to_driver=False,
@@ -511,7 +512,7 @@ def _run_pipeline(cfg: GenerateConfig, pending, prices, progress: Progress):
                             num_cpus=cfg.actor_num_cpus, resources=schedulable(cfg.actor_resources),
                             fn_constructor_kwargs=dict(
                                 client_kwargs=client_kwargs, limiter_name=lname, budget_name=bname, job=job,
-                                api_key_ref=[ray.put(os.environ[cfg.api_key_env])]))
+                                api_key_ref=share_key(cfg.api_key_env)))
         fatal = None
         from subq import stop
 

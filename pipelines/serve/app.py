@@ -1,6 +1,5 @@
 """Build, start and stop the app (`build_app`, `app_builder` for `serve deploy`, `start_serve`, `stop_serve`)."""
 
-import os
 import time
 from typing import Any, Optional
 
@@ -80,11 +79,12 @@ def _solver_key_ref(cfg: ServeConfig) -> Optional[list]:
     deploy` builds the app in a task that ends: replicas read the cluster's environment or the shipped key)."""
     import ray
 
-    key = os.environ.get(cfg.solver.api_key_env)
-    if not key or cfg.solver.backend != "openai" or not ray.is_initialized() or \
+    from cluster.submit import share_key
+
+    if cfg.solver.backend != "openai" or not ray.is_initialized() or \
             ray.get_runtime_context().worker.mode != ray.SCRIPT_MODE:
         return None
-    return [ray.put(key)]
+    return share_key(cfg.solver.api_key_env)
 
 
 def app_builder(args: dict):
