@@ -147,6 +147,53 @@ def subq_generate(subq_bin: str, *args, key: str = "unused", progress_s: float =
     return r
 
 
+# Seconds each test file took in a clean-clone run on 2 cores (`pytest --durations=0`, summed per file; files under
+# 15 s are left out). xdist's loadfile mode hands out whole files in collection order (`--no-loadscope-reorder` in
+# pyproject.toml; its default orders them by test count, which left the two longest single-test files, the demo and
+# the README walk-through, for last: one worker ran them while the other sat idle, ~300 s of a 1,507 s run). Longest
+# first keeps the workers' ends together. Only the order depends on these numbers, never a result.
+FILE_SECONDS = {
+    "training/test_train.py": 240,
+    "cluster/test_cluster_jobs.py": 226,
+    "e2e/test_demo.py": 204,
+    "e2e/test_readme.py": 195,
+    "e2e/test_autoscaling.py": 171,
+    "pipelines/generate/test_generate_robust.py": 147,
+    "pipelines/generate/test_generate.py": 142,
+    "training/test_distributed_equivalence.py": 130,
+    "pipelines/serve/test_serve.py": 116,
+    "training/test_train_gpu_paths.py": 108,
+    "pipelines/serve/test_serve_team.py": 107,
+    "subq/test_stop.py": 106,
+    "pipelines/test_cluster_check.py": 101,
+    "pipelines/evaluate/test_evaluate_e2e.py": 98,
+    "pipelines/generate/test_generate_batch.py": 94,
+    "pipelines/serve/test_openai_compat.py": 83,
+    "training/test_ilql.py": 80,
+    "pipelines/generate/test_generate_billing.py": 66,
+    "pipelines/evaluate/test_two_stage.py": 62,
+    "actors/test_rate_limit_stack.py": 48,
+    "training/test_preflight.py": 46,
+    "pipelines/serve/test_serve_cli.py": 46,
+    "e2e/test_cluster_multinode.py": 40,
+    "actors/test_limiter.py": 34,
+    "actors/test_limiter_placement.py": 32,
+    "pipelines/teacher_server/test_teacher_server.py": 22,
+    "training/test_text_contract.py": 21,
+    "pipelines/test_cli.py": 21,
+    "pipelines/generate/test_generate_metrics.py": 21,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files longest first (FILE_SECONDS; a file not listed counts 15 s), each file's own order kept."""
+    weight = {}
+    for item in items:
+        rel = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        weight.setdefault(rel, FILE_SECONDS.get(rel, 15))
+    items.sort(key=lambda item: -weight[item.nodeid.split("::", 1)[0].removeprefix("tests/")])
+
+
 _EXIT_STATUS: list[int] = []
 
 
