@@ -54,7 +54,8 @@ def local_ray(**kw):
                 raise
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     import socket
 
     with socket.socket() as sock:
@@ -62,17 +63,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _own_processes(marker: str) -> list:
+def own_processes(*markers: str) -> list:
+    """This machine's processes (not this one) whose command line holds one of `markers`: a test's own Ray, found
+    by its temp dir or GCS address."""
     import psutil
 
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if p.info["pid"] != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
-                out.append(p)
+            cmd = " ".join(p.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+        if p.info["pid"] != os.getpid() and any(m in cmd for m in markers):
+            out.append(p)
     return out
+
+
+def stop_own_processes(*markers: str, wait_s: float = 10) -> None:
+    """Stop only a test's own processes (`own_processes`): SIGTERM, up to wait_s, then SIGKILL. Never `ray stop`:
+    it stops every Ray of the user, other tests' included."""
+    import psutil
+
+    procs = own_processes(*markers)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for p in alive + own_processes(*markers):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @contextlib.contextmanager
@@ -85,10 +108,8 @@ def ray_head(num_cpus: int = 2):
     import shutil
     import subprocess
 
-    import psutil
-
-    root = f"/tmp/rh-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}-{_free_port()}"
-    port = _free_port()
+    root = f"/tmp/rh-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}-{free_port()}"
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
@@ -99,17 +120,7 @@ def ray_head(num_cpus: int = 2):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
     finally:
-        for p in _own_processes(root):
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(_own_processes(root), timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stop_own_processes(root)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -8,56 +8,21 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from subq.problems import load_problems
 from subq.schema import read_parquet
+from tests.conftest import free_port, stop_own_processes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv running the tests: `ray`, `subq`, `python`
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _own_ray_pids(temp_dir: str) -> list[int]:
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
-                pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return pids
-
-
-def _stop(temp_dir: str, wait_s: float = 5) -> None:
-    """Stop only this test's Ray processes (found by their temp dir): SIGTERM, wait_s, then SIGKILL."""
-    pids = _own_ray_pids(temp_dir)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=wait_s)
-    for pid in _own_ray_pids(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +47,13 @@ def head():
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if r.returncode == 0:
             break
-        _stop(temp_dir)
+        stop_own_processes(temp_dir, wait_s=5)
     try:
         assert r.returncode == 0, r.stderr[-3000:]
         address = f"http://127.0.0.1:{dash}"
         yield {"address": address, "token": token, "temp_dir": temp_dir, "gcs": f"127.0.0.1:{gcs_port}"}
     finally:
-        _stop(temp_dir)
+        stop_own_processes(temp_dir, wait_s=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -26,7 +26,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -112,39 +111,6 @@ def test_generation_job_survives_losing_a_worker_node(report):
 
 # ---------------------------------------------------------------- the scenario (own interpreter)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _own_pids(markers: list[str]) -> list[int]:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if p.info["pid"] != os.getpid() and any(m in cmd for m in markers):
-            out.append(p.info["pid"])
-    return out
-
-
-def _stop(markers: list[str]) -> None:
-    import psutil
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _own_pids(markers)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
-
-
 GENERATION_TYPES = {
     "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
     "ray.worker.cpu_generation": {"resources": {"CPU": 2, "generation": 2, "object_store_memory": 80 * 2 ** 20},
@@ -155,6 +121,8 @@ GENERATION_TYPES = {
 def start_head(tmp: Path, node_types: dict | None = None, max_workers: int = 3, idle_minutes: float = 0.2) -> dict:
     """`ray start --head --autoscaling-config` like AutoscalingCluster.start(), minus its `ray stop --force`."""
     import yaml
+
+    from tests.conftest import free_port, stop_own_processes
 
     temp_dir = tempfile.mkdtemp(prefix="ras", dir="/tmp")  # short: AF_UNIX socket paths
     gcs, dash = free_port(), free_port()
@@ -178,7 +146,7 @@ def start_head(tmp: Path, node_types: dict | None = None, max_workers: int = 3, 
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         if r.returncode == 0:
             break
-        _stop(markers)
+        stop_own_processes(*markers, wait_s=5)
     if r.returncode != 0:
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -244,6 +212,7 @@ def kill_node(node_id: str) -> bool:
 
 
 def scenario(tmp: Path) -> None:
+    from tests.conftest import stop_own_processes
     import ray
     from ray.job_submission import JobSubmissionClient
 
@@ -323,7 +292,7 @@ def scenario(tmp: Path) -> None:
         print("REPORT " + json.dumps(report), flush=True)
     finally:
         ray.shutdown()
-        _stop(head["markers"])
+        stop_own_processes(*head["markers"], wait_s=5)
         shutil.rmtree(head["temp_dir"], ignore_errors=True)
 
 
@@ -335,6 +304,7 @@ GPU_TYPES = {  # a head without GPUs; a GPU type scaled from 0 that advertises a
 
 
 def gpu_preflight_scenario(tmp: Path) -> None:
+    from tests.conftest import stop_own_processes
     import ray
 
     from subq.errors import SubqError
@@ -396,7 +366,7 @@ def gpu_preflight_scenario(tmp: Path) -> None:
         print("REPORT " + json.dumps(report), flush=True)
     finally:
         ray.shutdown()
-        _stop(head["markers"])
+        stop_own_processes(*head["markers"], wait_s=5)
         shutil.rmtree(head["temp_dir"], ignore_errors=True)
 
 

@@ -167,7 +167,7 @@ def test_a_run_directory_given_as_a_uri_is_served_from_its_best_copied_once(tmp_
 
 
 def _ports() -> list[str]:
-    from tests.cluster.test_cluster_jobs import free_port
+    from tests.conftest import free_port
 
     return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
@@ -181,7 +181,7 @@ def _common(temp_dir: str, store_mb: int = 80) -> list[str]:
 def start_head(temp_dir: str, num_cpus: int, num_gpus: int = 0, store_mb: int = 80, env: dict | None = None) -> str:
     """A `ray start --head` of its own (temp dir, free ports, no dashboard); returns its GCS address. Stop it with
     `stop_cluster(temp_dir)`; wait for the node with `wait_nodes`."""
-    from tests.cluster.test_cluster_jobs import free_port
+    from tests.conftest import free_port
 
     port = free_port()
     head = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
@@ -242,9 +242,9 @@ def _ray_start(cmd: list[str], env: dict) -> None:
 
 
 def stop_cluster(temp_dir: str) -> None:
-    from tests.cluster.test_cluster_jobs import _stop
+    from tests.conftest import stop_own_processes
 
-    _stop(temp_dir, wait_s=10)
+    stop_own_processes(temp_dir)
 
 
 def scenario(tmp: Path) -> None:
@@ -318,7 +318,7 @@ def _serve_deploy_keeps_num_gpus(model: str) -> None:
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    from tests.cluster.test_cluster_jobs import free_port
+    from tests.conftest import free_port
 
     raw = yaml.safe_load((ROOT / "pipelines" / "serve_config.yaml").read_text())
     raw["http_options"]["port"] = free_port()

@@ -9,23 +9,16 @@ names it (never a silent 200, never a 422)."""
 
 from __future__ import annotations
 
-import socket
 
 import httpx
 import pytest
-from conftest import local_ray
+from conftest import free_port, local_ray
 
 pytestmark = pytest.mark.slow
 
 DECOMPOSER, SOLVER = "subq-decomposer", "tiny-solver"
 PROBLEM = "Problem: Tom has 3 apples and buys 2 more. How many apples does he have?"
 MSGS = [{"role": "user", "content": PROBLEM}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import time
 
 import httpx
 import pytest
-from conftest import local_ray
+from conftest import free_port, local_ray
 
 pytestmark = pytest.mark.slow
 
 MODEL_NAME = "gpt-3.5-turbo"
 API_KEY = "sk-subq-test-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_eval(client: httpx.Client, eid: str, timeout: float = 240, prefix: str = "") -> dict:

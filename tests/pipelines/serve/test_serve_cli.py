@@ -7,17 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def _run(subq_bin, args, **env):
@@ -44,8 +38,8 @@ def test_public_host_without_keys_needs_insecure(subq_bin, tmp_path):
 
 @pytest.mark.parametrize("verb", ["serve", "eval"])
 def test_no_solver_key_fails_at_once_naming_the_variable(subq_bin, tmp_path, verb):
-    url = f"http://127.0.0.1:{_free_port()}/v1"
-    args = (["serve", "--port", str(_free_port()), "--solver-base-url", url] if verb == "serve" else
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    args = (["serve", "--port", str(free_port()), "--solver-base-url", url] if verb == "serve" else
             ["eval", "--data", "gsm8k:test", "--limit", "2", "--solver-base-url", url, "--out", str(tmp_path / "r")])
     r = _run(subq_bin, args)
     assert r.returncode == 2 and len(_error_lines(r)) == 1, r.stderr
@@ -55,9 +49,9 @@ def test_no_solver_key_fails_at_once_naming_the_variable(subq_bin, tmp_path, ver
 
 @pytest.mark.parametrize("verb", ["serve", "eval"])
 def test_solver_endpoint_down_fails_at_once_naming_it(subq_bin, tmp_path, verb):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    args = (["serve", "--port", str(_free_port()), "--solver-base-url", url] if verb == "serve" else
+    args = (["serve", "--port", str(free_port()), "--solver-base-url", url] if verb == "serve" else
             ["eval", "--data", "gsm8k:test", "--limit", "2", "--solver-base-url", url, "--out", str(tmp_path / "r")])
     r = _run(subq_bin, args, OPENAI_API_KEY="unused")
     assert r.returncode == 2 and len(_error_lines(r)) == 1, r.stderr
@@ -78,7 +72,7 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(subq_bin, tmp_path):
 
     model = tmp_path / "tiny"
     create_tiny_model(str(model), n_layer=1, n_embd=32)
-    port = _free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SUBQ_VERBOSE")},
            "OPENAI_API_KEY": "unused", "SUBQ_LOG_DIR": str(tmp_path / "logs")}
     with TeacherServer(latency_s=3.0) as solver:  # a slow solver: a /v1/solve stays in flight about 3 s

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ import time
 
 import httpx
 import pytest
-from conftest import local_ray
+from conftest import free_port, local_ray
 
 KEYS = {"alice": "sk-team-alice-0123456789", "bob": "sk-team-bob-0123456789", "admin": "sk-team-admin-0123456789",
         "racer": "sk-team-racer-0123456789", "meter": "sk-team-meter-0123456789",
@@ -33,12 +32,6 @@ ONE = [{"question": "Tom has 2 apples and buys 3 more. How many apples does he h
 
 def auth(name: str) -> dict:
     return {"Authorization": f"Bearer {KEYS[name]}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_key_file(path) -> str:
