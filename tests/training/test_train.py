@@ -368,14 +368,14 @@ def test_bc_two_workers_zero2_overfits_32_examples(tmp_path, tiny, ray_local):
 
     write_paper(_rows(32), str(tmp_path / "b32.json"), "paper_dataset")  # the paper's training-json format
     r = run_train(dict(algo="bc", data=str(tmp_path / "b32.json"), val_data=str(tmp_path / "b32.json"), model=tiny,
-                       steps=100, batch_size=8, lr=3e-3, num_workers=2, deepspeed="zero2",
-                       storage_path=str(tmp_path / "runs"), name="bc", checkpoint_every=50, log_every=10,
+                       steps=80, batch_size=8, lr=6e-3, num_workers=2, deepspeed="zero2",
+                       storage_path=str(tmp_path / "runs"), name="bc", checkpoint_every=40, log_every=10,
                        eval_problems=4, eval_max_new_tokens=48))
     history = json.loads((tmp_path / "runs" / "bc" / "metrics.json").read_text())
     losses = [h["loss"] for h in history]
     assert losses[0] > 5 and losses[-1] < 1.0, losses  # overfits
     m = r["metrics"]
-    assert m["world_size"] == 2 and m["zero_stage"] == 2 and m["step"] == 100
+    assert m["world_size"] == 2 and m["zero_stage"] == 2 and m["step"] == 80
     assert {"val_loss", "val_bleu", "val_num_subq"} <= set(m) and m["val_loss"] < 1.5
     assert (tmp_path / "runs" / "bc" / "metrics.csv").read_text().startswith("step,")
     assert mpimg.imread(str(tmp_path / "runs" / "bc" / "metrics.png")).shape[0] > 100
@@ -387,27 +387,27 @@ def test_bc_two_workers_zero2_overfits_32_examples(tmp_path, tiny, ray_local):
     assert not d.has_heads and d.text_format.name == "paper"
     gens = generate_subquestions(d, [row.problem for row in _rows(2)], max_new_tokens=48)
     assert all(g.completion_tokens > 0 for g in gens)
-    assert r["best_dir"] and json.loads(open(os.path.join(r["best_dir"], "checkpoint.json")).read())["step"] == 100
+    assert r["best_dir"] and json.loads(open(os.path.join(r["best_dir"], "checkpoint.json")).read())["step"] == 80
     assert "val_no_eos_frac" in m
-    shutil.copytree(final, tmp_path / "final_at_100")
-    # --resume continues the finished run from its last checkpoint (step 100) to the new step budget, here on
-    # other data (every sub-question "Banana banana banana?"): validation BLEU falls, so best/ stays at step 100
+    shutil.copytree(final, tmp_path / "final_at_80")
+    # --resume continues the finished run from its last checkpoint (step 80) to the new step budget, here on
+    # other data (every sub-question "Banana banana banana?"): validation BLEU falls, so best/ stays at step 80
     banana = _rows(32)
     for row in banana:
         for st in row.sets:
             st.questions = ["Banana banana banana?"]
     write_paper(banana, str(tmp_path / "banana.json"), "paper_dataset")
     r2 = run_train(dict(algo="bc", data=str(tmp_path / "banana.json"), val_data=str(tmp_path / "b32.json"),
-                        model=tiny, steps=110, batch_size=8, lr=3e-3, num_workers=2, deepspeed="auto",
-                        storage_path=str(tmp_path / "runs"), name="bc", resume=True, checkpoint_every=50, log_every=2,
+                        model=tiny, steps=90, batch_size=8, lr=6e-3, num_workers=2, deepspeed="auto",
+                        storage_path=str(tmp_path / "runs"), name="bc", resume=True, checkpoint_every=40, log_every=2,
                         eval_problems=4, eval_max_new_tokens=48))
-    assert r2["metrics"]["resumed_from_step"] == 100 and r2["metrics"]["step"] == 110
+    assert r2["metrics"]["resumed_from_step"] == 80 and r2["metrics"]["step"] == 90
     assert r2["metrics"]["zero_stage"] == 2  # `auto` keeps the stage of the checkpoint it resumes from
-    assert r2["metrics"]["val_bleu"] < m["val_bleu"] and r2["metrics"]["best_step"] == 100
-    assert json.loads(open(os.path.join(r2["best_dir"], "checkpoint.json")).read())["step"] == 100
+    assert r2["metrics"]["val_bleu"] < m["val_bleu"] and r2["metrics"]["best_step"] == 80
+    assert json.loads(open(os.path.join(r2["best_dir"], "checkpoint.json")).read())["step"] == 80
     best_w = _weights(r2["best_dir"])
-    assert all(torch.equal(v, best_w[k]) for k, v in _weights(tmp_path / "final_at_100").items())  # weights came back
-    assert any(not torch.equal(v, best_w[k]) for k, v in _weights(r2["final_dir"]).items())  # final/ is step 110
+    assert all(torch.equal(v, best_w[k]) for k, v in _weights(tmp_path / "final_at_80").items())  # weights came back
+    assert any(not torch.equal(v, best_w[k]) for k, v in _weights(r2["final_dir"]).items())  # final/ is step 90
     assert load_decomposer(str(tmp_path / "runs" / "bc")).path == r2["best_dir"]  # a run dir loads its best/
 
 
