@@ -192,8 +192,8 @@ def test_ilql_guided_decoding_picks_rewarded_continuation(tmp_path, ray_local):
         rows.append(SubQRow(problem_id(prob), prob, f"#### {2 * k + 5}", float(2 * k + 5), sets, source="syn", source_index=k))
     write_parquet(rows, str(tmp_path / "syn.parquet"))
     model = create_tiny_model(str(tmp_path / "tiny"), n_layer=2, n_embd=64)
-    r = run_train(dict(algo="ilql", rewards="sparse", data=str(tmp_path / "syn.parquet"), model=model, steps=500,
-                       batch_size=16, lr=1e-3, num_workers=1, deepspeed="zero0", storage_path=str(tmp_path / "runs"),
+    r = run_train(dict(algo="ilql", rewards="sparse", data=str(tmp_path / "syn.parquet"), model=model, steps=300,
+                       batch_size=16, lr=2e-3, num_workers=1, deepspeed="zero0", storage_path=str(tmp_path / "runs"),
                        name="ilql-syn", val_fraction=0, checkpoint_every=1000, log_every=50, eval_problems=0,
                        ilql={"polyak": 0.05, "policy": "shared"}))  # the LM learns BC from scratch alongside
     d = load_decomposer(r["final_dir"])
