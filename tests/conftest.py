@@ -55,12 +55,11 @@ def local_ray(**kw):
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    import socket
+    """A free TCP port on 127.0.0.1: the project's own (`pipelines.teacher_server.free_port`), imported on first use
+    (it brings FastAPI)."""
+    from pipelines.teacher_server import free_port as project_free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return project_free_port()
 
 
 def own_processes(*markers: str) -> list:
@@ -198,11 +197,7 @@ FILE_SECONDS = {
 
 def pytest_collection_modifyitems(config, items):
     """Test files longest first (FILE_SECONDS; a file not listed counts 15 s), each file's own order kept."""
-    weight = {}
-    for item in items:
-        rel = item.nodeid.split("::", 1)[0].removeprefix("tests/")
-        weight.setdefault(rel, FILE_SECONDS.get(rel, 15))
-    items.sort(key=lambda item: -weight[item.nodeid.split("::", 1)[0].removeprefix("tests/")])
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.nodeid.split("::", 1)[0].removeprefix("tests/"), 15))
 
 
 _EXIT_STATUS: list[int] = []
