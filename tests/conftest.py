@@ -118,8 +118,8 @@ def ray_head(num_cpus: int = 2):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
-    finally:
-        stop_own_processes(root)
+    finally:  # a few seconds of grace, then SIGKILL: some of the head's processes outwait any SIGTERM grace (a 10 s
+        stop_own_processes(root, wait_s=3)  # wait was the whole of 6 module teardowns)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -453,7 +453,7 @@ def test_a_paced_client_holds_only_one_slot_far_ahead():
 @pytest.mark.slow
 def test_a_live_jobs_stricter_limit_outlives_the_owner_ttl_and_a_restarted_limiter_gets_it_back(ray_cluster):
     """Two generation jobs on one endpoint (issue 25): job A asks rpm 60 and keeps running past the owner TTL
-    (1 s here, 900 s in production); job B then asks rpm 120. A renews, so the stricter 60 still applies (before
+    (3 s here, 900 s in production); job B then asks rpm 120. A renews, so the stricter 60 still applies (before
     OwnerLease A registered once and lapsed: B's 120 applied). The limiter process then dies and Ray restarts it
     with no owners: both leases register again and 60 applies again. A job that ends unregisters."""
     import time
@@ -463,13 +463,14 @@ def test_a_live_jobs_stricter_limit_outlives_the_owner_ttl_and_a_restarted_limit
     from actors.limiter_client import OwnerLease, get_or_create_limiter
 
     name = "subq-limiter:test-lease"
-    lim = get_or_create_limiter(name, owner_ttl_s=1.0)
+    # 3 s, renewed every 0.25 s: a renewal may be late by seconds on a loaded machine (CI saw a 1 s TTL lapse)
+    lim = get_or_create_limiter(name, owner_ttl_s=3.0)
 
     def stats():
         return ray.get(lim.stats.remote())
 
     with OwnerLease(name, "job-a", rpm=60, every_s=0.25) as a:
-        time.sleep(2.5)  # more than two TTLs
+        time.sleep(4.5)  # one and a half TTLs: registered once, A would have lapsed
         assert a.renewals >= 5 and stats()["owners"] == {"job-a": {"rpm": 60, "tpm": None}}
         with OwnerLease(name, "job-b", rpm=120, every_s=0.25) as b:
             assert "rpm 120 asked" in (b.conflict or ""), b.conflict
@@ -504,10 +505,10 @@ def test_a_teacher_client_keeps_its_limits_registered_and_brings_them_to_a_recre
     from actors.teacher import TeacherClient
 
     own = "subq-limiter:test-client-own"
-    lim = get_or_create_limiter(own, owner_ttl_s=1.0)
+    lim = get_or_create_limiter(own, owner_ttl_s=3.0)  # renewed every 0.25 s; 3 s survives a loaded machine
     client = TeacherClient("gpt-3.5-turbo", "http://127.0.0.1:9/v1", api_key="unused", rpm=60, limiter_name=own,
                            lease_every_s=0.25)
-    time.sleep(2.5)  # more than two TTLs: registered once, it would have lapsed
+    time.sleep(4.5)  # one and a half TTLs: registered once, it would have lapsed
     owners = ray.get(lim.stats.remote())["owners"]
     assert len(owners) == 1 and next(iter(owners.values()))["rpm"] == 60, owners
     asyncio.run(client.close())

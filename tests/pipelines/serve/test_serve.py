@@ -498,11 +498,12 @@ def test_ingress_killed_mid_evaluation_keeps_finished_items(stack):
     assert all(it["answer_text"] for it in v["items"] if not it["error"])
 
 
-def test_requests_arriving_over_a_tenth_of_a_second_are_decoded_in_one_batch(stack):
+def test_requests_arriving_over_a_tenth_of_a_second_are_batched_together(stack):
     """Requests reach the decomposer spread out by the HTTP proxy and the ingress (on a busy machine, tens of ms
-    apart): the batch waits long enough to fill. 8 requests sent 20 ms apart (the replica's max_batch_size) must be
-    decoded (nearly) together; with the old 10 ms wait the first few went alone and the rest in later batches
-    (bench_serve, 32 clients: a mean batch of 3 of 32)."""
+    apart): the batch waits long enough to fill. 8 requests sent 20 ms apart (the replica's max_batch_size) are
+    decoded in at most two batches, the first of at least half of them: quiet, [8]; CI on a loaded machine, [5, 3].
+    With the old 10 ms wait they went in small batches: [3, 1, 2, 2] here (bench_serve, 32 clients: a mean batch of
+    3 of 32)."""
     from ray import serve
 
     from pipelines.serve import ServeConfig
@@ -521,7 +522,7 @@ def test_requests_arriving_over_a_tenth_of_a_second_are_decoded_in_one_batch(sta
     replies = asyncio.run(send())
     assert [r.status_code for r in replies] == [200] * 8
     sizes = replica.stats.remote().result()["batch_sizes"][seen:]
-    assert sum(sizes) == 8 and sizes[0] >= 6, sizes
+    assert sum(sizes) == 8 and len(sizes) <= 2 and sizes[0] >= 4, sizes
 
 
 def test_a_decomposer_replica_decodes_with_the_cpus_it_reserves(tmp_path):
