@@ -4,9 +4,9 @@
 The head advertises no `generation`; the `ray.worker.cpu_generation` type (min 0, max 3, 2 teacher actors a
 node) does. `subq submit generate --actors 1,3` goes to the cluster's Jobs API against a local `subq
 teacher-server` (replay, latency so a backlog builds): the autoscaler launches generation nodes for the teacher
-actor pool, the pool grows past one actor, every problem is written exactly once, and the idle nodes are removed
-after the job. A second job loses one generation node mid-run (its raylet is killed) and still ends with every
-problem exactly once. The scenario prints a timeline (time, nodes by type, actors alive, rows done).
+actor pool, the pool grows past one actor and every problem is written exactly once. A second job, started at once
+on the nodes the first left, loses one generation node mid-run (its raylet is killed) and still ends with every
+problem exactly once; with no job left the idle generation nodes are removed. The scenario prints a timeline (time, nodes by type, actors alive, rows done).
 
 GPU training pre-flight (issue 24) on a second fake cluster: a head without GPUs and a `ray.worker.gpu` type (min
 0, max 2, a logical `GPU: 1` each, no CUDA). `--num-workers 3` is refused at once naming the maximum (no node
@@ -62,7 +62,7 @@ def test_generation_job_scales_nodes_and_actors_up_then_idle_nodes_down(report):
     assert grow["max_generation_nodes"] >= 1 and grow["generation_nodes_at_start"] == 0  # launched for the pool
     assert grow["max_actors"] >= 2  # the pool grew past one actor while there was a backlog
     assert grow["exactly_once"] and grow["rows"] == N
-    assert grow["generation_nodes_at_end"] == 0  # idle generation nodes removed after the job
+    assert grow["generation_nodes_at_end"] == 0  # idle generation nodes removed once no job is left
     assert grow["teacher_401"] == 0  # the key reached the actors on the new nodes
 
 
@@ -255,18 +255,11 @@ def scenario(tmp: Path) -> None:
             samples.append(tick(out, "job1"))
             grow["max_generation_nodes"] = max(x["cpu_generation"] for x in samples)
             grow["max_actors"] = max(x["actors"] for x in samples)
-            deadline = time.time() + 240
-            while time.time() < deadline:
-                s = tick(out, "idle")
-                if s["cpu_generation"] == 0:
-                    break
-                time.sleep(3)
-            grow["generation_nodes_at_end"] = s["cpu_generation"]
             grow["exactly_once"], grow["rows"] = exactly_once(out)
-            grow["teacher_401"] = ts.stats()["by_status"].get("401", 0)
             report["grow"] = grow
 
-            # 2. a generation node is lost mid-job
+            # 2. a generation node is lost mid-job (the second job starts on the nodes the first left idle, or
+            # launches them again if the autoscaler has removed them already)
             out = tmp / "kill"
             kill = {"killed_node": None, "rows_at_kill": None}
             jid = submit(head, ts, out, key)
@@ -284,6 +277,16 @@ def scenario(tmp: Path) -> None:
             tick(out, "job2")
             kill["exactly_once"], kill["rows"] = exactly_once(out)
             report["kill"] = kill
+
+            # 3. no job left: the idle generation nodes are removed
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                s = tick(out, "idle")
+                if s["cpu_generation"] == 0:
+                    break
+                time.sleep(3)
+            grow["generation_nodes_at_end"] = s["cpu_generation"]
+            grow["teacher_401"] = ts.stats()["by_status"].get("401", 0)  # the key reached every node, both jobs
         print("\n| t (s) | phase | head nodes | cpu_generation nodes | teacher actors alive | rows done |")
         print("|---|---|---|---|---|---|")
         for i, row in enumerate(timeline):  # the samples where something changed
