@@ -137,9 +137,10 @@ def main() -> None:
             asyncio.run(drive(base, problems, 8, 4, args.max_new_tokens))  # warm-up
             replica = serve.get_deployment_handle("Decomposer", app_name="bench")
             for c in conc:
-                seen = len(replica.stats.remote().result()["batch_sizes"])
+                seen = replica.stats.remote().result()["batches"]
                 r = asyncio.run(drive(base, problems, max(args.requests, c), c, args.max_new_tokens))
-                sizes = replica.stats.remote().result()["batch_sizes"][seen:]
+                st = replica.stats.remote().result()
+                sizes = st["batch_sizes"][len(st["batch_sizes"]) - (st["batches"] - seen):]
                 r["mean_batch"] = sum(sizes) / max(1, len(sizes))
                 rows.append({"max_batch_size": mbs, "clients": c, **r})
                 print(f"max_batch_size {mbs}, {c} clients: {r['rps']:.2f} req/s, p50 {r['p50_ms']:.0f} ms, "

@@ -1,8 +1,10 @@
 """The two model deployments: `Decomposer` (batched, ILQL-guided decoding) and `Solver` (OpenAI-compatible or local)."""
 
 import asyncio
+import collections
 import json
 import threading
+import time
 from typing import Optional
 
 from ray import serve
@@ -41,9 +43,11 @@ class DecomposerDeployment:
             self.local.model.model.to(torch.bfloat16)  # the LM in bf16 (ILQL heads cast its states to their dtype)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
+        self.batches = 0  # batches decoded; the per-batch lists below keep the last 1000
+        self.batch_sizes: collections.deque = collections.deque(maxlen=1000)
+        self.batch_arrivals: collections.deque = collections.deque(maxlen=1000)  # when its requests reached us
         self.cancelled: list[dict] = []  # requests whose caller left mid-decode: tokens decoded of their budget
-        self.batch_groups: list[int] = []  # generate calls per batch (one per distinct decoding setting)
+        self.batch_groups: collections.deque = collections.deque(maxlen=1000)  # generate calls per batch
         cfg = self.local.model.model.config
         self.context = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048)
         self.temperatures = sorted(temperatures or [0.3, 0.7, 1.0])
@@ -68,11 +72,13 @@ class DecomposerDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
     async def _batched(self, requests: list[tuple]) -> list[dict]:
+        self.batches += 1
         self.batch_sizes.append(len(requests))
+        self.batch_arrivals.append(sorted(r[3] for r in requests))  # time.monotonic() of each request's arrival
         # one generate call per beta in the batch; every other setting is per row (a request's n samples are n rows,
         # sample j seeded seed + j)
         groups: dict[str, list[int]] = {}
-        for i, (_, params, _gone) in enumerate(requests):
+        for i, (_, params, _gone, _arrived) in enumerate(requests):
             groups.setdefault(json.dumps({k: v for k, v in params.items() if k not in ROW_SETTINGS},
                                          sort_keys=True), []).append(i)
         self.batch_groups.append(len(groups))
@@ -81,7 +87,7 @@ class DecomposerDeployment:
             rows: dict[str, list] = {k: [] for k in ("problems", "max_new_tokens", "do_sample", "temperature",
                                                       "top_p", "stop", "seed", "cancelled")}
             for i in idx:
-                problem, p, gone = requests[i]
+                problem, p, gone, _ = requests[i]
                 for j in range(p.get("n", 1)):
                     rows["problems"].append(problem)
                     for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "stop"):
@@ -112,7 +118,7 @@ class DecomposerDeployment:
         decoding to the end of their budget."""
         gone = threading.Event()
         try:
-            return await self._batched((problem, self._normalize(params or {}), gone))
+            return await self._batched((problem, self._normalize(params or {}), gone, time.monotonic()))
         except asyncio.CancelledError:
             gone.set()
             raise
@@ -137,7 +143,8 @@ class DecomposerDeployment:
     def stats(self) -> dict:
         import torch
 
-        return {"batch_sizes": list(self.batch_sizes), "batch_groups": list(self.batch_groups),
+        return {"batches": self.batches, "batch_sizes": list(self.batch_sizes),
+                "batch_arrivals": list(self.batch_arrivals), "batch_groups": list(self.batch_groups),
                 "torch_threads": torch.get_num_threads(), "cancelled": list(self.cancelled)}
 
 

@@ -498,18 +498,18 @@ def test_ingress_killed_mid_evaluation_keeps_finished_items(stack):
     assert all(it["answer_text"] for it in v["items"] if not it["error"])
 
 
-def test_requests_arriving_over_a_tenth_of_a_second_are_batched_together(stack):
+def test_requests_arriving_within_a_tenth_of_a_second_are_batched_together(stack):
     """Requests reach the decomposer spread out by the HTTP proxy and the ingress (on a busy machine, tens of ms
-    apart): the batch waits long enough to fill. 8 requests sent 20 ms apart (the replica's max_batch_size) are
-    decoded in at most two batches, the first of at least half of them: quiet, [8]; CI on a loaded machine, [5, 3].
-    With the old 10 ms wait they went in small batches: [3, 1, 2, 2] here (bench_serve, 32 clients: a mean batch of
-    3 of 32)."""
+    apart): the batch waits long enough to fill. 8 requests (the replica's max_batch_size) are sent 20 ms apart; every
+    one that reached the replica within 0.15 s of the first is decoded in the first batch. Judged by the replica's
+    own arrival times, so a loaded machine that spreads the burst further (CI saw [5, 3] and [2, 6]) does not decide
+    it. With the old 10 ms wait the first went nearly alone: [3, 1, 2, 2] here (bench_serve, 32 clients: a mean
+    batch of 3 of 32)."""
     from ray import serve
 
     from pipelines.serve import ServeConfig
 
     replica = serve.get_deployment_handle("Decomposer", app_name=ServeConfig().app_name)
-    seen = len(replica.stats.remote().result()["batch_sizes"])
 
     async def send():
         async with httpx.AsyncClient(base_url=stack["base"], timeout=120, headers=AUTH) as c:
@@ -519,10 +519,22 @@ def test_requests_arriving_over_a_tenth_of_a_second_are_batched_together(stack):
                 await asyncio.sleep(0.02)
             return await asyncio.gather(*tasks)
 
-    replies = asyncio.run(send())
-    assert [r.status_code for r in replies] == [200] * 8
-    sizes = replica.stats.remote().result()["batch_sizes"][seen:]
-    assert sum(sizes) == 8 and len(sizes) <= 2 and sizes[0] >= 4, sizes
+    for _ in range(3):  # a burst the machine spread past 0.15 s (fewer than 4 within it) says nothing: sent again
+        seen = replica.stats.remote().result()["batches"]
+        replies = asyncio.run(send())
+        assert [r.status_code for r in replies] == [200] * 8
+        st = replica.stats.remote().result()
+        new = st["batches"] - seen
+        sizes, batches = st["batch_sizes"][-new:], st["batch_arrivals"][-new:]
+        assert new > 0 and sum(sizes) == 8, sizes
+        t0 = batches[0][0]
+        within = [t - t0 for b in batches for t in b if t - t0 <= 0.15]
+        shown = (sizes, [[round(t - t0, 3) for t in b] for b in batches])
+        if len(within) >= 4:
+            first = [t - t0 for t in batches[0]]
+            assert all(t in first for t in within), shown
+            return
+    raise AssertionError(f"three 20 ms-spaced bursts reached the replica spread past 0.15 s: {shown}")
 
 
 def test_a_decomposer_replica_decodes_with_the_cpus_it_reserves(tmp_path):
