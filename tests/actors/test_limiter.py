@@ -506,9 +506,14 @@ def test_a_teacher_client_keeps_its_limits_registered_and_brings_them_to_a_recre
 
     own = "subq-limiter:test-client-own"
     lim = get_or_create_limiter(own, owner_ttl_s=3.0)  # renewed every 0.25 s; 3 s survives a loaded machine
+    ray.get(lim.stats.remote())  # started (an actor's process may take seconds to start on a loaded machine)
     client = TeacherClient("gpt-3.5-turbo", "http://127.0.0.1:9/v1", api_key="unused", rpm=60, limiter_name=own,
                            lease_every_s=0.25)
-    time.sleep(4.5)  # one and a half TTLs: registered once, it would have lapsed
+    deadline = time.time() + 60  # inside an event loop the lease registers on its thread, not in the constructor
+    while not ray.get(lim.stats.remote())["owners"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert ray.get(lim.stats.remote())["owners"], "the client's limits never registered"
+    time.sleep(4.5)  # one and a half TTLs after registering: registered once, it would have lapsed
     owners = ray.get(lim.stats.remote())["owners"]
     assert len(owners) == 1 and next(iter(owners.values()))["rpm"] == 60, owners
     asyncio.run(client.close())
