@@ -139,8 +139,7 @@ def main() -> None:
             for c in conc:
                 seen = replica.stats.remote().result()["batches"]
                 r = asyncio.run(drive(base, problems, max(args.requests, c), c, args.max_new_tokens))
-                st = replica.stats.remote().result()
-                sizes = st["batch_sizes"][len(st["batch_sizes"]) - (st["batches"] - seen):]
+                sizes = replica.stats.remote(since=seen).result()["batch_sizes"]
                 r["mean_batch"] = sum(sizes) / max(1, len(sizes))
                 rows.append({"max_batch_size": mbs, "clients": c, **r})
                 print(f"max_batch_size {mbs}, {c} clients: {r['rps']:.2f} req/s, p50 {r['p50_ms']:.0f} ms, "

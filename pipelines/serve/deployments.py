@@ -140,11 +140,14 @@ class DecomposerDeployment:
                                                       sum(c["usage"]["completion_tokens"] for c in ch)),
                 "cost_usd": sum(c["usage"].get("cost_usd", 0.0) for c in ch)}
 
-    def stats(self) -> dict:
+    def stats(self, since: int = 0) -> dict:
+        """Counters; the per-batch lists hold the batches after the first `since` (of the last 1000 kept):
+        `seen = stats()["batches"]`, send, then `stats(since=seen)` gives exactly the new batches."""
         import torch
 
-        return {"batches": self.batches, "batch_sizes": list(self.batch_sizes),
-                "batch_arrivals": list(self.batch_arrivals), "batch_groups": list(self.batch_groups),
+        skip = max(0, len(self.batch_sizes) - (self.batches - since))
+        return {"batches": self.batches, "batch_sizes": list(self.batch_sizes)[skip:],
+                "batch_arrivals": list(self.batch_arrivals)[skip:], "batch_groups": list(self.batch_groups)[skip:],
                 "torch_threads": torch.get_num_threads(), "cancelled": list(self.cancelled)}
 
 
